@@ -1,0 +1,149 @@
+"""Typed run configuration: one dataclass per concern, each field documented and mapped to its flag.
+
+Every field's ``help`` is its documentation and its ``--help`` text; ``megatron_sp/arguments.py``
+turns these fields into the Megatron-DeepSpeed command line (``num_layers`` -> ``--num-layers``).
+"""
+from dataclasses import dataclass, field
+
+
+def arg(default, help: str, *, flags: tuple[str, ...] = (), choices=None, nargs=None, type=None):
+    """A config field plus how it appears on the command line (extra flag spellings, choices)."""
+    return field(default=default, metadata=dict(help=help, flags=flags, choices=choices, nargs=nargs, type=type))
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = arg(2, "Number of transformer layers.")
+    hidden_size: int = arg(64, "Transformer hidden size h.")
+    ffn_hidden_size: int | None = arg(None, "MLP inner size; default 4h (GELU) or 4h*2/3 rounded up to 64 (SwiGLU).")
+    num_attention_heads: int = arg(4, "Number of query heads.")
+    num_key_value_heads: int | None = arg(None, "Key/value heads for grouped-query attention; default = query heads.",
+                                          flags=("--num-query-groups",))
+    kv_channels: int | None = arg(None, "Head dimension; default hidden_size / num_attention_heads.")
+    seq_length: int = arg(128, "Tokens per training sample (the whole sequence, before sequence-parallel split).")
+    max_position_embeddings: int | None = arg(None, "Size of the learned position table; default seq_length.")
+    vocab_size: int | None = arg(None, "Vocabulary size for the NullTokenizer and mock data (others take it from the tokenizer).")
+    make_vocab_size_divisible_by: int = arg(128, "Pad the embedding table to a multiple of this (fast matmuls).")
+    normalization: str = arg("layernorm", "Normalization layer.", choices=("layernorm", "rmsnorm"))
+    layernorm_epsilon: float = arg(1e-5, "Epsilon of LayerNorm / RMSNorm.", flags=("--norm-epsilon",))
+    swiglu: bool = arg(False, "SwiGLU MLP instead of GELU.")
+    use_rotary_position_embeddings: bool = arg(False, "Rotary position embeddings instead of learned absolute ones.")
+    rotary_percent: float = arg(1.0, "Fraction of each head's dimensions that rotary embeddings rotate.")
+    rotary_position_embeddings_theta: float = arg(10000.0, "Rotary base (theta).", flags=("--rotary-base",))
+    disable_bias_linear: bool = arg(False, "No bias in the attention and MLP linear layers.")
+    untie_embeddings_and_output_weights: bool = arg(False, "Separate output projection instead of the input embedding.")
+    init_method_std: float = arg(0.02, "Std of the normal init; output projections use std/sqrt(2*num_layers).")
+    attention_dropout: float = arg(0.0, "Dropout on attention probabilities; only 0 is supported (fused kernels).")
+    hidden_dropout: float = arg(0.1, "Dropout after attention and MLP, before the residual add.")
+    checkpoint_activations: bool = arg(False, "Recompute each transformer layer in backward (full activation checkpointing).",
+                                       flags=("--recompute-activations",))
+
+
+@dataclass
+class ParallelConfig:
+    sequence_parallel_size: int = arg(1, "Ranks one sample's sequence is split over (P).",
+                                      flags=("--ds-sequence-parallel-size",))
+    sequence_parallel_strategy: str = arg("ulysses", "How attention sees the whole sequence: all-to-all over heads "
+                                          "(ulysses), k/v blocks passed around a ring (ring), or both (hybrid).",
+                                          choices=("ulysses", "ring", "hybrid"))
+    ulysses_degree: int | None = arg(None, "Hybrid only: ranks in each Ulysses group (P = ulysses x ring).")
+    attention_backend: str = arg("auto", "Local attention kernel.",
+                                 choices=("auto", "cudnn", "sdpa_flash", "flash_attn", "triton", "torch"))
+    tensor_model_parallel_size: int = arg(1, "Tensor parallelism: accepted for compatibility, only 1 is supported.")
+    pipeline_model_parallel_size: int = arg(1, "Pipeline parallelism: accepted for compatibility, only 1 is supported.")
+    no_pipeline_parallel: bool = arg(False, "Megatron-DeepSpeed's switch to disable pipelining (always disabled here).")
+    distributed_backend: str = arg("auto", "torch.distributed backend: auto = nccl with GPUs, gloo on CPU.",
+                                   choices=("auto", "nccl", "gloo"))
+    local_rank: int | None = arg(None, "Set by the deepspeed launcher.")
+
+
+@dataclass
+class DataConfig:
+    data_path: list[str] | None = arg(None, "Prefix of a .bin/.idx pair, or a blend: 'w1 prefix1 w2 prefix2 ...'.", nargs="*")
+    split: str = arg("969,30,1", "Train/valid/test proportions of the documents of --data-path.")
+    train_data_path: list[str] | None = arg(None, "Separate training data (prefix or blend).", nargs="*")
+    valid_data_path: list[str] | None = arg(None, "Separate validation data (prefix or blend).", nargs="*")
+    test_data_path: list[str] | None = arg(None, "Separate test data (prefix or blend).", nargs="*")
+    data_cache_path: str | None = arg(None, "Where the sample index arrays are cached (default: beside the data).")
+    mock_data: bool = arg(False, "Random tokens instead of a dataset (for smoke tests and benchmarks).")
+    tokenizer_type: str = arg("GPT2BPETokenizer", "Tokenizer.", choices=(
+        "GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "NullTokenizer"))
+    tokenizer_model: str | None = arg(None, "SentencePiece model file.")
+    vocab_file: str | None = arg(None, "GPT-2 BPE vocab.json.")
+    merge_file: str | None = arg(None, "GPT-2 BPE merges.txt.")
+    reset_position_ids: bool = arg(False, "Restart position ids after every end-of-document token.")
+    reset_attention_mask: bool = arg(False, "Block attention across documents (not supported: one error line).")
+    eod_mask_loss: bool = arg(False, "No loss on end-of-document tokens.")
+    num_workers: int = arg(0, "Data loader worker processes (accepted; loading is in-process, it is memory-mapped).")
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = arg(1, "Samples per rank per forward/backward.")
+    global_batch_size: int | None = arg(None, "Samples per optimizer step over all DP ranks; default micro x DP.")
+    train_iters: int | None = arg(None, "Optimizer steps to run.")
+    train_samples: int | None = arg(None, "Samples to train on (alternative to --train-iters).")
+    train_tokens: int | None = arg(None, "Stop after this many tokens (checked with --train-iters/--train-samples).")
+    lr: float = arg(1e-4, "Peak learning rate.")
+    min_lr: float = arg(0.0, "Learning rate at the end of decay.")
+    lr_decay_style: str = arg("linear", "Decay after warmup.", choices=("constant", "linear", "cosine"))
+    lr_warmup_iters: int = arg(0, "Linear warmup steps.")
+    lr_warmup_fraction: float | None = arg(None, "Warmup as a fraction of the decay steps.")
+    lr_warmup_tokens: int | None = arg(None, "Warmup measured in tokens (overrides iteration-based warmup).")
+    lr_warmup_samples: int = arg(0, "Warmup measured in samples.")
+    lr_decay_iters: int | None = arg(None, "Steps over which lr decays; default --train-iters.")
+    lr_decay_samples: int | None = arg(None, "Samples over which lr decays.")
+    lr_decay_tokens: int | None = arg(None, "Tokens over which lr decays (overrides iteration-based decay).")
+    weight_decay: float = arg(0.01, "AdamW weight decay (not applied to biases and norms).")
+    clip_grad: float = arg(1.0, "Clip the global gradient norm to this (0 = off).")
+    adam_beta1: float = arg(0.9, "AdamW beta1.")
+    adam_beta2: float = arg(0.999, "AdamW beta2.")
+    adam_eps: float = arg(1e-8, "AdamW epsilon.")
+    seed: int = arg(1234, "Seed for init, data order and dropout.")
+    bf16: bool = arg(False, "bfloat16 mixed precision.")
+    fp16: bool = arg(False, "float16 mixed precision with dynamic loss scaling (GPU only).")
+    loss_scale: float | None = arg(None, "Static fp16 loss scale; default dynamic.")
+    initial_loss_scale: float = arg(2.0 ** 32, "Initial dynamic fp16 loss scale.")
+    min_loss_scale: float = arg(1.0, "Smallest dynamic fp16 loss scale.")
+    loss_scale_window: int = arg(1000, "Steps without overflow before the fp16 loss scale grows.")
+    hysteresis: int = arg(2, "Overflows tolerated before the fp16 loss scale shrinks.")
+    zero_stage: int | None = arg(None, "ZeRO stage 0-3; overrides the DeepSpeed JSON.", choices=(0, 1, 2, 3))
+    deepspeed: bool = arg(False, "Accepted for compatibility: training always runs on DeepSpeed.")
+    deepspeed_config: str | None = arg(None, "DeepSpeed JSON; batch sizes and ZeRO stage are filled in or checked.")
+    save: str | None = arg(None, "Checkpoint directory to save to.")
+    load: str | None = arg(None, "Checkpoint directory to resume from (latest tag); missing = start fresh.")
+    save_interval: int | None = arg(None, "Save every this many steps (and at the end).")
+    no_load_optim: bool = arg(False, "Resume weights only, not optimizer state.")
+    no_load_rng: bool = arg(False, "Do not restore RNG states on resume.")
+    eval_interval: int = arg(1000, "Evaluate every this many steps.")
+    eval_iters: int = arg(10, "Micro batches per evaluation.")
+    exit_interval: int | None = arg(None, "Stop after this many steps (saving first if --save is set).")
+    dry_run: bool = arg(False, "Check the configuration, print layout and batch geometry, and exit.")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = arg(100, "Print (and log to TensorBoard) every this many steps.")
+    tensorboard_dir: str | None = arg(None, "TensorBoard event directory (rank 0 writes).")
+    tensorboard_log_interval: int = arg(1, "Steps between TensorBoard scalars.")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    parallel: ParallelConfig
+    data: DataConfig
+    training: TrainingConfig
+    logging: LoggingConfig
+    padded_vocab_size: int | None = None
+    """Tokenizer vocabulary rounded up to --make-vocab-size-divisible-by (set once the tokenizer is built)."""
+    ignored: list[str] = field(default_factory=list)
+    """Megatron flags accepted for compatibility that change nothing here (reported once at start)."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.model.kv_channels or self.model.hidden_size // self.model.num_attention_heads
+
+
+SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig,
+            "training": TrainingConfig, "logging": LoggingConfig}

@@ -1,0 +1,141 @@
+"""GPT model (Megatron layout): embeddings, pre-norm transformer blocks, output layer.
+
+The model knows nothing of parallelism. It sees only its rank's tokens ``[b, s_local]`` and their
+positions in the full sample ``[b, s_local]``; every attention layer calls
+``self.inner_attention(q, k, v)`` and a sequence-parallel strategy is installed by giving the
+model a different ``make_inner_attention``. Everything else (norms, MLP, loss) is per token.
+"""
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron_sp.config import ModelConfig
+from megatron_sp.model.loss import chunked_cross_entropy
+from megatron_sp.model.rotary import apply_rotary, rotary_cos_sin
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.normalization == "rmsnorm":
+        return nn.RMSNorm(dim, eps=cfg.layernorm_epsilon)
+    return nn.LayerNorm(dim, eps=cfg.layernorm_epsilon)
+
+
+class Attention(nn.Module):
+    """Fused QKV projection, rotary, the inner attention slot, output projection."""
+
+    def __init__(self, cfg: ModelConfig, head_dim: int, inner_attention: nn.Module):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, head_dim
+        bias = not cfg.disable_bias_linear
+        self.qkv = nn.Linear(cfg.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * head_dim, bias=bias)
+        self.out = nn.Linear(self.num_heads * head_dim, cfg.hidden_size, bias=bias)
+        self.inner_attention = inner_attention
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        b, s, _ = x.shape  # x: [b, s_local, h]
+        q, k, v = self.qkv(x).split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], dim=-1)
+        q = q.view(b, s, self.num_heads, self.head_dim)
+        k = k.view(b, s, self.num_kv_heads, self.head_dim)
+        v = v.view(b, s, self.num_kv_heads, self.head_dim)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        out = self.inner_attention(q, k, v)  # [b, s_local, heads, head_dim]
+        return self.out(out.reshape(b, s, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """h -> f -> h with GELU, or SwiGLU (one fused h -> 2f projection, silu(gate) * up)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.swiglu
+        bias = not cfg.disable_bias_linear
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size * (2 if cfg.swiglu else 1), bias=bias)
+        self.fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.fc2(h)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, head_dim: int, inner_attention: nn.Module):
+        super().__init__()
+        self.input_norm = make_norm(cfg, cfg.hidden_size)
+        self.attention = Attention(cfg, head_dim, inner_attention)
+        self.post_attention_norm = make_norm(cfg, cfg.hidden_size)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, rotary) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.input_norm(x), rotary))
+        return x + self.dropout(self.mlp(self.post_attention_norm(x)))
+
+
+class GPTModel(nn.Module):
+    """forward(tokens, position_ids, labels) -> per-token loss [b, s_local] in fp32."""
+
+    def __init__(self, cfg: ModelConfig, make_inner_attention: Callable[[], nn.Module], padded_vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.head_dim = cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
+        self.word_embeddings = nn.Embedding(padded_vocab_size, cfg.hidden_size)
+        self.position_embeddings = (None if cfg.use_rotary_position_embeddings
+                                    else nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size))
+        self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.layers = nn.ModuleList(TransformerLayer(cfg, self.head_dim, make_inner_attention())
+                                    for _ in range(cfg.num_layers))
+        self.final_norm = make_norm(cfg, cfg.hidden_size)
+        self.output_layer = (nn.Linear(cfg.hidden_size, padded_vocab_size, bias=False)
+                             if cfg.untie_embeddings_and_output_weights else None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Megatron init: N(0, std) everywhere; projections into the residual use std / sqrt(2 L)."""
+        std = self.cfg.init_method_std
+        residual_std = std / math.sqrt(2.0 * self.cfg.num_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p) if "norm" in name and name.endswith("weight") else nn.init.zeros_(p)
+            elif name.endswith(("attention.out.weight", "mlp.fc2.weight")):
+                nn.init.normal_(p, 0.0, residual_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
+
+    def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """[b, s_local] tokens and their global positions -> final-norm hidden states [b, s_local, h]."""
+        x = self.word_embeddings(tokens)
+        rotary = None
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(position_ids)
+        else:
+            rotary = rotary_cos_sin(position_ids, self.head_dim, self.cfg.rotary_percent,
+                                    self.cfg.rotary_position_embeddings_theta, x.dtype)
+        x = self.embedding_dropout(x)
+        for layer in self.layers:
+            if self.cfg.checkpoint_activations and self.training:
+                x = checkpoint(layer, x, rotary, use_reentrant=False)
+            else:
+                x = layer(x, rotary)
+        return self.final_norm(x)
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden = self.hidden_states(tokens, position_ids)
+        return chunked_cross_entropy(hidden, self.output_weight(), labels)
+
+    def logits(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Full logits [b, s_local, vocab] (inference and tests; training never builds them)."""
+        return self.hidden_states(tokens, position_ids) @ self.output_weight().t()

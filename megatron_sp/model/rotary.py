@@ -1,0 +1,28 @@
+"""Rotary position embeddings computed from explicit global positions (so any sequence split works)."""
+import torch
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, percent: float, theta: float,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids [b, s] -> (cos, sin), each [b, s, 1, rot_dim] in ``dtype``.
+
+    rot_dim = head_dim * percent (rounded down to even); the first rot_dim channels of each head
+    rotate, the rest pass through. Angles are computed in fp32 (fp64 for fp64 models): in bf16 the
+    angle pos * freq loses whole radians at long positions.
+    """
+    rot_dim = int(head_dim * percent) // 2 * 2
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / theta ** (torch.arange(0, rot_dim, 2, device=position_ids.device, dtype=compute) / rot_dim)
+    angles = position_ids.to(compute).unsqueeze(-1) * inv_freq  # [b, s, rot_dim/2]
+    angles = torch.cat([angles, angles], dim=-1).unsqueeze(2)  # [b, s, 1, rot_dim]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [b, s, heads, head_dim] rotated in its first rot_dim channels (the rotate-half convention)."""
+    rot_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    first, second = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    out = x_rot * cos + rotated * sin
+    return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out

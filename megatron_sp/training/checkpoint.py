@@ -1,0 +1,49 @@
+"""Checkpoints through DeepSpeed, plus what an exact resume needs: data position and RNG states."""
+import os
+import random
+
+import numpy as np
+import torch
+
+RNG_FILE = "rng_state_rank{rank}.pt"
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, save_dir: str, iteration: int, consumed_samples: int, rank: int) -> str:
+    """Write global_step{iteration}/ (model, optimizer, schedule via DeepSpeed) and this rank's RNG."""
+    tag = f"global_step{iteration}"
+    engine.save_checkpoint(save_dir, tag=tag, client_state={"iteration": iteration, "consumed_samples": consumed_samples})
+    torch.save(_rng_state(), os.path.join(save_dir, tag, RNG_FILE.format(rank=rank)))
+    return os.path.join(save_dir, tag)
+
+
+def has_checkpoint(load_dir: str | None) -> bool:
+    return bool(load_dir) and os.path.isfile(os.path.join(load_dir, "latest"))
+
+
+def load(engine, load_dir: str, rank: int, load_optimizer: bool = True, load_rng: bool = True) -> tuple[int, int]:
+    """Resume from the latest tag in load_dir -> (iteration, consumed_samples)."""
+    path, client = engine.load_checkpoint(load_dir, load_optimizer_states=load_optimizer,
+                                          load_lr_scheduler_states=load_optimizer)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed found no loadable checkpoint in {load_dir}")
+    with open(os.path.join(load_dir, "latest")) as f:
+        tag_dir = os.path.join(load_dir, f.read().strip())
+    rng_file = os.path.join(tag_dir, RNG_FILE.format(rank=rank))
+    if load_rng and os.path.isfile(rng_file):
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return client["iteration"], client["consumed_samples"]

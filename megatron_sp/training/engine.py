@@ -1,0 +1,115 @@
+"""DeepSpeed set-up: the JSON config merged with the flags, the mpu adapter, deepspeed.initialize."""
+import json
+
+import deepspeed
+import torch
+
+from megatron_sp.arguments import ConfigError
+from megatron_sp.config import RunConfig
+from megatron_sp.parallel.state import ParallelState
+from megatron_sp.training.schedule import LRSchedule
+
+
+class DeepSpeedMPU:
+    """What DeepSpeed asks of Megatron's ``mpu``, answered from a ParallelState.
+
+    DeepSpeed reduces gradients over ``get_sequence_data_parallel_group`` (all DP x SP ranks):
+    it sums over the SP ranks (each holds a different slice of the same samples) and averages over
+    DP. ZeRO shards parameters and optimizer state over that same group. There is no tensor or
+    pipeline parallelism, so the model-parallel group is each rank on its own.
+    """
+
+    def __init__(self, ps: ParallelState, self_group):
+        self.ps, self._self_group = ps, self_group
+        self._sp_dp_group = torch.distributed.group.WORLD
+
+    # data parallel: ranks that see different samples
+    def get_data_parallel_group(self): return self.ps.dp_group
+    def get_data_parallel_world_size(self): return self.ps.dp_size
+    def get_data_parallel_rank(self): return self.ps.dp_rank
+    # sequence parallel
+    def get_sequence_parallel_group(self): return self.ps.sp_group
+    def get_sequence_parallel_world_size(self): return self.ps.sp_size
+    def get_sequence_parallel_rank(self): return self.ps.sp_rank
+    def get_sequence_data_parallel_group(self): return self._sp_dp_group
+    def get_sequence_data_parallel_world_size(self): return self.ps.world_size
+    def get_sequence_data_parallel_rank(self): return self.ps.rank
+    # no tensor / pipeline parallelism
+    def get_model_parallel_group(self): return self._self_group
+    def get_model_parallel_world_size(self): return 1
+    def get_model_parallel_rank(self): return 0
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+
+    def get_pipeline_model_parallel_world_size(self): return 1
+    def get_pipeline_model_parallel_rank(self): return 0
+
+
+def deepspeed_config(cfg: RunConfig, dp_size: int) -> tuple[dict, list[str]]:
+    """The user's JSON (if any) with batch sizes, precision, clipping and ZeRO stage filled in.
+
+    Returns (config, notes). A JSON value that contradicts a flag is a ConfigError.
+    """
+    t = cfg.training
+    ds, notes = {}, []
+    if t.deepspeed_config:
+        try:
+            with open(t.deepspeed_config) as f:
+                ds = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{t.deepspeed_config} is not valid JSON: {err}") from None
+    grad_acc = t.global_batch_size // (t.micro_batch_size * dp_size)
+    wanted = {"train_batch_size": t.global_batch_size, "train_micro_batch_size_per_gpu": t.micro_batch_size,
+              "gradient_accumulation_steps": grad_acc}
+    for key, value in wanted.items():
+        if key in ds and ds[key] != value:
+            raise ConfigError(f"{t.deepspeed_config}: {key} = {ds[key]} contradicts the flags, which give {value} "
+                              f"(global batch {t.global_batch_size}, micro batch {t.micro_batch_size}, DP {dp_size})")
+        ds[key] = value
+    for section in ("optimizer", "scheduler"):
+        if ds.pop(section, None) is not None:
+            notes.append(f"the {section} section of {t.deepspeed_config} is ignored (the Megatron flags set it)")
+    zero = ds.setdefault("zero_optimization", {})
+    if t.zero_stage is not None:
+        zero["stage"] = t.zero_stage
+    zero.setdefault("stage", 0)
+    if t.fp16:
+        ds["fp16"] = {**ds.get("fp16", {}), "enabled": True, "loss_scale": t.loss_scale or 0,
+                      "initial_scale_power": int(round(__import__("math").log2(t.initial_loss_scale))),
+                      "loss_scale_window": t.loss_scale_window, "hysteresis": t.hysteresis,
+                      "min_loss_scale": t.min_loss_scale}
+        ds.pop("bf16", None)
+    elif t.bf16:
+        ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
+        ds.pop("fp16", None)
+    else:
+        for key in ("fp16", "bf16"):
+            if ds.get(key, {}).get("enabled"):
+                notes.append(f"{key} is enabled in {t.deepspeed_config} but not by a flag: training in fp32")
+            ds.pop(key, None)
+    ds["gradient_clipping"] = t.clip_grad
+    ds.setdefault("steps_per_print", 10 ** 9)  # our own log line replaces DeepSpeed's
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds, notes
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices only (not biases, norms)."""
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def initialize(model: torch.nn.Module, cfg: RunConfig, ps: ParallelState, self_group):
+    """Wrap the model in a DeepSpeed engine with AdamW and the Megatron lr schedule."""
+    ds_config, notes = deepspeed_config(cfg, ps.dp_size)
+    t = cfg.training
+    ds_config["optimizer"] = {"type": "AdamW", "params": {
+        "lr": t.lr, "betas": [t.adam_beta1, t.adam_beta2], "eps": t.adam_eps, "weight_decay": t.weight_decay,
+        "torch_adam": True, "adam_w_mode": True}}
+    ds_config.setdefault("zero_allow_untested_optimizer", True)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=parameter_groups(model, t.weight_decay), config=ds_config,
+        mpu=DeepSpeedMPU(ps, self_group), lr_scheduler=lambda opt: LRSchedule(opt, cfg))
+    return engine, scheduler, ds_config, notes

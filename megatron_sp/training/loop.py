@@ -1,0 +1,73 @@
+"""One optimizer step and one evaluation, exact over DP x SP whatever the loss mask does.
+
+The loss of a step is the mean over every unmasked token of the global batch. Ranks hold
+different numbers of unmasked tokens (a sequence shard may be mostly padding), so each rank's
+share is ``its token-loss sum / the global token count``; the count is summed over all ranks
+before backward. DeepSpeed then sums gradients over SP ranks and averages over DP ranks, which
+is why the local loss is multiplied by the DP size.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_sp.data.loader import get_batch
+from megatron_sp.parallel.sharding import SequenceLayout
+
+
+@dataclass
+class StepContext:
+    """What a step needs besides the engine; built once."""
+    layout: SequenceLayout
+    sp_rank: int
+    dp_size: int
+    eod: int
+    reset_position_ids: bool
+    eod_mask_loss: bool
+    device: torch.device
+
+    def batch(self, micro_batch: dict) -> dict:
+        """A loader micro batch {"text": [b, s+1]} -> this rank's tokens/labels/mask/positions on device."""
+        parts = get_batch(micro_batch["text"], eod=self.eod, layout=self.layout, sp_rank=self.sp_rank,
+                          reset_position_ids=self.reset_position_ids, eod_mask_loss=self.eod_mask_loss)
+        return {k: v.to(self.device, non_blocking=True) for k, v in parts.items()}
+
+
+def _global_sum(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t)
+    return t
+
+
+def train_step(engine, micro_batches: list[dict], ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward/backward over the step's micro batches, then the optimizer step.
+
+    Returns (loss sum, unmasked token count) over the whole global batch, as device tensors:
+    summed over ranks, not yet synced to the host (the caller divides them at log time).
+    """
+    batches = [ctx.batch(mb) for mb in micro_batches]
+    local_count = sum(b["loss_mask"].sum() for b in batches).double()
+    global_count = _global_sum(local_count.clone()).clamp_min(1.0)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for b in batches:
+        token_loss = engine(b["tokens"], b["position_ids"], b["labels"])  # [b, s/P] fp32
+        local_sum = (token_loss * b["loss_mask"]).sum()
+        engine.backward(local_sum * (ctx.dp_size / global_count).to(local_sum.dtype), scale_wrt_gas=False)
+        engine.step()
+        loss_sum += local_sum.detach().double()
+    return _global_sum(loss_sum), global_count
+
+
+@torch.no_grad()
+def evaluate(engine, micro_batches, ctx: StepContext) -> tuple[float, int]:
+    """Mean token loss over the given micro batches (all ranks) -> (loss, tokens)."""
+    engine.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    count = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for mb in micro_batches:
+        b = ctx.batch(mb)
+        token_loss = engine(b["tokens"], b["position_ids"], b["labels"])
+        loss_sum += (token_loss * b["loss_mask"]).sum().double()
+        count += b["loss_mask"].sum().double()
+    engine.train()
+    total = _global_sum(torch.stack([loss_sum, count]))
+    return (total[0] / total[1].clamp_min(1.0)).item(), int(total[1].item())

@@ -1,0 +1,159 @@
+"""The pretraining run: process groups, model, data, DeepSpeed engine, the train/eval/save loop."""
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_sp.attention import build_inner_attention
+from megatron_sp.config import RunConfig
+from megatron_sp.data.gpt_dataset import build_gpt_datasets
+from megatron_sp.data.loader import build_data_iterator
+from megatron_sp.model.gpt import GPTModel
+from megatron_sp.parallel.state import ParallelState, rank_grid
+from megatron_sp.training import checkpoint, engine as ds_engine
+from megatron_sp.training.flops import flops_per_token
+from megatron_sp.training.logger import Logger, iteration_line, max_memory_gib
+from megatron_sp.training.loop import StepContext, evaluate, train_step
+
+
+def init_distributed(cfg: RunConfig) -> torch.device:
+    """torch.distributed through DeepSpeed (nccl on GPUs, gloo on CPU); env defaults for one process."""
+    import deepspeed
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # inference-only op; skips a 35 s build
+    backend = cfg.parallel.distributed_backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    if torch.cuda.is_available():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def describe_layout(cfg: RunConfig, world: int) -> list[str]:
+    p = cfg.parallel
+    grid = rank_grid(world, p.sequence_parallel_size, p.ulysses_degree or p.sequence_parallel_size)
+    return [f"world {world} = DP {world // p.sequence_parallel_size} x SP {p.sequence_parallel_size} "
+            f"({p.sequence_parallel_strategy}, attention backend {p.attention_backend})",
+            f"  sequence-parallel groups: {grid['sp']}", f"  data-parallel groups: {grid['dp']}"]
+
+
+def micro_batches_of(iterator, count: int) -> list[dict]:
+    return [next(iterator) for _ in range(count)]
+
+
+def run(cfg: RunConfig, tokenizer) -> dict:
+    """Train as configured; returns {"losses": [per-step loss], "iteration": last step} for tests."""
+    device = init_distributed(cfg)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    strategy = p.sequence_parallel_strategy if p.sequence_parallel_size > 1 else "local"
+    ps = ParallelState.build(p.sequence_parallel_size, p.ulysses_degree if strategy == "hybrid" else
+                             (1 if strategy == "ring" else p.sequence_parallel_size))
+    self_group = [dist.new_group([r]) for r in range(world)][rank]  # DeepSpeed's "model parallel" group
+    log = Logger(rank, cfg.logging.tensorboard_dir)
+    seed_everything(t.seed)
+
+    model = GPTModel(m, lambda: build_inner_attention(strategy, ps, causal=True, backend=p.attention_backend),
+                     cfg.padded_vocab_size)
+    n_params = sum(q.numel() for q in model.parameters())
+    engine, scheduler, ds_config, notes = ds_engine.initialize(model, cfg, ps, self_group)
+    grad_acc = ds_config["gradient_accumulation_steps"]
+    for line in [f"model: {n_params / 1e6:.2f}M parameters, {m.num_layers} layers, hidden {m.hidden_size}, "
+                 f"heads {m.num_attention_heads}/{m.num_key_value_heads} (q/kv), vocab {cfg.padded_vocab_size}",
+                 *describe_layout(cfg, world),
+                 f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x grad-accumulation {grad_acc} "
+                 f"x DP {ps.dp_size}; {m.seq_length} tokens/sample, {m.seq_length // ps.sp_size} per rank; "
+                 f"ZeRO stage {ds_config['zero_optimization']['stage']}; "
+                 f"{'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32'}",
+                 *[f"note: {n}" for n in notes + cfg.ignored]]:
+        log.print(line)
+
+    iteration, consumed = 0, 0
+    if checkpoint.has_checkpoint(t.load):
+        iteration, consumed = checkpoint.load(engine, t.load, rank, not t.no_load_optim, not t.no_load_rng)
+        log.print(f"resumed from {t.load} at iteration {iteration} ({consumed} samples consumed)")
+    elif t.load:
+        log.print(f"no checkpoint in {t.load}: starting from scratch")
+
+    eval_runs = t.train_iters // t.eval_interval + 1
+    d = cfg.data
+    train_ds, valid_ds, _ = build_gpt_datasets(
+        data_path=d.data_path, split=d.split, seq_length=m.seq_length, seed=t.seed,
+        num_samples=(t.train_iters * t.global_batch_size, eval_runs * t.eval_iters * t.global_batch_size,
+                     t.eval_iters * t.global_batch_size),
+        data_cache_path=d.data_cache_path, train_data_path=d.train_data_path, valid_data_path=d.valid_data_path,
+        test_data_path=d.test_data_path, mock=d.mock_data, vocab_size=tokenizer.vocab_size,
+        is_rank_zero=rank == 0, barrier=dist.barrier)
+    train_iter = build_data_iterator(train_ds, consumed, t.micro_batch_size, ps.dp_rank, ps.dp_size)
+    ctx = StepContext(ps.sequence_layout(), ps.sp_rank, ps.dp_size, tokenizer.eod,
+                      d.reset_position_ids, d.eod_mask_loss, device)
+
+    model_flops, hw_flops = flops_per_token(cfg, False), flops_per_token(cfg, True)
+    tokens_per_step = t.global_batch_size * m.seq_length
+    last_iteration = min(t.train_iters, iteration + t.exit_interval) if t.exit_interval else t.train_iters
+    losses, window_loss, window_count, window_start, window_iters = [], 0.0, 0.0, time.perf_counter(), 0
+    while iteration < last_iteration:
+        loss_sum, count = train_step(engine, micro_batches_of(train_iter, grad_acc), ctx)
+        iteration += 1
+        consumed += t.global_batch_size
+        window_iters += 1
+        window_loss, window_count = window_loss + loss_sum, window_count + count
+        if cfg.logging.log_interval and iteration % cfg.logging.log_interval == 0 or iteration == last_iteration:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = (time.perf_counter() - window_start) / window_iters
+            loss = (window_loss / window_count).item()
+            grad_norm = engine.get_global_grad_norm()
+            mem_name, mem = max_memory_gib()
+            stats = dict(consumed_samples=consumed, consumed_tokens=consumed * m.seq_length, ms_per_iter=seconds * 1e3,
+                         lr=scheduler.get_lr()[0], global_batch_size=t.global_batch_size, loss=loss,
+                         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                         tokens_per_sec=tokens_per_step / seconds,
+                         model_tflops=tokens_per_step * model_flops / seconds / world / 1e12,
+                         hardware_tflops=tokens_per_step * hw_flops / seconds / world / 1e12,
+                         memory_name=mem_name, memory_gib=mem)
+            if t.fp16:
+                stats["loss_scale"] = engine.optimizer.cur_scale
+            log.print(iteration_line(iteration, t.train_iters, stats))
+            log.scalars(iteration, {"lm-loss": loss, "learning-rate": stats["lr"], "grad-norm": stats["grad_norm"],
+                                    "tokens-per-sec": stats["tokens_per_sec"], "model-tflops": stats["model_tflops"],
+                                    "batch-size": t.global_batch_size, "memory-gib": mem})
+            window_loss, window_count, window_start, window_iters = 0.0, 0.0, time.perf_counter(), 0
+        losses.append(loss_sum / count)
+        if valid_ds is not None and t.eval_interval and iteration % t.eval_interval == 0 and t.eval_iters:
+            run_eval(engine, valid_ds, iteration, t, ps, ctx, log)
+        if t.save and (t.save_interval and iteration % t.save_interval == 0 or iteration == last_iteration):
+            path = checkpoint.save(engine, t.save, iteration, consumed, rank)
+            log.print(f"saved checkpoint at iteration {iteration} to {path}")
+    log.close()
+    return {"losses": [float(x) for x in losses], "iteration": iteration}
+
+
+def run_eval(engine, valid_ds, iteration, t, ps, ctx, log) -> None:
+    """The k-th evaluation reads the k-th block of validation samples (fresh ones each time)."""
+    start = (iteration // t.eval_interval - 1) * t.eval_iters * t.global_batch_size
+    valid_iter = build_data_iterator(valid_ds, start, t.micro_batch_size, ps.dp_rank, ps.dp_size)
+    loss, tokens = evaluate(engine, micro_batches_of(valid_iter, t.eval_iters * t.global_batch_size
+                                                     // (t.micro_batch_size * ps.dp_size)), ctx)
+    ppl = math.exp(min(20.0, loss))
+    log.print(f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |")
+    log.scalars(iteration, {"validation/lm-loss": loss, "validation/lm-loss-ppl": ppl})

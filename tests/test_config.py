@@ -1,0 +1,127 @@
+"""The command line: the frozen flag set, --help, Megatron compatibility, one-line config errors."""
+import subprocess
+import sys
+
+import pytest
+
+from megatron_sp.arguments import ConfigError, build_parser, parse_args, validate
+
+# Changing this set breaks users' recipes: add flags deliberately, never drop or rename one.
+FROZEN_FLAGS = """
+    --DDP-impl --adam-beta1 --adam-beta2 --adam-eps --apply-query-key-layer-scaling
+    --attention-backend --attention-dropout --bf16 --checkpoint-activations --checkpoint-in-cpu
+    --checkpoint-num-layers --clip-grad --contigious-checkpointing --data-cache-path --data-impl
+    --data-path --deepspeed --deepspeed-activation-checkpointing --deepspeed-config
+    --deepspeed_config --disable-bias-linear --distributed-backend --distributed-timeout-minutes
+    --dry-run --ds-sequence-parallel-fpdt --ds-sequence-parallel-fpdt-chunk-size
+    --ds-sequence-parallel-fpdt-offloading --ds-sequence-parallel-size
+    --empty-unused-memory-level --eod-mask-loss --eval-interval --eval-iters
+    --exit-duration-in-mins --exit-interval --ffn-hidden-size --fp16 --fp16-lm-cross-entropy
+    --global-batch-size --group-query-attention --help --hidden-dropout --hidden-size
+    --hysteresis --init-method-std --initial-loss-scale --kv-channels --layernorm-epsilon --load
+    --local-rank --local_rank --log-batch-size-to-tensorboard --log-interval
+    --log-optimizer-states-to-tensorboard --log-timers-to-tensorboard
+    --log-validation-ppl-to-tensorboard --loss-scale --loss-scale-window --lr --lr-decay-iters
+    --lr-decay-samples --lr-decay-style --lr-decay-tokens --lr-warmup-fraction --lr-warmup-iters
+    --lr-warmup-samples --lr-warmup-tokens --make-vocab-size-divisible-by
+    --max-position-embeddings --merge-file --micro-batch-size --min-loss-scale --min-lr
+    --mock-data --no-async-tensor-model-parallel-allreduce --no-bias-dropout-fusion
+    --no-bias-gelu-fusion --no-gradient-accumulation-fusion --no-load-optim --no-load-rng
+    --no-masked-softmax-fusion --no-pipeline-parallel --no-query-key-layer-scaling
+    --norm-epsilon --normalization --num-attention-heads --num-key-value-heads --num-layers
+    --num-query-groups --num-workers --override-opt_param-scheduler --partition-activations
+    --pipeline-model-parallel-size --position-embedding-type --recompute-activations
+    --recompute-granularity --recompute-method --reset-attention-mask --reset-position-ids
+    --rotary-base --rotary-percent --rotary-position-embeddings-theta --save --save-interval
+    --seed --seq-length --sequence-parallel --sequence-parallel-size
+    --sequence-parallel-strategy --split --swiglu --synchronize-each-layer
+    --tensor-model-parallel-size --tensorboard-dir --tensorboard-log-interval
+    --tensorboard-queue-size --test-data-path --timing-log-level --tokenizer-model
+    --tokenizer-type --train-data-path --train-iters --train-samples --train-tokens
+    --ulysses-degree --untie-embeddings-and-output-weights --use-cpu-initialization
+    --use-distributed-optimizer --use-flash-attn --use-flash-attn-triton --use-flash-attn-v1
+    --use-flash-attn-v2 --use-rotary-position-embeddings --valid-data-path --vocab-file
+    --vocab-size --weight-decay --zero-stage -h
+""".split()
+
+MINIMAL = ["--mock-data", "--train-iters", "2"]
+
+
+def test_flag_set_is_frozen():
+    flags = sorted(o for a in build_parser()._actions for o in a.option_strings)
+    assert flags == sorted(FROZEN_FLAGS)
+
+
+def test_help_documents_every_flag():
+    undocumented = [a.option_strings for a in build_parser()._actions if not (a.help or "").strip()]
+    assert undocumented == []
+    out = subprocess.run([sys.executable, "pretrain_gpt.py", "--help"], capture_output=True, text=True, check=True)
+    assert "--sequence-parallel-size" in out.stdout and "--ds-sequence-parallel-size" in out.stdout
+
+
+# The flag lines of Megatron-DeepSpeed's sequence-parallel recipes (1.3B and 30B, and the 6.7B FPDT one).
+MEGATRON_DS_RECIPE = """
+--override-opt_param-scheduler --adam-beta1 0.9 --adam-beta2 0.95 --tensor-model-parallel-size 1
+--ds-sequence-parallel-size 2 --init-method-std 0.013 --lr-decay-tokens 300000000000
+--lr-warmup-tokens 3000000000 --micro-batch-size 1 --exit-duration-in-mins 30000000
+--global-batch-size 2 --num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 128
+--max-position-embeddings 128 --train-tokens 300000000000 --train-samples 2000 --lr 2.0e-4
+--min-lr 1.0e-6 --lr-decay-style cosine --split 949,50,1 --log-interval 10 --eval-interval 100
+--eval-iters 10 --save-interval 100 --weight-decay 0.1 --attention-dropout 0.0 --hidden-dropout 0.0
+--clip-grad 1.0 --hysteresis 2 --num-workers 0 --bf16 --seed 1234 --no-async-tensor-model-parallel-allreduce
+--use-flash-attn-triton --use-flash-attn-v2 --tensorboard-queue-size 1 --log-timers-to-tensorboard
+--log-batch-size-to-tensorboard --log-validation-ppl-to-tensorboard --checkpoint-activations
+--deepspeed --zero-stage 3 --pipeline-model-parallel-size 1 --no-pipeline-parallel
+--deepspeed-activation-checkpointing --checkpoint-in-cpu --data-impl mmap --tokenizer-type GPT2BPETokenizer
+--use-rotary-position-embeddings --rotary-percent 0.25 --rotary-position-embeddings-theta 100000000
+--ds-sequence-parallel-fpdt --ds-sequence-parallel-fpdt-chunk-size 65536 --local_rank=0 --mock-data
+""".split()
+
+
+def test_megatron_deepspeed_recipe_flags_are_accepted():
+    cfg = parse_args(MEGATRON_DS_RECIPE)
+    validate(cfg, world_size=2)
+    assert cfg.parallel.sequence_parallel_size == 2
+    assert cfg.model.checkpoint_activations and cfg.model.use_rotary_position_embeddings
+    assert cfg.parallel.attention_backend == "auto"  # --use-flash-attn-v2 came last
+    assert any(note.startswith("--data-impl") for note in cfg.ignored)
+    assert any(note.startswith("--use-flash-attn-triton") for note in cfg.ignored)
+
+
+def test_defaults_are_filled():
+    cfg = parse_args(["--swiglu", "--hidden-size", "2048", "--num-attention-heads", "16", *MINIMAL])
+    validate(cfg, world_size=4)
+    assert cfg.model.ffn_hidden_size == 5504  # 8h/3 rounded up to 64, as Megatron-DeepSpeed
+    assert cfg.model.num_key_value_heads == 16 and cfg.training.global_batch_size == 4
+
+
+@pytest.mark.parametrize("argv, world, message", [
+    (["--num-attention-heads", "3"], 1, "not divisible by --num-attention-heads"),
+    (["--num-key-value-heads", "3"], 1, "not divisible by --num-key-value-heads"),
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel-size", "2"], 4, "--tensor-model-parallel-size 2"),
+    (["--global-batch-size", "3", "--micro-batch-size", "1"], 2, "not divisible by --micro-batch-size"),
+    (["--sequence-parallel-size", "4"], 2, ""),
+    (["--sequence-parallel-size", "2"], 3, ""),
+    (["--sequence-parallel-size", "3", "--num-attention-heads", "4"], 3, ""),
+    (["--seq-length", "100", "--sequence-parallel-size", "8", "--num-attention-heads", "8", "--hidden-size", "64"], 8, "100"),
+    (["--ulysses-degree", "2", "--sequence-parallel-size", "2"], 2, "--ulysses-degree"),
+    (["--bf16", "--fp16"], 1, "mutually exclusive"),
+    (["--attention-dropout", "0.1"], 1, "--attention-dropout"),
+    (["--reset-attention-mask"], 1, "--reset-attention-mask"),
+    (["--data-path", "/nonexistent/corpus_text_document"], 1, "data file not found"),
+    (["--data-path", "0.5", "a", "b"], 1, "weight prefix"),
+])
+def test_impossible_configurations_are_one_line(argv, world, message):
+    argv = [*argv, "--train-iters", "2"] + ([] if "--data-path" in argv else ["--mock-data"])
+    with pytest.raises(ConfigError) as err:
+        validate(parse_args(argv), world_size=world)
+    text = str(err.value)
+    assert message in text and "\n" not in text and len(text) < 300
+
+
+def test_cli_reports_one_line_and_exit_code_2():
+    out = subprocess.run([sys.executable, "pretrain_gpt.py", "--num-attention-heads", "3", *MINIMAL],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: ")
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,104 @@
+"""The GPT model on one process: shapes, init, rotary, loss, and the inner-attention slot."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_sp.attention import LocalAttention
+from megatron_sp.config import ModelConfig
+from megatron_sp.model.gpt import GPTModel
+from megatron_sp.model.loss import chunked_cross_entropy
+from megatron_sp.model.rotary import apply_rotary, rotary_cos_sin
+
+
+def tiny(**overrides) -> ModelConfig:
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, seq_length=16,
+                      max_position_embeddings=16, ffn_hidden_size=48, hidden_dropout=0.0, attention_dropout=0.0)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def build(cfg, vocab=64):
+    torch.manual_seed(0)
+    return GPTModel(cfg, lambda: LocalAttention(causal=True, backend="torch"), vocab).double()
+
+
+@pytest.mark.parametrize("variant", [
+    {}, {"swiglu": True, "normalization": "rmsnorm", "use_rotary_position_embeddings": True, "rotary_percent": 0.5},
+    {"untie_embeddings_and_output_weights": True, "disable_bias_linear": True}])
+def test_loss_equals_full_logits_cross_entropy(variant):
+    model = build(tiny(**variant))
+    tokens, labels = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    positions = torch.arange(16).expand(2, 16)
+    loss = model(tokens, positions, labels)
+    reference = F.cross_entropy(model.logits(tokens, positions).transpose(1, 2), labels, reduction="none")
+    assert loss.shape == (2, 16)
+    torch.testing.assert_close(loss, reference, rtol=0, atol=1e-12)
+
+
+def test_causal_model_output_at_a_token_ignores_later_tokens():
+    model = build(tiny(use_rotary_position_embeddings=True))
+    tokens = torch.randint(0, 64, (1, 16))
+    positions = torch.arange(16).view(1, 16)
+    changed = tokens.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 64
+    a, b = model.logits(tokens, positions), model.logits(changed, positions)
+    assert torch.equal(a[:, :10], b[:, :10]) and not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_megatron_init():
+    model = build(tiny(num_layers=8, hidden_size=256, ffn_hidden_size=512), vocab=128)
+    std = 0.02
+    assert abs(model.layers[0].attention.qkv.weight.std().item() - std) < 2e-3
+    assert abs(model.layers[0].mlp.fc2.weight.std().item() - std / math.sqrt(16)) < 5e-4
+    assert torch.all(model.layers[0].attention.qkv.bias == 0) and torch.all(model.final_norm.weight == 1)
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8, dtype=torch.float64), torch.randn(1, 1, 1, 8, dtype=torch.float64)
+
+    def score(pq, pk):
+        cq = rotary_cos_sin(torch.tensor([[pq]]), 8, 1.0, 10000.0, torch.float64)
+        ck = rotary_cos_sin(torch.tensor([[pk]]), 8, 1.0, 10000.0, torch.float64)
+        return (apply_rotary(q, *cq) * apply_rotary(k, *ck)).sum()
+
+    torch.testing.assert_close(score(7, 3), score(104, 100))
+    assert not torch.allclose(score(7, 3), score(7, 4))
+
+
+def test_rotary_percent_leaves_the_rest_unrotated():
+    x = torch.randn(1, 3, 2, 8, dtype=torch.float64)
+    cos, sin = rotary_cos_sin(torch.arange(3).view(1, 3), 8, 0.5, 10000.0, torch.float64)
+    out = apply_rotary(x, cos, sin)
+    assert torch.equal(out[..., 4:], x[..., 4:]) and not torch.equal(out[..., :4], x[..., :4])
+
+
+def test_chunked_cross_entropy_matches_full_including_gradients():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 40, (2, 9))
+    chunked = chunked_cross_entropy(hidden, weight, labels, chunk_tokens=4)
+    grads = torch.autograd.grad(chunked.sum(), (hidden, weight))
+    full = F.cross_entropy((hidden @ weight.t()).view(-1, 40), labels.view(-1), reduction="none").view(2, 9)
+    ref_grads = torch.autograd.grad(full.sum(), (hidden, weight))
+    torch.testing.assert_close(chunked, full, rtol=0, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
+
+
+def test_inner_attention_slot_is_the_only_attention():
+    calls = []
+
+    class Recording(LocalAttention):
+        def forward(self, q, k, v):
+            calls.append(tuple(q.shape))
+            return super().forward(q, k, v)
+
+    cfg = tiny()
+    model = GPTModel(cfg, lambda: Recording(causal=True, backend="torch"), 64)
+    model(torch.randint(0, 64, (2, 16)), torch.arange(16).expand(2, 16), torch.randint(0, 64, (2, 16)))
+    assert calls == [(2, 16, 4, 8)] * cfg.num_layers
