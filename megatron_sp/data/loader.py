@@ -1,0 +1,89 @@
+"""From dataset to model inputs: Megatron's pretraining sampler, the batch iterator, and get_batch.
+
+Sample order is a function of the consumed-sample count only: global batch g holds samples
+[g * micro * dp, (g + 1) * micro * dp), DP rank r takes its micro-batch-sized slice. So a restart
+at any consumed count, or a different DP layout, reads the same samples in the same order; SP
+ranks of one DP rank read the same samples and each keeps its part of the sequence (get_batch).
+"""
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..parallel.sharding import SequenceLayout
+
+
+class PretrainingSampler:
+    """Megatron's MegatronPretrainingSampler: lists of sample indices, one micro batch of one DP rank each.
+
+    Starts at `consumed_samples` (summed over all DP ranks); drops a last incomplete global batch."""
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int,
+                 dp_size: int):
+        if total_samples <= 0:
+            raise ValueError(f"no samples to draw from (dataset has {total_samples})")
+        if micro_batch_size <= 0 or dp_size <= 0 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"bad sampler layout: micro batch {micro_batch_size}, DP rank {dp_rank} of {dp_size}")
+        if consumed_samples < 0:
+            raise ValueError(f"consumed samples must be >= 0, got {consumed_samples}")
+        self.total_samples, self.consumed_samples = total_samples, consumed_samples
+        self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+
+    def __len__(self) -> int:
+        per_step = self.micro_batch_size * self.dp_size
+        return max(0, (self.total_samples - self.consumed_samples) // per_step)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        per_step = self.micro_batch_size * self.dp_size
+        for global_start in range(self.consumed_samples, self.total_samples - per_step + 1, per_step):
+            first = global_start + self.dp_rank * self.micro_batch_size
+            yield list(range(first, first + self.micro_batch_size))
+
+
+def _collate(samples: list[dict]) -> dict:
+    return {"text": torch.from_numpy(np.stack([s["text"] for s in samples]).astype(np.int64))}
+
+
+def build_data_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                        num_workers: int = 0) -> Iterator[dict]:
+    """Iterator of {"text": torch.LongTensor [micro_batch_size, seq_length + 1]} for this DP rank.
+
+    Ends when the dataset is exhausted (no further full global batch)."""
+    sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
+                        persistent_workers=num_workers > 0)
+    return iter(loader)
+
+
+def position_ids_for(tokens: torch.Tensor, eod: int, reset_position_ids: bool) -> torch.Tensor:
+    """int64 [b, s]: 0..s-1, or restarting at 0 after every eod token (Megatron's reset_position_ids)."""
+    b, s = tokens.shape
+    pos = torch.arange(s, device=tokens.device).expand(b, s)
+    if not reset_position_ids:
+        return pos.contiguous()
+    # Each token's document starts right after the last eod before it: running max of (eod index + 1),
+    # shifted one step so an eod still belongs to the document it ends.
+    after_eod = torch.where(tokens == eod, pos + 1, torch.zeros_like(pos))
+    doc_start = torch.cummax(after_eod, dim=1).values
+    doc_start = torch.cat([torch.zeros_like(doc_start[:, :1]), doc_start[:, :-1]], dim=1)
+    return pos - doc_start
+
+
+def get_batch(text: torch.Tensor, *, eod: int, layout: SequenceLayout, sp_rank: int,
+              reset_position_ids: bool = False, eod_mask_loss: bool = False) -> dict[str, torch.Tensor]:
+    """text int64 [b, s+1] -> this SP rank's tokens, labels (int64), loss_mask (float32), position_ids
+    (int64), each [b, s/P] cut by `layout` (position_ids are positions in the full sample).
+
+    As Megatron's get_ltor_masks_and_position_ids: loss_mask is 0 where the *input token* is eod
+    (with eod_mask_loss), position_ids restart after each eod (with reset_position_ids)."""
+    if text.dim() != 2 or text.shape[1] < 2:
+        raise ValueError(f"text must be [batch, seq_length + 1], got shape {tuple(text.shape)}")
+    tokens = text[:, :-1].contiguous()
+    labels = text[:, 1:].contiguous()
+    loss_mask = torch.ones(tokens.shape, dtype=torch.float32, device=text.device)
+    if eod_mask_loss:
+        loss_mask[tokens == eod] = 0.0
+    position_ids = position_ids_for(tokens, eod, reset_position_ids)
+    full = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+    return {k: layout.shard(v, sp_rank, dim=1).contiguous() for k, v in full.items()}
