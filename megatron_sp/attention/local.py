@@ -1,0 +1,49 @@
+"""Single-device attention as an autograd Function over the backend pair: the model's default inner attention."""
+import math
+
+import torch
+from torch import nn
+
+from megatron_sp.attention.backends import attention_backward, attention_forward, resolve_backend
+
+
+class LocalAttentionFn(torch.autograd.Function):
+    """Forward: attention_forward -> (out [b, s, hq, d], lse [b, hq, s], not differentiable).
+    Backward: attention_backward with the saved out and lse (no recomputation of the forward)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, scale: float, backend: str):
+        out, lse = attention_forward(q, k, v, causal, scale, backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.backend)
+        return dq, dk, dv, None, None, None
+
+
+class AttentionConfig(nn.Module):
+    """Shared settings of every attention module: mask, backend request, softmax scale."""
+
+    def __init__(self, causal: bool = True, backend: str = "auto", softmax_scale: float | None = None):
+        super().__init__()
+        self.causal, self.backend, self.softmax_scale = causal, backend, softmax_scale
+
+    def kernel_args(self, q: torch.Tensor) -> tuple[bool, float, str]:
+        """(causal, scale, concrete backend) for inputs like q; scale defaults to 1/sqrt(d)."""
+        scale = self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        return self.causal, scale, resolve_backend(self.backend, q.device, q.dtype)
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}, backend={self.backend!r}, softmax_scale={self.softmax_scale}"
+
+
+class LocalAttention(AttentionConfig):
+    """forward(q [b, s, hq, d], k, v [b, s, hkv, d]) -> out [b, s, hq, d], all on one device."""
+
+    def forward(self, q, k, v):
+        return LocalAttentionFn.apply(q, k, v, *self.kernel_args(q))[0]
