@@ -13,27 +13,21 @@ from megatron_sp.training.schedule import LRSchedule
 class DeepSpeedMPU:
     """What DeepSpeed asks of Megatron's ``mpu``, answered from a ParallelState.
 
-    DeepSpeed reduces gradients over ``get_sequence_data_parallel_group`` (all DP x SP ranks):
-    it sums over the SP ranks (each holds a different slice of the same samples) and averages over
-    DP. ZeRO shards parameters and optimizer state over that same group. There is no tensor or
-    pipeline parallelism, so the model-parallel group is each rank on its own.
+    DeepSpeed is shown every rank (DP x SP) as a data-parallel rank: ZeRO shards parameters,
+    gradients and optimizer state over all of them and averages gradients over all of them
+    (the loop scales each rank's loss so that this average is the exact global-batch gradient).
+    DeepSpeed's own sequence-parallel hooks are deliberately not offered: with them, DeepSpeed
+    0.19.8's ZeRO-3 reduces wrong gradients (tests/test_training.py would catch it).
+    No tensor or pipeline parallelism: the model-parallel group is each rank on its own.
     """
 
     def __init__(self, ps: ParallelState, self_group):
         self.ps, self._self_group = ps, self_group
-        self._sp_dp_group = torch.distributed.group.WORLD
+        self._all_ranks = torch.distributed.group.WORLD
 
-    # data parallel: ranks that see different samples
-    def get_data_parallel_group(self): return self.ps.dp_group
-    def get_data_parallel_world_size(self): return self.ps.dp_size
-    def get_data_parallel_rank(self): return self.ps.dp_rank
-    # sequence parallel
-    def get_sequence_parallel_group(self): return self.ps.sp_group
-    def get_sequence_parallel_world_size(self): return self.ps.sp_size
-    def get_sequence_parallel_rank(self): return self.ps.sp_rank
-    def get_sequence_data_parallel_group(self): return self._sp_dp_group
-    def get_sequence_data_parallel_world_size(self): return self.ps.world_size
-    def get_sequence_data_parallel_rank(self): return self.ps.rank
+    def get_data_parallel_group(self): return self._all_ranks
+    def get_data_parallel_world_size(self): return self.ps.world_size
+    def get_data_parallel_rank(self): return self.ps.rank
     # no tensor / pipeline parallelism
     def get_model_parallel_group(self): return self._self_group
     def get_model_parallel_world_size(self): return 1
@@ -49,7 +43,9 @@ class DeepSpeedMPU:
 def deepspeed_config(cfg: RunConfig, dp_size: int) -> tuple[dict, list[str]]:
     """The user's JSON (if any) with batch sizes, precision, clipping and ZeRO stage filled in.
 
-    Returns (config, notes). A JSON value that contradicts a flag is a ConfigError.
+    Returns (config, notes). A JSON value that contradicts a flag is a ConfigError. The JSON's
+    train_batch_size means what it means in Megatron-DeepSpeed (the global batch); DeepSpeed
+    itself is given that times the SP size, since it counts every rank as data-parallel.
     """
     t = cfg.training
     ds, notes = {}, []
@@ -67,6 +63,7 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> tuple[dict, list[str]]:
             raise ConfigError(f"{t.deepspeed_config}: {key} = {ds[key]} contradicts the flags, which give {value} "
                               f"(global batch {t.global_batch_size}, micro batch {t.micro_batch_size}, DP {dp_size})")
         ds[key] = value
+    ds["train_batch_size"] = t.global_batch_size * cfg.parallel.sequence_parallel_size
     for section in ("optimizer", "scheduler"):
         if ds.pop(section, None) is not None:
             notes.append(f"the {section} section of {t.deepspeed_config} is ignored (the Megatron flags set it)")

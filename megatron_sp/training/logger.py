@@ -1,6 +1,5 @@
 """Megatron-style iteration lines on rank 0, and the same scalars in TensorBoard."""
 import resource
-import sys
 
 import torch
 
@@ -49,10 +48,12 @@ def iteration_line(iteration: int, total: int, stats: dict) -> str:
     if "loss_scale" in stats:
         parts.append(f"loss scale: {stats['loss_scale']:.1f}")
     parts += [f"tokens/s: {stats['tokens_per_sec']:.0f}",
-              f"TFLOP/s per GPU (model/hardware): {stats['model_tflops']:.1f}/{stats['hardware_tflops']:.1f}",
+              f"TFLOP/s per GPU (model/hardware): {_num(stats['model_tflops'])}/{_num(stats['hardware_tflops'])}",
               f"{stats['memory_name']} (GiB): {stats['memory_gib']:.2f}"]
     return " | ".join(parts) + " |"
 
 
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+def _num(x: float) -> str:
+    """1 decimal for real GPU rates, 3 significant digits for the tiny ones of CPU runs."""
+    return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
+

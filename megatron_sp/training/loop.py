@@ -3,8 +3,8 @@
 The loss of a step is the mean over every unmasked token of the global batch. Ranks hold
 different numbers of unmasked tokens (a sequence shard may be mostly padding), so each rank's
 share is ``its token-loss sum / the global token count``; the count is summed over all ranks
-before backward. DeepSpeed then sums gradients over SP ranks and averages over DP ranks, which
-is why the local loss is multiplied by the DP size.
+before backward. DeepSpeed then averages gradients over all ranks (it sees DP x SP of them as
+data-parallel), which is why the local loss is multiplied by the world size.
 """
 from dataclasses import dataclass
 
@@ -20,7 +20,7 @@ class StepContext:
     """What a step needs besides the engine; built once."""
     layout: SequenceLayout
     sp_rank: int
-    dp_size: int
+    world_size: int
     eod: int
     reset_position_ids: bool
     eod_mask_loss: bool
@@ -38,23 +38,39 @@ def _global_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def train_step(engine, micro_batches: list[dict], ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+def fp32_grad_norm(engine) -> torch.Tensor | None:
+    """The gradient norm DeepSpeed computes but does not keep in one case: fp32 without ZeRO.
+
+    There its clip_fp32_gradients discards the norm; every other optimizer wrapper stores it.
+    Call after the last backward of a step (gradients are reduced), before engine.step().
+    """
+    if engine.zero_optimization_stage() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def train_step(engine, micro_batches: list[dict], ctx: StepContext):
     """Forward/backward over the step's micro batches, then the optimizer step.
 
-    Returns (loss sum, unmasked token count) over the whole global batch, as device tensors:
-    summed over ranks, not yet synced to the host (the caller divides them at log time).
+    Returns (loss sum, unmasked token count, grad norm or None) over the whole global batch, as
+    device tensors summed over ranks and not yet synced to the host (the caller divides them at
+    log time; a None grad norm means DeepSpeed reports it through get_global_grad_norm).
     """
     batches = [ctx.batch(mb) for mb in micro_batches]
     local_count = sum(b["loss_mask"].sum() for b in batches).double()
     global_count = _global_sum(local_count.clone()).clamp_min(1.0)
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    for b in batches:
+    grad_norm = None
+    for i, b in enumerate(batches):
         token_loss = engine(b["tokens"], b["position_ids"], b["labels"])  # [b, s/P] fp32
         local_sum = (token_loss * b["loss_mask"]).sum()
-        engine.backward(local_sum * (ctx.dp_size / global_count).to(local_sum.dtype), scale_wrt_gas=False)
+        engine.backward(local_sum * (ctx.world_size / global_count).to(local_sum.dtype), scale_wrt_gas=False)
+        if i == len(batches) - 1:
+            grad_norm = fp32_grad_norm(engine)
         engine.step()
         loss_sum += local_sum.detach().double()
-    return _global_sum(loss_sum), global_count
+    return _global_sum(loss_sum), global_count, grad_norm
 
 
 @torch.no_grad()

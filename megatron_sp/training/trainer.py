@@ -104,7 +104,7 @@ def run(cfg: RunConfig, tokenizer) -> dict:
         test_data_path=d.test_data_path, mock=d.mock_data, vocab_size=tokenizer.vocab_size,
         is_rank_zero=rank == 0, barrier=dist.barrier)
     train_iter = build_data_iterator(train_ds, consumed, t.micro_batch_size, ps.dp_rank, ps.dp_size)
-    ctx = StepContext(ps.sequence_layout(), ps.sp_rank, ps.dp_size, tokenizer.eod,
+    ctx = StepContext(ps.sequence_layout(), ps.sp_rank, ps.world_size, tokenizer.eod,
                       d.reset_position_ids, d.eod_mask_loss, device)
 
     model_flops, hw_flops = flops_per_token(cfg, False), flops_per_token(cfg, True)
@@ -112,7 +112,7 @@ def run(cfg: RunConfig, tokenizer) -> dict:
     last_iteration = min(t.train_iters, iteration + t.exit_interval) if t.exit_interval else t.train_iters
     losses, window_loss, window_count, window_start, window_iters = [], 0.0, 0.0, time.perf_counter(), 0
     while iteration < last_iteration:
-        loss_sum, count = train_step(engine, micro_batches_of(train_iter, grad_acc), ctx)
+        loss_sum, count, step_grad_norm = train_step(engine, micro_batches_of(train_iter, grad_acc), ctx)
         iteration += 1
         consumed += t.global_batch_size
         window_iters += 1
@@ -122,7 +122,7 @@ def run(cfg: RunConfig, tokenizer) -> dict:
                 torch.cuda.synchronize()
             seconds = (time.perf_counter() - window_start) / window_iters
             loss = (window_loss / window_count).item()
-            grad_norm = engine.get_global_grad_norm()
+            grad_norm = engine.get_global_grad_norm() if step_grad_norm is None else step_grad_norm
             mem_name, mem = max_memory_gib()
             stats = dict(consumed_samples=consumed, consumed_tokens=consumed * m.seq_length, ms_per_iter=seconds * 1e3,
                          lr=scheduler.get_lr()[0], global_batch_size=t.global_batch_size, loss=loss,
