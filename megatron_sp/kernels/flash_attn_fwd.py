@@ -1,0 +1,114 @@
+"""Triton FlashAttention-2 forward kernel (online softmax, GQA, causal, ragged lengths) and its launcher."""
+import triton
+import triton.language as tl
+
+LOG2E_F = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
+LOG2E = tl.constexpr(LOG2E_F)  # kernels may read only constexpr globals
+LN2 = tl.constexpr(0.6931471805599453)  # lse is returned in natural log: ln(x) = log2(x) * ln(2)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_off, v_off, stride_ks, stride_vs, offs_m, offs_n, lo, hi, sk, qk_scale,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """Fold key blocks [lo, hi) into (acc [M, D], l_i [M], m_i [M]); m_i is a running max in log2 units.
+
+    MASKED: the blocks may hold keys past sk or past the causal diagonal, so loads are bounded and the
+    scores masked; the unmasked variant (the bulk of the work) does neither.
+    """
+    # scalar base pointers advance; the per-element offsets (int32, loop-invariant) stay put: half the
+    # registers of a loop-carried tensor of 64-bit pointers
+    k_base += tl.cast(lo, tl.int64) * stride_ks  # int64: lo * stride can pass 2**31 at ~1M tokens
+    v_base += tl.cast(lo, tl.int64) * stride_vs
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n  # [N] key index
+        if MASKED:
+            k = tl.load(k_base + k_off, mask=cols[None, :] < sk, other=0.0)  # [D, N]
+            v = tl.load(v_base + v_off, mask=cols[:, None] < sk, other=0.0)  # [N, D]
+        else:
+            k = tl.load(k_base + k_off)
+            v = tl.load(v_base + v_off)
+        qk = tl.dot(q, k, input_precision=PREC)  # [M, N] fp32
+        if MASKED:
+            ok = cols[None, :] < sk
+            if CAUSAL:
+                ok = ok & (offs_m[:, None] >= cols[None, :])
+            qk = tl.where(ok, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            qk = qk - m_new[:, None]
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            qk = qk * qk_scale - m_new[:, None]
+        p = tl.math.exp2(qk)
+        alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        m_i = m_new
+        k_base += BLOCK_N * stride_ks
+        v_base += BLOCK_N * stride_vs
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, sq, sk, qk_scale,
+                stride_qb, stride_qs, stride_qh, stride_qd,
+                stride_kb, stride_ks, stride_kh, stride_kd,
+                stride_vb, stride_vs, stride_vh, stride_vd,
+                stride_ob, stride_os, stride_oh, stride_od,
+                stride_lb, stride_lh,
+                H, GROUP, HEAD_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """One program = one block of BLOCK_M queries of one (batch, q head). Grid: (cdiv(sq, BLOCK_M), b * H)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    # causal: the last query blocks see the most keys; launch them first so the tail of the grid is short
+    start_m = tl.num_programs(0) - 1 - pid_m if CAUSAL else pid_m
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    off_hk = off_h // GROUP  # GQA: GROUP consecutive q heads share one kv head
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qs \
+        + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < sq, other=0.0)  # [M, D]
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    k_off = offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd  # [D, N]: k^T, so q @ k^T is a plain dot
+    v_off = offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd  # [N, D]
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked block never gives inf - inf
+    # keys in [0, full) are seen by every row of this block (and exist); [full, hi) need masks
+    if CAUSAL:
+        hi = tl.minimum((start_m + 1) * BLOCK_M, sk)
+        full = tl.minimum(start_m * BLOCK_M, sk) // BLOCK_N * BLOCK_N
+    else:
+        hi = sk
+        full = sk // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_off, v_off, stride_ks, stride_vs, offs_m, offs_n,
+                               0, full, sk, qk_scale, BLOCK_N, False, CAUSAL, PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_off, v_off, stride_ks, stride_vs, offs_m, offs_n,
+                               full, hi, sk, qk_scale, BLOCK_N, True, CAUSAL, PREC)
+
+    seen = l_i > 0.0  # a row that sees no key gets out = 0, lse = -inf (the identity of the lse merge)
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_os \
+        + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < sq)
+    tl.store(LSE + off_b * stride_lb + off_h * stride_lh + offs_m, lse, mask=offs_m < sq)
+
+
+def launch_forward(q, k, v, out, lse, causal, scale, cfg, prec):
+    """q [b, sq, hq, d], k/v [b, sk, hkv, d] (any strides) -> fills out [b, sq, hq, d] and lse [b, hq, sq] (contiguous)."""
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    grid = (triton.cdiv(sq, cfg.block_m), b * hq)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, sq, sk, scale * LOG2E_F,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
+        H=hq, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal, PREC=prec,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
