@@ -57,9 +57,15 @@ def train(world, argv) -> list[float]:
     return losses[0]
 
 
-def test_loss_falls_by_a_third_on_two_ranks(corpus):
-    losses = train(2, flags(corpus, "--sequence-parallel-size", "2", "--zero-stage", "1", iters=100, seq=64))
+def test_loss_falls_by_a_third_on_two_ranks_and_is_logged(corpus, tmp_path):
+    losses = train(2, flags(corpus, "--sequence-parallel-size", "2", "--zero-stage", "1", "--log-interval", "10",
+                            "--tensorboard-dir", str(tmp_path / "tb"), iters=100, seq=64))
     assert losses[-1] < 0.7 * losses[0], (losses[0], losses[-1])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    logged = events.Scalars("lm-loss")
+    assert [e.step for e in logged] == list(range(10, 101, 10))
+    assert {"learning-rate", "grad-norm", "tokens-per-sec", "model-tflops"} <= set(events.Tags()["scalars"])
 
 
 def test_zero_stages_give_the_same_losses(corpus):
