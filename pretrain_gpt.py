@@ -4,10 +4,11 @@
 
 Configuration errors are reported as one line before any process group or memory is touched.
 """
+import copy
 import os
 import sys
 
-from megatron_sp.arguments import ConfigError, parse_args, validate
+from megatron_sp.arguments import ConfigError, fill_defaults, parse_args, validate
 
 
 def build_tokenizer_for(cfg):
@@ -20,14 +21,40 @@ def build_tokenizer_for(cfg):
                            merge_file=d.merge_file, vocab_size=cfg.model.vocab_size)
 
 
-def configure(argv: list[str] | None, world: int):
-    """Flags -> validated RunConfig and its tokenizer; raises ConfigError/ValueError/OSError."""
-    cfg = parse_args(argv)
-    validate(cfg, world)
+def attach_tokenizer(cfg):
+    """Build the tokenizer and set cfg.padded_vocab_size from it."""
     tokenizer = build_tokenizer_for(cfg)
     divisor = cfg.model.make_vocab_size_divisible_by
     cfg.padded_vocab_size = -(-tokenizer.vocab_size // divisor) * divisor
+    return tokenizer
+
+
+def configure(argv: list[str] | None, world: int, gpus_per_node: int | None = None):
+    """Flags -> validated RunConfig and its tokenizer; raises ConfigError/ValueError/OSError.
+    --sequence-parallel-size auto is resolved by the planner before validation."""
+    cfg = parse_args(argv)
+    if cfg.parallel.sequence_parallel_size != "auto":
+        validate(cfg, world)
+        return cfg, attach_tokenizer(cfg)
+    probe = copy.deepcopy(cfg)
+    probe.parallel.sequence_parallel_size, probe.training.global_batch_size = 1, None
+    validate(probe, 1)  # every check that does not depend on the SP size, as one line
+    fill_defaults(cfg)
+    tokenizer = attach_tokenizer(cfg)
+    from megatron_sp.plan import gpus_per_node_from_env, resolve_auto
+    cfg.sp_choice = resolve_auto(cfg, world, gpus_per_node or gpus_per_node_from_env(world))
+    validate(cfg, world)
     return cfg, tokenizer
+
+
+def dry_run_lines(cfg, world: int, gpus_per_node: int | None = None) -> list[str]:
+    """The planner's report (layout, memory, FLOPs; nothing allocated) and the batch geometry."""
+    from megatron_sp.plan import gpus_per_node_from_env, plan_report
+    lines, _ = plan_report(cfg, world, gpus_per_node or gpus_per_node_from_env(world))
+    t = cfg.training
+    return [*cfg.sp_choice, *lines,
+            f"configuration is valid; {t.train_iters} iterations of global batch "
+            f"{t.global_batch_size} x {cfg.model.seq_length} tokens"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,11 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if cfg.training.dry_run:
-        from megatron_sp.training.trainer import describe_layout
-        print("\n".join(describe_layout(cfg, world)))
-        print(f"configuration is valid; {cfg.training.train_iters} iterations of global batch "
-              f"{cfg.training.global_batch_size} x {cfg.model.seq_length} tokens")
+        print("\n".join(dry_run_lines(cfg, world)))
         return 0
+    if cfg.sp_choice and os.environ.get("RANK", "0") == "0":
+        print("\n".join(cfg.sp_choice), flush=True)
     from megatron_sp.training.trainer import run
     run(cfg, tokenizer)
     return 0

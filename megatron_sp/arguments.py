@@ -150,6 +150,11 @@ def validate(cfg: RunConfig, world_size: int) -> None:
 
     fill_defaults(cfg)
     m, p, d, t = cfg.model, cfg.parallel, cfg.data, cfg.training
+    if p.sequence_parallel_size == "auto":
+        raise ConfigError("--sequence-parallel-size auto is resolved by the planner before validation "
+                          "(megatron_sp.plan.resolve_auto, as pretrain_gpt.py does)")
+    if t.gpu_memory_gb is not None and t.gpu_memory_gb <= 0:
+        raise ConfigError(f"--gpu-memory-gb must be positive, got {t.gpu_memory_gb}")
     positive = dict(num_layers=m.num_layers, hidden_size=m.hidden_size, seq_length=m.seq_length,
                     num_attention_heads=m.num_attention_heads, micro_batch_size=t.micro_batch_size,
                     sequence_parallel_size=p.sequence_parallel_size)

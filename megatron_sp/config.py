@@ -6,6 +6,11 @@ turns these fields into the Megatron-DeepSpeed command line (``num_layers`` -> `
 from dataclasses import dataclass, field
 
 
+def int_or_auto(text: str):
+    """--sequence-parallel-size value: a positive integer, or 'auto' (the planner picks; see megatron_sp/plan)."""
+    return "auto" if text == "auto" else int(text)
+
+
 def arg(default, help: str, *, flags: tuple[str, ...] = (), choices=None, nargs=None, type=None):
     """A config field plus how it appears on the command line (extra flag spellings, choices)."""
     return field(default=default, metadata=dict(help=help, flags=flags, choices=choices, nargs=nargs, type=type))
@@ -41,8 +46,9 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    sequence_parallel_size: int = arg(1, "Ranks one sample's sequence is split over (P).",
-                                      flags=("--ds-sequence-parallel-size",))
+    sequence_parallel_size: int | str = arg(1, "Ranks one sample's sequence is split over (P); 'auto': the "
+                                            "planner picks P and the strategy that fit in memory and are fastest.",
+                                            flags=("--ds-sequence-parallel-size",), type=int_or_auto)
     sequence_parallel_strategy: str = arg("ulysses", "How attention sees the whole sequence: all-to-all over heads "
                                           "(ulysses), k/v blocks passed around a ring (ring), or both (hybrid).",
                                           choices=("ulysses", "ring", "hybrid"))
@@ -118,7 +124,10 @@ class TrainingConfig:
     eval_interval: int = arg(1000, "Evaluate every this many steps.")
     eval_iters: int = arg(10, "Micro batches per evaluation.")
     exit_interval: int | None = arg(None, "Stop after this many steps (saving first if --save is set).")
-    dry_run: bool = arg(False, "Check the configuration, print layout and batch geometry, and exit.")
+    dry_run: bool = arg(False, "Check the configuration, print the parallel layout, a per-GPU memory estimate "
+                        "and FLOPs per iteration, and exit (nothing is allocated).")
+    gpu_memory_gb: float | None = arg(None, "GPU memory per device in GiB for the planner (--dry-run, "
+                                      "--sequence-parallel-size auto); default: detected, else 80.")
 
 
 @dataclass
@@ -139,6 +148,8 @@ class RunConfig:
     """Tokenizer vocabulary rounded up to --make-vocab-size-divisible-by (set once the tokenizer is built)."""
     ignored: list[str] = field(default_factory=list)
     """Megatron flags accepted for compatibility that change nothing here (reported once at start)."""
+    sp_choice: list[str] = field(default_factory=list)
+    """How --sequence-parallel-size auto was resolved (the planner's candidates and reason); empty otherwise."""
 
     @property
     def head_dim(self) -> int:

@@ -17,7 +17,7 @@ FROZEN_FLAGS = """
     --ds-sequence-parallel-fpdt-offloading --ds-sequence-parallel-size
     --empty-unused-memory-level --eod-mask-loss --eval-interval --eval-iters
     --exit-duration-in-mins --exit-interval --ffn-hidden-size --fp16 --fp16-lm-cross-entropy
-    --global-batch-size --group-query-attention --help --hidden-dropout --hidden-size
+    --global-batch-size --gpu-memory-gb --group-query-attention --help --hidden-dropout --hidden-size
     --hysteresis --init-method-std --initial-loss-scale --kv-channels --layernorm-epsilon --load
     --local-rank --local_rank --log-batch-size-to-tensorboard --log-interval
     --log-optimizer-states-to-tensorboard --log-timers-to-tensorboard

@@ -1,0 +1,83 @@
+"""The planner behind --dry-run, tools/plan.py and --sequence-parallel-size auto; allocates nothing.
+
+    cfg, tokenizer = pretrain_gpt.configure(argv, world)     # resolves 'auto' with resolve_auto
+    print("\\n".join(plan_report(cfg, world, gpus_per_node)))
+
+memory.py: parameters / gradients / optimizer by ZeRO stage; activations.py: bytes per local token;
+choose.py: the SP-size and strategy search; report.py: the printout.
+"""
+import json
+import os
+
+from megatron_sp.arguments import ConfigError, fill_defaults
+from megatron_sp.config import RunConfig
+from megatron_sp.plan.choose import MEMORY_RESERVE, candidates, choose
+from megatron_sp.plan.memory import GIB, ZeroSetup, count_parameters, detect_gpu_memory_gib, estimate_memory
+from megatron_sp.plan.report import flops_lines, layout_lines, memory_lines
+
+
+def gpu_memory_gib(cfg: RunConfig) -> float:
+    return cfg.training.gpu_memory_gb or detect_gpu_memory_gib()
+
+
+def gpus_per_node_from_env(world: int) -> int:
+    """GPUs per node of this launch: LOCAL_WORLD_SIZE (deepspeed launcher, torchrun), else the visible
+    GPUs, else 8 (capped at the world size)."""
+    if os.environ.get("LOCAL_WORLD_SIZE"):
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    try:
+        import torch
+        visible = torch.cuda.device_count()
+    except ImportError:
+        visible = 0
+    return min(world, visible or 8)
+
+
+def zero_setup(cfg: RunConfig) -> ZeroSetup:
+    """ZeRO stage and offloading from the flags and the DeepSpeed JSON (flags win)."""
+    path, ds = cfg.training.deepspeed_config, {}
+    if path:
+        try:
+            with open(path) as f:
+                ds = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"cannot read the DeepSpeed config {path}: {err}") from None
+    return ZeroSetup.from_config(cfg, ds)
+
+
+def resolve_auto(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
+    """Replace --sequence-parallel-size auto by the planner's pick (SP size, strategy, Ulysses degree)
+    and return the table of candidates and the reason. Needs cfg.padded_vocab_size."""
+    fill_defaults(cfg)
+    gib = gpu_memory_gib(cfg)
+    try:
+        cands = candidates(cfg, world, gpus_per_node, zero_setup(cfg), gib)
+        pick, why = choose(cands)
+    except ValueError as err:
+        raise ConfigError(f"--sequence-parallel-size auto: {err}") from None
+    p = cfg.parallel
+    p.sequence_parallel_size = pick.sp
+    if pick.sp > 1:
+        p.sequence_parallel_strategy = pick.strategy
+    p.ulysses_degree = pick.ulysses_degree
+    lines = [f"--sequence-parallel-size auto over {world} GPUs ({gpus_per_node} per node, {gib:.1f} GiB each, "
+             f"fit = under {MEMORY_RESERVE:.0%}; s/iter at global batch "
+             f"{cfg.training.global_batch_size or cfg.training.micro_batch_size * world}):",
+             f"  {'candidate':<40}{'memory GiB':>11}{'SP GB/iter':>11}{'s/iter':>9}  fits"]
+    for c in cands:
+        lines.append(f"  {c.name:<40}{c.memory.total / GIB:>11.1f}{c.comm_bytes / 1e9:>11.2f}{c.seconds:>9.2f}  "
+                     f"{'yes' if c.fits else 'no'}{'   <- picked' if c is pick else ''}")
+    lines.append(f"  picked {pick.name}: {why}")
+    return lines
+
+
+def plan_report(cfg: RunConfig, world: int, gpus_per_node: int) -> tuple[list[str], list[str]]:
+    """(report lines, warnings) for a validated config; the warnings also appear in the lines."""
+    gib = gpu_memory_gib(cfg)
+    memory, warnings = memory_lines(cfg, world, zero_setup(cfg), gib)
+    lines = [*layout_lines(cfg, world, gpus_per_node), *flops_lines(cfg, world, gpus_per_node), *memory, *warnings]
+    return lines, warnings
+
+
+__all__ = ["resolve_auto", "plan_report", "count_parameters", "estimate_memory", "ZeroSetup",
+           "gpus_per_node_from_env", "zero_setup"]

@@ -1,0 +1,133 @@
+"""Per-GPU memory of a run, from the flags alone: parameters, gradients, optimizer, activations, buffers.
+
+Model states follow the ZeRO paper's accounting (Ψ parameters, N = every rank, since DeepSpeed sees
+DP x SP ranks as data-parallel, see training/engine.py), checked against DeepSpeed 0.19.8:
+
+    bytes per parameter     params   grads    optimizer (fp32 master + Adam m, v)
+    stage 0, fp32           4        4        8         (torch AdamW on the fp32 weights)
+    stage 0, bf16/fp16      2        2        12        (fp32 master + m + v, not partitioned)
+    stage 1                 e        e        12 / N
+    stage 2                 e        e / N    12 / N
+    stage 3                 e / N    e / N    12 / N    (e = 2 for bf16/fp16, 4 for fp32)
+
+ZeRO stages 1-3 keep an fp32 partition copy even for fp32 models, hence 12 there too.
+offload_optimizer (cpu/nvme) moves the optimizer column to the host; offload_param (stage 3) the
+parameter column. Activations are counted per local token (b * s / P) in ``activations.py``.
+"""
+from dataclasses import dataclass, field
+
+from megatron_sp.config import RunConfig
+from megatron_sp.plan.activations import activation_bytes, logits_bytes
+
+GIB = 2 ** 30
+DEFAULT_REDUCE_BUCKET = int(5e8)  # DeepSpeed's zero_optimization.reduce_bucket_size default (elements)
+DEFAULT_PREFETCH_BUCKET = int(5e7)  # stage3_prefetch_bucket_size default (elements)
+
+
+def layer_parameters(cfg: RunConfig) -> int:
+    """Parameters of one TransformerLayer (model/gpt.py); also what ZeRO-3 gathers at a time."""
+    m, d = cfg.model, cfg.head_dim
+    h, hq, hkv, f = m.hidden_size, m.num_attention_heads, m.num_key_value_heads, m.ffn_hidden_size
+    bias = not m.disable_bias_linear
+    fc1_out = f * (2 if m.swiglu else 1)  # gate and up fused for SwiGLU
+    return (2 * norm_parameters(cfg)
+            + h * (hq + 2 * hkv) * d + (hq + 2 * hkv) * d * bias  # fused qkv
+            + hq * d * h + h * bias                                # attention out
+            + h * fc1_out + fc1_out * bias                         # fc1
+            + f * h + h * bias)                                    # fc2
+
+
+def norm_parameters(cfg: RunConfig) -> int:
+    """RMSNorm has a weight, LayerNorm a weight and a bias."""
+    return cfg.model.hidden_size * (1 if cfg.model.normalization == "rmsnorm" else 2)
+
+
+def count_parameters(cfg: RunConfig) -> int:
+    """Exactly sum(p.numel() for p in GPTModel(...).parameters()) for these flags."""
+    m, vocab = cfg.model, cfg.padded_vocab_size
+    embeddings = vocab * m.hidden_size + (0 if m.use_rotary_position_embeddings
+                                          else m.max_position_embeddings * m.hidden_size)
+    output = vocab * m.hidden_size if m.untie_embeddings_and_output_weights else 0
+    return embeddings + m.num_layers * layer_parameters(cfg) + norm_parameters(cfg) + output
+
+
+@dataclass
+class ZeroSetup:
+    """What the memory model needs from the DeepSpeed JSON (flags win, as in training/engine.py)."""
+    stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    reduce_bucket: int = DEFAULT_REDUCE_BUCKET
+    prefetch_bucket: int = DEFAULT_PREFETCH_BUCKET
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, ds_json: dict) -> "ZeroSetup":
+        zero = ds_json.get("zero_optimization", {})
+        stage = cfg.training.zero_stage if cfg.training.zero_stage is not None else zero.get("stage", 0)
+        offloaded = lambda key: str(zero.get(key, {}).get("device", "none")).lower() in ("cpu", "nvme")  # noqa: E731
+        return cls(stage=int(stage), offload_optimizer=offloaded("offload_optimizer"),
+                   offload_param=offloaded("offload_param") and int(stage) == 3,
+                   reduce_bucket=int(zero.get("reduce_bucket_size", DEFAULT_REDUCE_BUCKET)),
+                   prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", DEFAULT_PREFETCH_BUCKET)))
+
+
+def model_state_bytes(params: int, world: int, stage: int, elem: int) -> dict[str, float]:
+    """{parameters, gradients, optimizer} bytes per GPU for `params` parameters over `world` ranks."""
+    if stage == 0:
+        return {"parameters": elem * params, "gradients": elem * params,
+                "optimizer": (8 if elem == 4 else 12) * params}
+    shard = lambda nbytes: -(-nbytes // world)  # noqa: E731 - ZeRO pads the last partition: round up
+    return {"parameters": shard(elem * params) if stage == 3 else elem * params,
+            "gradients": shard(elem * params) if stage >= 2 else elem * params,
+            "optimizer": shard(12 * params)}
+
+
+@dataclass
+class MemoryEstimate:
+    """Per-GPU bytes, by what holds them; `host` is what offloading moved to CPU memory."""
+    parts: dict[str, float]
+    host: dict[str, float] = field(default_factory=dict)
+    local_tokens: int = 0
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+
+def estimate_memory(cfg: RunConfig, world: int, sp: int, strategy: str, ulysses_degree: int | None,
+                    zero: ZeroSetup) -> MemoryEstimate:
+    """Peak GPU bytes per rank for SP size `sp` (strategy ulysses/ring/hybrid; 'local' when sp == 1)."""
+    t, m = cfg.training, cfg.model
+    elem = 2 if (t.bf16 or t.fp16) else 4
+    params = count_parameters(cfg)
+    states = model_state_bytes(params, world, zero.stage, elem)
+    host = {}
+    if zero.offload_optimizer and zero.stage >= 1:
+        host["optimizer"] = states.pop("optimizer")
+    if zero.offload_param:
+        host["parameters"] = states.pop("parameters")
+    local_tokens = t.micro_batch_size * m.seq_length // sp
+    acts = activation_bytes(cfg, sp, strategy if sp > 1 else "local", ulysses_degree, elem)
+    stored = acts["checkpointed"] if m.checkpoint_activations else acts["full"]
+    workspace = acts["layer"] if m.checkpoint_activations else 0  # one layer recomputed in backward
+    workspace += acts["comm"] + acts["grad_work"]
+    parts = {**states,
+             "activations": local_tokens * stored,
+             "backward workspace": local_tokens * workspace,
+             "logits/loss": logits_bytes(cfg, local_tokens, elem)}
+    if zero.stage >= 1:  # gradient reduce bucket (stages 1-2) / reduce-scatter bucket (stage 3)
+        parts["ZeRO buckets"] = elem * min(zero.reduce_bucket, params)
+    if zero.stage == 3:  # gathered full parameters of the layers in flight (the prefetch window)
+        parts["ZeRO buckets"] += elem * max(2 * layer_parameters(cfg), zero.prefetch_bucket)
+    return MemoryEstimate(parts=parts, host=host, local_tokens=local_tokens)
+
+
+def detect_gpu_memory_gib() -> float:
+    """Memory of GPU 0 in GiB when torch sees a GPU, else 80 (an 80 GB-class GPU)."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory / GIB
+    except ImportError:
+        pass
+    return 80.0

@@ -1,0 +1,119 @@
+"""The planner's printout: parallel layout, per-GPU memory by part, FLOPs and SP traffic per iteration."""
+import copy
+import dataclasses
+
+from megatron_sp.config import RunConfig
+from megatron_sp.parallel.state import rank_grid
+from megatron_sp.plan.activations import layer_terms
+from megatron_sp.plan.choose import ACHIEVED_FLOPS, MEMORY_RESERVE, iteration_seconds
+from megatron_sp.plan.memory import GIB, ZeroSetup, count_parameters, estimate_memory
+from megatron_sp.training.flops import flops_per_token
+
+COMPACT_FROM = 32  # worlds this large print groups as patterns, not every rank
+
+
+def _group(ranks: list[int]) -> str:
+    """[0, 1, 2, 3] -> '[0..3]'; a long strided group -> '[1, 9, ..., 249]'."""
+    if len(ranks) <= 4:
+        return str(ranks)
+    step = ranks[1] - ranks[0]
+    if all(b - a == step for a, b in zip(ranks, ranks[1:])):
+        return f"[{ranks[0]}..{ranks[-1]}]" if step == 1 else f"[{ranks[0]}, {ranks[1]}, ..., {ranks[-1]}]"
+    return f"[{ranks[0]}, {ranks[1]}, ..., {ranks[-1]}]"
+
+
+def _groups(groups: list[list[int]], compact: bool) -> str:
+    if not compact:
+        return str(groups)
+    shown = groups if len(groups) <= 4 else groups[:2] + [None] + groups[-1:]
+    return f"{len(groups)} x {len(groups[0])} ranks: " + " ".join("..." if g is None else _group(g) for g in shown)
+
+
+def layout_lines(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
+    """Which ranks form each SP and DP group (and hybrid's Ulysses and ring groups)."""
+    p = cfg.parallel
+    sp, strategy = p.sequence_parallel_size, p.sequence_parallel_strategy if p.sequence_parallel_size > 1 else "local"
+    u = {"ulysses": sp, "ring": 1, "hybrid": p.ulysses_degree}.get(strategy, 1)
+    grid = rank_grid(world, sp, u)
+    compact = world >= COMPACT_FROM
+    nodes, span = -(-world // gpus_per_node), -(-sp // gpus_per_node)
+    lines = [f"layout: world {world} = DP {world // sp} x SP {sp} ({strategy}, attention backend "
+             f"{p.attention_backend}); {nodes} node(s) of {min(world, gpus_per_node)} GPUs, each SP group "
+             + ("inside one node" if span == 1 else f"spans {span} nodes (its communication crosses nodes)"),
+             f"  sequence-parallel groups: {_groups(grid['sp'], compact)}",
+             f"  data-parallel groups:     {_groups(grid['dp'], compact)}"]
+    if strategy == "hybrid":
+        lines += [f"  ulysses groups (all-to-all): {_groups(grid['ulysses'], compact)}",
+                  f"  ring groups (p2p):           {_groups(grid['ring'], compact)}"]
+    return lines
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / GIB:8.2f} GiB"
+
+
+def memory_lines(cfg: RunConfig, world: int, zero: ZeroSetup, gpu_gib: float) -> tuple[list[str], list[str]]:
+    """(lines, warnings) for the configured SP size and strategy."""
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    sp = p.sequence_parallel_size
+    strategy = p.sequence_parallel_strategy if sp > 1 else "local"
+    elem = 2 if (t.bf16 or t.fp16) else 4
+    est = estimate_memory(cfg, world, sp, strategy, p.ulysses_degree, zero)
+    precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
+    ckpt = "on" if m.checkpoint_activations else "off"
+    lines = [f"memory per GPU (estimate): ZeRO {zero.stage} over {world} ranks, {precision}, activation "
+             f"checkpointing {ckpt}, {est.local_tokens} local tokens (micro batch {t.micro_batch_size} x "
+             f"{m.seq_length} / SP {sp})"]
+    lines += [f"  {name:<20}{_gib(value)}" for name, value in est.parts.items()]
+    lines.append(f"  {'total':<20}{_gib(est.total)} of {gpu_gib:.1f} GiB")
+    flipped = copy.copy(cfg)
+    flipped.model = dataclasses.replace(m, checkpoint_activations=not m.checkpoint_activations)
+    alt = estimate_memory(flipped, world, sp, strategy, p.ulysses_degree, zero)
+    lines.append(f"  with activation checkpointing {'off' if m.checkpoint_activations else 'on'}: activations "
+                 f"{_gib(alt.parts['activations']).strip()}, total {_gib(alt.total).strip()}")
+    for name, value in est.host.items():
+        lines.append(f"  offloaded to host memory: {name} {_gib(value).strip()} per rank")
+    terms = layer_terms(cfg, strategy, {"ulysses": sp, "hybrid": p.ulysses_degree}.get(strategy, 1), elem)
+    lines.append(f"  bytes per local token per layer: {sum(terms.values()):.0f} = "
+                 + " + ".join(f"{k} {v:.0f}" for k, v in terms.items() if v)
+                 + f"; checkpointed: {elem * m.hidden_size} (layer input)")
+    lines.append("  not counted: CUDA context, NCCL buffers, allocator fragmentation "
+                 f"(the auto planner keeps {1 - MEMORY_RESERVE:.0%} free for them)")
+    warnings = []
+    if est.total > gpu_gib * GIB:
+        warnings.append(f"WARNING: the estimate ({est.total / GIB:.1f} GiB) exceeds the GPU memory "
+                        f"({gpu_gib:.1f} GiB); to fit: {memory_remedies(cfg, zero)}")
+    return lines, warnings
+
+
+def memory_remedies(cfg: RunConfig, zero: ZeroSetup) -> str:
+    """The memory levers this configuration has not pulled yet, as one phrase."""
+    levers = ["a larger --sequence-parallel-size (or auto)"]
+    if not cfg.model.checkpoint_activations:
+        levers.append("--checkpoint-activations")
+    if zero.stage < 3:
+        levers.append(f"--zero-stage {zero.stage + 1}")
+    if not zero.offload_optimizer and zero.stage >= 1:
+        levers.append("offload_optimizer in the DeepSpeed JSON")
+    if cfg.training.micro_batch_size > 1:
+        levers.append("a smaller --micro-batch-size")
+    return ", ".join(levers) + " or more GPUs"
+
+
+def flops_lines(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    tokens = t.global_batch_size * m.seq_length
+    model, hardware = flops_per_token(cfg, False) * tokens, flops_per_token(cfg, True) * tokens
+    sp = p.sequence_parallel_size
+    strategy = p.sequence_parallel_strategy if sp > 1 else "local"
+    seconds, sent = iteration_seconds(cfg, world, sp, strategy, p.ulysses_degree, gpus_per_node, t.global_batch_size)
+    lines = [f"model: {count_parameters(cfg) / 1e9:.3f} B parameters, {m.num_layers} layers, hidden {m.hidden_size}, "
+             f"heads {m.num_attention_heads}/{m.num_key_value_heads} (q/kv), FFN {m.ffn_hidden_size}, "
+             f"vocab {cfg.padded_vocab_size}",
+             f"FLOPs per iteration ({t.global_batch_size} x {m.seq_length} tokens): {model:.3e} model, "
+             f"{hardware:.3e} with recompute; {model / world:.3e} model FLOPs per GPU",
+             f"  modelled time: {seconds:.2f} s per iteration (compute at an assumed {ACHIEVED_FLOPS / 1e12:.0f} "
+             "TFLOP/s per GPU, plus the SP communication the model does not hide)"]
+    if sp > 1:
+        lines.append(f"  SP communication: {sent / 1e9:.2f} GB sent per GPU per iteration")
+    return lines

@@ -1,0 +1,82 @@
+"""The sequence-parallel recipes: tiny CPU runs, resume, the commands they build, their dry-run plan."""
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megatron_sp.arguments import parse_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = {name: os.path.join(ROOT, "examples_deepspeed", "sequence_parallel", f"ds_pretrain_gpt_{name}_seq_parallel.sh")
+           for name in ("1.3B", "30B")}
+
+
+def recipe(name: str, tmp_path, timeout=240, **env) -> subprocess.CompletedProcess:
+    full = {**os.environ, "PYTHON": sys.executable, "OUTPUT_DIR": str(tmp_path / name), **env}
+    return subprocess.run(["bash", RECIPES[name]], capture_output=True, text=True, env=full, timeout=timeout)
+
+
+def pretrain_flags(stdout: str) -> list[str]:
+    """The pretrain_gpt.py arguments from a launcher command echoed by a fake launcher."""
+    words = shlex.split(stdout.strip().splitlines()[-1])
+    return words[words.index("pretrain_gpt.py") + 1:]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_tiny_recipe_trains_two_iterations_on_cpu(name, tmp_path):
+    out = recipe(name, tmp_path, TINY="1")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "iteration        2/       2" in out.stdout and "saved checkpoint at iteration 2" in out.stdout
+    ds_json = json.load(open(next((tmp_path / name).glob("ds_config_*.json"))))
+    assert ds_json["train_batch_size"] == 2 and ds_json["zero_optimization"]["stage"] == (1 if name == "1.3B" else 3)
+    if name == "1.3B":  # a rerun resumes from <output>/checkpoint/latest
+        again = recipe(name, tmp_path, TINY="1", TRAIN_ITERS="3")
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "resumed from" in again.stdout and "iteration        3/       3" in again.stdout
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_gpu_command_flags_are_accepted(name, tmp_path):
+    """The real (non-tiny) command through the planner: every flag parsed and validated."""
+    out = recipe(name, tmp_path, DRY_RUN="1", NUM_GPUS="8", GPUS_PER_NODE="8")
+    assert out.returncode == 0, out.stderr
+    assert "configuration is valid" in out.stdout and "memory per GPU" in out.stdout
+
+
+def test_30b_dry_run_on_32_gpus_is_fast(tmp_path):
+    start = time.perf_counter()
+    out = recipe("30B", tmp_path, DRY_RUN="1", NUM_GPUS="32", GPUS_PER_NODE="8", SP_SIZE="8", SEQ_LEN="32768")
+    elapsed = time.perf_counter() - start
+    assert out.returncode == 0, out.stderr
+    assert "world 32 = DP 4 x SP 8" in out.stdout and "4 x 8 ranks: [0..7] [8..15]" in out.stdout
+    assert "total" in out.stdout and "FLOPs per iteration" in out.stdout
+    assert elapsed < 5, f"dry run took {elapsed:.1f} s"
+
+
+def test_multi_node_launch_commands(tmp_path):
+    """HOSTFILE -> deepspeed --hostfile/--num_nodes/--num_gpus; LAUNCHER=srun under SLURM -> srun."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# nodes\nworker-0 slots=8\nworker-1 slots=8\n")
+    out = recipe("1.3B", tmp_path, DEEPSPEED="echo", HOSTFILE=str(hostfile), GPUS_PER_NODE="8")
+    assert out.returncode == 0, out.stderr
+    assert "--hostfile " + str(hostfile) in out.stdout and "--num_nodes 2 --num_gpus 8" in out.stdout
+    cfg = parse_args(pretrain_flags(out.stdout))
+    assert cfg.parallel.sequence_parallel_size == 8 and cfg.model.checkpoint_activations and cfg.training.bf16
+    assert cfg.training.load == cfg.training.save
+
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "srun").write_text('#!/bin/sh\necho srun "$@"\n')
+    (shims / "scontrol").write_text("#!/bin/sh\necho node-a; echo node-b\n")
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    out = recipe("30B", tmp_path, LAUNCHER="srun", SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="4", SLURM_JOB_NODELIST="node-[a-d]", GPUS_PER_NODE="8",
+                 PATH=f"{shims}:{os.environ['PATH']}")
+    assert out.returncode == 0, out.stderr
+    assert "srun --nodes 4 --ntasks-per-node 8" in out.stdout and "MASTER_ADDR=node-a" in out.stdout
+    cfg = parse_args(pretrain_flags(out.stdout))
+    assert cfg.training.zero_stage == 3 and cfg.model.num_layers == 64
