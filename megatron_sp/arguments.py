@@ -97,8 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("compatibility (accepted, reported once at start)")
     group.add_argument("--position-embedding-type", choices=("learned_absolute", "rope"), default=None,
                        help="Megatron-core spelling: rope = --use-rotary-position-embeddings.")
-    group.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
-                       help="full = --checkpoint-activations; selective is accepted and reported.")
     for flag, (_, _, _, note) in MAPPED_FLAGS.items():
         group.add_argument(flag, action="store_true", dest=f"mapped.{flag}", help=f"Mapped: {note}.")
     for flag, takes_value, why in IGNORED_FLAGS:
@@ -125,10 +123,6 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
             ignored.append(f"{flag} -> {_flag(name)} {value} ({note})")
     if ns["position_embedding_type"] == "rope":
         values["model"]["use_rotary_position_embeddings"] = True
-    if ns["recompute_granularity"] == "full":
-        values["model"]["checkpoint_activations"] = True
-    elif ns["recompute_granularity"] == "selective":
-        ignored.append("--recompute-granularity selective (attention is never stored as a matrix; nothing to select)")
     sections = {s: cls(**values[s]) for s, cls in SECTIONS.items()}
     return RunConfig(**sections, ignored=ignored)
 
@@ -136,6 +130,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
 def fill_defaults(cfg: RunConfig) -> None:
     """Derived values that depend on other flags (kept explicit so --dry-run shows them)."""
     m = cfg.model
+    if m.recompute_granularity == "full":
+        m.checkpoint_activations = True
     if m.num_key_value_heads is None:
         m.num_key_value_heads = m.num_attention_heads
     if m.ffn_hidden_size is None:
@@ -173,6 +169,9 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     if m.attention_dropout:
         raise ConfigError(f"--attention-dropout {m.attention_dropout} is not supported (attention runs in fused "
                           "kernels without dropout); pass --attention-dropout 0")
+    if m.recompute_granularity == "selective" and m.checkpoint_activations:
+        raise ConfigError("--recompute-granularity selective and --checkpoint-activations (full recompute) "
+                          "exclude each other; pick one")
     if p.tensor_model_parallel_size != 1:
         raise ConfigError(f"--tensor-model-parallel-size {p.tensor_model_parallel_size} is not supported: "
                           "megatron_sp splits the sequence instead (--sequence-parallel-size); use 1")

@@ -102,3 +102,16 @@ def test_inner_attention_slot_is_the_only_attention():
     model = GPTModel(cfg, lambda: Recording(causal=True, backend="torch"), 64)
     model(torch.randint(0, 64, (2, 16)), torch.arange(16).expand(2, 16), torch.randint(0, 64, (2, 16)))
     assert calls == [(2, 16, 4, 8)] * cfg.num_layers
+
+
+@pytest.mark.parametrize("recompute", [{"checkpoint_activations": True}, {"recompute_granularity": "selective"}])
+def test_recompute_gives_identical_gradients(recompute):
+    variant = {"swiglu": True, "use_rotary_position_embeddings": True}
+    plain, recomputed = build(tiny(**variant)), build(tiny(**variant, **recompute))
+    tokens, labels = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    positions = torch.arange(16).expand(2, 16)
+    for model in (plain, recomputed):
+        model.train()
+        model(tokens, positions, labels).sum().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), recomputed.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12, msg=name)

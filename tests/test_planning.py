@@ -71,6 +71,17 @@ def test_activations_follow_sp_size_and_checkpointing():
     assert full[8] - ring == pytest.approx(hq_d, rel=1e-6)
 
 
+def test_selective_recompute_drops_the_mlp_share():
+    plain, _ = configure([*BIG, "--swiglu"], 8)
+    selective, _ = configure([*BIG, "--swiglu", "--recompute-granularity", "selective"], 8)
+    zero = ZeroSetup(stage=3)
+    full = estimate_memory(plain, 8, 2, "ulysses", None, zero).parts["activations"]
+    kept = estimate_memory(selective, 8, 2, "ulysses", None, zero).parts["activations"]
+    h, f, tokens = 2048, plain.model.ffn_hidden_size, 65536 // 2
+    dropped = 24 * tokens * (8 + 2 * h + 4 * 2 * f)  # LayerNorm stats, norm output, SwiGLU intermediates
+    assert full - kept == pytest.approx(dropped, rel=1e-9)
+
+
 def test_auto_picks_a_valid_size_and_explains():
     cfg, _ = configure([*BIG, "--sequence-parallel-size", "auto", "--zero-stage", "3", "--checkpoint-activations"], 8, 8)
     sp = cfg.parallel.sequence_parallel_size

@@ -69,6 +69,10 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
+    """Pre-norm block. ``recompute_mlp`` (selective recompute) keeps only the MLP sublayer's input
+    for backward: its norm output and SwiGLU intermediates (h + 4f per token, more than half of
+    the layer's activations) are rebuilt, while attention's, costly to recompute, are kept."""
+
     def __init__(self, cfg: ModelConfig, head_dim: int, inner_attention: nn.Module):
         super().__init__()
         self.input_norm = make_norm(cfg, cfg.hidden_size)
@@ -76,10 +80,16 @@ class TransformerLayer(nn.Module):
         self.post_attention_norm = make_norm(cfg, cfg.hidden_size)
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.recompute_mlp = cfg.recompute_granularity == "selective"
+
+    def mlp_sublayer(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.mlp(self.post_attention_norm(x)))
 
     def forward(self, x: torch.Tensor, rotary) -> torch.Tensor:
         x = x + self.dropout(self.attention(self.input_norm(x), rotary))
-        return x + self.dropout(self.mlp(self.post_attention_norm(x)))
+        if self.recompute_mlp and self.training and torch.is_grad_enabled():
+            return x + checkpoint(self.mlp_sublayer, x, use_reentrant=False)
+        return x + self.mlp_sublayer(x)
 
 
 class GPTModel(nn.Module):

@@ -17,6 +17,8 @@ u ranks with hkv % u != 0 each kv head is replicated, K = u):
 
 Rotary cos/sin are built once per step and shared by every layer. With activation checkpointing a layer
 keeps only its input (e * h per token) and the whole layer is rebuilt, one at a time, in backward.
+Selective recompute drops the MLP sublayer's share (its norm statistics and output, the MLP
+intermediates, its dropout mask) and rebuilds one layer's MLP at a time in backward.
 """
 from megatron_sp.config import RunConfig
 from megatron_sp.model.loss import DEFAULT_CHUNK_TOKENS
@@ -74,12 +76,23 @@ def gradient_work_bytes(cfg: RunConfig, strategy: str, degree: int, elem: int) -
     return elem * (2 * m.hidden_size + max(mlp, attention))
 
 
+def mlp_sublayer_bytes(cfg: RunConfig, elem: int) -> float:
+    """What selective recompute does not keep, per token per layer: the MLP's norm statistics and
+    output, its intermediates and its dropout mask (the sublayer input is kept: it is the residual)."""
+    m = cfg.model
+    stats = 8 if m.normalization == "layernorm" else 4
+    return (stats + elem * m.hidden_size + (4 if m.swiglu else 2) * elem * m.ffn_hidden_size
+            + (m.hidden_size if m.hidden_dropout > 0 else 0))
+
+
 def activation_bytes(cfg: RunConfig, sp: int, strategy: str, ulysses_degree: int | None, elem: int) -> dict:
     """Bytes per local token: {"layer": one layer, "full": all layers + outside them, "checkpointed":
-    layer inputs + outside, "comm": SP buffers, "grad_work": backward gradients}."""
+    layer inputs + outside, "selective": layers without their MLP share + outside, "mlp": that share,
+    "comm": SP buffers, "grad_work": backward gradients}."""
     m = cfg.model
     degree = {"local": 1, "ulysses": sp, "ring": 1, "hybrid": ulysses_degree or 1}[strategy]
     layer = sum(layer_terms(cfg, strategy, degree, elem).values())
+    mlp = mlp_sublayer_bytes(cfg, elem)
     rot_dim = int(cfg.head_dim * m.rotary_percent) // 2 * 2 if m.use_rotary_position_embeddings else 0
     stats = 8 if m.normalization == "layernorm" else 4
     # final norm input + stats + its output (the loss checkpoints it), rotary cos/sin, embedding
@@ -88,6 +101,7 @@ def activation_bytes(cfg: RunConfig, sp: int, strategy: str, ulysses_degree: int
                + (m.hidden_size if m.hidden_dropout > 0 else 0))
     return {"layer": layer, "full": m.num_layers * layer + outside,
             "checkpointed": m.num_layers * elem * m.hidden_size + outside,
+            "selective": m.num_layers * (layer - mlp) + outside, "mlp": mlp,
             "comm": comm_buffer_bytes(cfg, strategy, degree, elem),
             "grad_work": gradient_work_bytes(cfg, strategy, degree, elem)}
 

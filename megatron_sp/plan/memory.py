@@ -108,8 +108,12 @@ def estimate_memory(cfg: RunConfig, world: int, sp: int, strategy: str, ulysses_
         host["parameters"] = states.pop("parameters")
     local_tokens = t.micro_batch_size * m.seq_length // sp
     acts = activation_bytes(cfg, sp, strategy if sp > 1 else "local", ulysses_degree, elem)
-    stored = acts["checkpointed"] if m.checkpoint_activations else acts["full"]
-    workspace = acts["layer"] if m.checkpoint_activations else 0  # one layer recomputed in backward
+    if m.checkpoint_activations:  # one layer at a time is rebuilt in backward
+        stored, workspace = acts["checkpointed"], acts["layer"]
+    elif m.recompute_granularity == "selective":  # one MLP at a time is rebuilt
+        stored, workspace = acts["selective"], acts["mlp"]
+    else:
+        stored, workspace = acts["full"], 0
     workspace += acts["comm"] + acts["grad_work"]
     parts = {**states,
              "activations": local_tokens * stored,

@@ -60,14 +60,15 @@ def memory_lines(cfg: RunConfig, world: int, zero: ZeroSetup, gpu_gib: float) ->
     elem = 2 if (t.bf16 or t.fp16) else 4
     est = estimate_memory(cfg, world, sp, strategy, p.ulysses_degree, zero)
     precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
-    ckpt = "on" if m.checkpoint_activations else "off"
+    ckpt = "on" if m.checkpoint_activations else "selective (MLP)" if m.recompute_granularity == "selective" else "off"
     lines = [f"memory per GPU (estimate): ZeRO {zero.stage} over {world} ranks, {precision}, activation "
              f"checkpointing {ckpt}, {est.local_tokens} local tokens (micro batch {t.micro_batch_size} x "
              f"{m.seq_length} / SP {sp})"]
     lines += [f"  {name:<20}{_gib(value)}" for name, value in est.parts.items()]
     lines.append(f"  {'total':<20}{_gib(est.total)} of {gpu_gib:.1f} GiB")
     flipped = copy.copy(cfg)
-    flipped.model = dataclasses.replace(m, checkpoint_activations=not m.checkpoint_activations)
+    flipped.model = dataclasses.replace(m, checkpoint_activations=not m.checkpoint_activations,
+                                        recompute_granularity=None)
     alt = estimate_memory(flipped, world, sp, strategy, p.ulysses_degree, zero)
     lines.append(f"  with activation checkpointing {'off' if m.checkpoint_activations else 'on'}: activations "
                  f"{_gib(alt.parts['activations']).strip()}, total {_gib(alt.total).strip()}")
@@ -90,6 +91,8 @@ def memory_remedies(cfg: RunConfig, zero: ZeroSetup) -> str:
     """The memory levers this configuration has not pulled yet, as one phrase."""
     levers = ["a larger --sequence-parallel-size (or auto)"]
     if not cfg.model.checkpoint_activations:
+        if cfg.model.recompute_granularity != "selective":
+            levers.append("--recompute-granularity selective")
         levers.append("--checkpoint-activations")
     if zero.stage < 3:
         levers.append(f"--zero-stage {zero.stage + 1}")

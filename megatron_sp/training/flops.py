@@ -19,7 +19,13 @@ def forward_flops_per_token(cfg: RunConfig) -> tuple[float, float]:
 
 
 def flops_per_token(cfg: RunConfig, with_recompute: bool) -> float:
-    """Training FLOPs per token: forward + backward (2x forward); recompute adds one more layer forward."""
+    """Training FLOPs per token: forward + backward (2x forward); recompute adds one more forward of
+    what is recomputed: whole layers (full) or the MLPs (selective)."""
     layers, output = forward_flops_per_token(cfg)
-    recompute = layers if (with_recompute and cfg.model.checkpoint_activations) else 0
+    m = cfg.model
+    recompute = 0.0
+    if with_recompute and m.checkpoint_activations:
+        recompute = layers
+    elif with_recompute and m.recompute_granularity == "selective":
+        recompute = m.num_layers * 2 * m.hidden_size * m.ffn_hidden_size * (3 if m.swiglu else 2)
     return 3 * (layers + output) + recompute
