@@ -32,7 +32,7 @@ def test_good_configs_pass(changes):
     (dict(sp_size=16), "sequence-parallel size 16 must be between 1 and the world size 8"),
     (dict(world_size=6, sp_size=4), "world size 6 is not divisible"),
     (dict(strategy="hybrid", ulysses_degree=3), "Ulysses degree 3 must be a positive divisor"),
-    (dict(strategy="hybrid", ulysses_degree=None), "Ulysses degree None"),
+    (dict(strategy="hybrid", ulysses_degree=None), "hybrid needs --ulysses-degree"),
     (dict(strategy="local"), "strategy 'local' cannot split"),
     (dict(strategy="megatron"), "unknown sequence-parallel strategy 'megatron'"),
 ])

@@ -6,7 +6,7 @@ from megatron_sp.attention.hybrid import HybridAttention
 from megatron_sp.attention.local import LocalAttention
 from megatron_sp.attention.ring import RingAttention
 from megatron_sp.attention.ulysses import UlyssesAttention, kv_replication
-from megatron_sp.parallel.sharding import layout_for
+from megatron_sp.parallel.sharding import layout_for, ulysses_degree_of
 
 STRATEGIES = ("local", "ulysses", "ring", "hybrid")
 
@@ -28,8 +28,8 @@ def validate_attention_config(*, strategy: str, num_heads: int, num_kv_heads: in
             raise ValueError(f"strategy 'local' cannot split a sequence over {sp_size} ranks; "
                              "choose ulysses, ring or hybrid")
         return
-    degree = {"ulysses": sp_size, "ring": 1}.get(strategy, ulysses_degree)
-    if not degree or sp_size % degree:
+    degree = ulysses_degree_of(strategy, sp_size, ulysses_degree)
+    if degree < 1 or sp_size % degree:
         raise ValueError(f"Ulysses degree {degree} must be a positive divisor of sequence-parallel size {sp_size}")
     kv_replication(num_heads, num_kv_heads, degree)
     layout_for(strategy, sp_size, degree).check_seq_len(seq_length)

@@ -74,14 +74,20 @@ class SequenceLayout:
         return full
 
 
-def layout_for(strategy: str, sp_size: int, ulysses_degree: int | None = None) -> SequenceLayout:
-    """The layout a sequence-parallel strategy ('ulysses', 'ring', 'hybrid') expects."""
-    if strategy == "ulysses":
-        return SequenceLayout(sp_size, ulysses_degree=sp_size)
+def ulysses_degree_of(strategy: str, sp_size: int, ulysses_degree: int | None = None) -> int:
+    """Ranks that exchange heads by all-to-all: all P for 'ulysses' (and 'local'), none (1) for
+    'ring', the given --ulysses-degree for 'hybrid'."""
+    if strategy in ("ulysses", "local"):
+        return sp_size
     if strategy == "ring":
-        return SequenceLayout(sp_size, ulysses_degree=1)
+        return 1
     if strategy == "hybrid":
         if not ulysses_degree:
             raise ValueError("--sequence-parallel-strategy hybrid needs --ulysses-degree")
-        return SequenceLayout(sp_size, ulysses_degree=ulysses_degree)
+        return ulysses_degree
     raise ValueError(f"unknown sequence-parallel strategy {strategy!r}; expected ulysses, ring or hybrid")
+
+
+def layout_for(strategy: str, sp_size: int, ulysses_degree: int | None = None) -> SequenceLayout:
+    """The layout a sequence-parallel strategy ('ulysses', 'ring', 'hybrid') expects."""
+    return SequenceLayout(sp_size, ulysses_degree=ulysses_degree_of(strategy, sp_size, ulysses_degree))

@@ -22,6 +22,7 @@ intermediates, its dropout mask) and rebuilds one layer's MLP at a time in backw
 """
 from megatron_sp.config import RunConfig
 from megatron_sp.model.loss import DEFAULT_CHUNK_TOKENS
+from megatron_sp.parallel.sharding import ulysses_degree_of
 
 
 def kv_heads_seen(hkv: int, degree: int) -> int:
@@ -90,7 +91,7 @@ def activation_bytes(cfg: RunConfig, sp: int, strategy: str, ulysses_degree: int
     layer inputs + outside, "selective": layers without their MLP share + outside, "mlp": that share,
     "comm": SP buffers, "grad_work": backward gradients}."""
     m = cfg.model
-    degree = {"local": 1, "ulysses": sp, "ring": 1, "hybrid": ulysses_degree or 1}[strategy]
+    degree = ulysses_degree_of(strategy, sp, ulysses_degree)
     layer = sum(layer_terms(cfg, strategy, degree, elem).values())
     mlp = mlp_sublayer_bytes(cfg, elem)
     rot_dim = int(cfg.head_dim * m.rotary_percent) // 2 * 2 if m.use_rotary_position_embeddings else 0

@@ -3,6 +3,7 @@ import copy
 import dataclasses
 
 from megatron_sp.config import RunConfig
+from megatron_sp.parallel.sharding import ulysses_degree_of
 from megatron_sp.parallel.state import rank_grid
 from megatron_sp.plan.activations import layer_terms
 from megatron_sp.plan.choose import ACHIEVED_FLOPS, MEMORY_RESERVE, iteration_seconds
@@ -33,7 +34,7 @@ def layout_lines(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
     """Which ranks form each SP and DP group (and hybrid's Ulysses and ring groups)."""
     p = cfg.parallel
     sp, strategy = p.sequence_parallel_size, p.sequence_parallel_strategy if p.sequence_parallel_size > 1 else "local"
-    u = {"ulysses": sp, "ring": 1, "hybrid": p.ulysses_degree}.get(strategy, 1)
+    u = ulysses_degree_of(strategy, sp, p.ulysses_degree)
     grid = rank_grid(world, sp, u)
     compact = world >= COMPACT_FROM
     nodes, span = -(-world // gpus_per_node), -(-sp // gpus_per_node)
@@ -74,7 +75,7 @@ def memory_lines(cfg: RunConfig, world: int, zero: ZeroSetup, gpu_gib: float) ->
                  f"{_gib(alt.parts['activations']).strip()}, total {_gib(alt.total).strip()}")
     for name, value in est.host.items():
         lines.append(f"  offloaded to host memory: {name} {_gib(value).strip()} per rank")
-    terms = layer_terms(cfg, strategy, {"ulysses": sp, "hybrid": p.ulysses_degree}.get(strategy, 1), elem)
+    terms = layer_terms(cfg, strategy, ulysses_degree_of(strategy, sp, p.ulysses_degree), elem)
     lines.append(f"  bytes per local token per layer: {sum(terms.values()):.0f} = "
                  + " + ".join(f"{k} {v:.0f}" for k, v in terms.items() if v)
                  + f"; checkpointed: {elem * m.hidden_size} (layer input)")

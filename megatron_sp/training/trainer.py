@@ -13,6 +13,7 @@ from megatron_sp.config import RunConfig
 from megatron_sp.data.gpt_dataset import build_gpt_datasets
 from megatron_sp.data.loader import build_data_iterator
 from megatron_sp.model.gpt import GPTModel
+from megatron_sp.parallel.sharding import ulysses_degree_of
 from megatron_sp.parallel.state import ParallelState, rank_grid
 from megatron_sp.training import checkpoint, engine as ds_engine
 from megatron_sp.training.flops import flops_per_token
@@ -50,7 +51,8 @@ def seed_everything(seed: int) -> None:
 
 def describe_layout(cfg: RunConfig, world: int) -> list[str]:
     p = cfg.parallel
-    grid = rank_grid(world, p.sequence_parallel_size, p.ulysses_degree or p.sequence_parallel_size)
+    grid = rank_grid(world, p.sequence_parallel_size,
+                     ulysses_degree_of(p.sequence_parallel_strategy, p.sequence_parallel_size, p.ulysses_degree))
     return [f"world {world} = DP {world // p.sequence_parallel_size} x SP {p.sequence_parallel_size} "
             f"({p.sequence_parallel_strategy}, attention backend {p.attention_backend})",
             f"  sequence-parallel groups: {grid['sp']}", f"  data-parallel groups: {grid['dp']}"]
@@ -66,8 +68,8 @@ def run(cfg: RunConfig, tokenizer) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     m, p, t = cfg.model, cfg.parallel, cfg.training
     strategy = p.sequence_parallel_strategy if p.sequence_parallel_size > 1 else "local"
-    ps = ParallelState.build(p.sequence_parallel_size, p.ulysses_degree if strategy == "hybrid" else
-                             (1 if strategy == "ring" else p.sequence_parallel_size))
+    ps = ParallelState.build(p.sequence_parallel_size,
+                             ulysses_degree_of(strategy, p.sequence_parallel_size, p.ulysses_degree))
     self_group = [dist.new_group([r]) for r in range(world)][rank]  # DeepSpeed's "model parallel" group
     log = Logger(rank, cfg.logging.tensorboard_dir)
     seed_everything(t.seed)
