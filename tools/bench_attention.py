@@ -1,0 +1,339 @@
+"""Sequence-parallel attention benchmark: our strategies x backends beside DeepSpeed-Ulysses, torch context_parallel and single-GPU kernels.
+
+    torchrun --nproc_per_node 2 tools/bench_attention.py --out bench_attention.json          # 16k, 64k, 128k
+    torchrun --nproc_per_node 2 tools/bench_attention.py --device cpu --seqs 64,128 --out x.json   # CI: gloo, tiny
+
+Shapes: batch 1, 16 heads, head_dim 128, bf16, causal (CPU mode: 4 heads, head_dim 16, fp32, torch kernels).
+FLOPs as anchors.md: fwd = 4*b*h*S^2*d / 2 (causal), fwd+bwd = 3.5 * fwd; the rate is per GPU, so a
+sequence-parallel run divides by N GPUs and a single-GPU kernel does not. Perfect sequence parallelism keeps
+the single-GPU kernel's rate. Timing: CUDA events after warm-up, median of --iters; for multi-rank runs the
+slowest rank's median counts. Every measurement is guarded: a failure (OOM, an API this torch lacks) becomes a
+row with an error and the rest go on. Failures must be symmetric across ranks (same shapes, same code), else a
+rank left inside a collective would wait for its peer.
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from megatron_sp.attention import build_inner_attention  # noqa: E402
+from megatron_sp.parallel.sharding import layout_for  # noqa: E402
+from megatron_sp.parallel.state import ParallelState  # noqa: E402
+
+
+class Bench:
+    """The run's settings, process groups and rows; every timing goes through `measure`."""
+
+    def __init__(self, args):
+        self.args = args
+        self.cuda = args.device == "cuda"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        self.dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.rows = []
+        # one ParallelState per strategy: groups are built once, collectively, in the same order on every rank
+        self.states = {"ulysses": ParallelState.build(self.world), "ring": ParallelState.build(self.world, 1)}
+        if self.world >= 4 and self.world % 2 == 0:
+            self.states["hybrid"] = ParallelState.build(self.world, 2)  # Ulysses pairs x ring across them
+
+    def log(self, msg):
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def time_ms(self, fn) -> float:
+        """Median milliseconds of fn() over --iters after --warmup calls (CUDA events on GPU)."""
+        for _ in range(self.args.warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(self.args.iters):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    def measure(self, row: dict, make, work: float, unit: str, all_ranks: bool = True):
+        """Time make()'s closure and append `row` with ms and work/ms in `unit` (TFLOP/s or GB/s).
+
+        all_ranks: every rank runs it and the slowest median counts (an error anywhere is an error
+        everywhere); otherwise rank 0 alone runs it while the others wait at a barrier."""
+        ms, err = float("inf"), None
+        if all_ranks or self.rank == 0:
+            try:
+                ms = self.time_ms(make())
+            except Exception as exc:  # noqa: BLE001 - one failed measurement must not end the run
+                err = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            if self.cuda:
+                torch.cuda.empty_cache()
+        if all_ranks:
+            t = torch.tensor([ms], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            ms = t.item()
+        else:
+            dist.barrier()
+        ms = max(ms, 1e-6)  # a tiny CPU op can read 0 ms
+        if err is None and ms == float("inf"):
+            err = "failed on another rank"
+        if err is None:
+            row.update(ms=ms, value=work / ms / (1e9 if unit == "TFLOP/s" else 1e6), unit=unit)
+        else:
+            row.update(error=err, unit=unit)
+        self.rows.append(row)
+        shown = f"{row['value']:.4g} {unit} ({row['ms']:.3g} ms)" if err is None else f"FAILED {err}"
+        self.log(f"  {row.get('seq', ''):>7} {row['name']:<42} {shown}")
+
+    # --- inputs -----------------------------------------------------------------------------------
+    def full_inputs(self, s: int):
+        """q, k, v, dout [b, S, h, d], identical on every rank (same seed), never zeros (METHOD.md)."""
+        g = torch.Generator(device=self.device).manual_seed(1234 + s)
+        a = self.args
+        return [torch.randn(a.batch, s, a.heads, a.head_dim, device=self.device, dtype=self.dtype, generator=g)
+                for _ in range(4)]
+
+    def shards(self, full, strategy: str, sp_rank: int, u: int | None = None):
+        layout = layout_for(strategy, self.world, u)
+        q, k, v, dout = (layout.shard(x, sp_rank).contiguous() for x in full)
+        return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), dout
+
+    def flops(self, s: int, gpus: int) -> float:
+        a = self.args
+        return 3.5 * 4 * a.batch * a.heads * s * s * a.head_dim / 2 / gpus
+
+    # --- the providers ----------------------------------------------------------------------------
+    def ours(self, s, full):
+        backends = self.args.backends or (["cudnn", "triton", "sdpa_flash"] if self.cuda else ["torch"])
+        for strategy, ps in self.states.items():
+            for backend in backends:
+                def make(strategy=strategy, ps=ps, backend=backend):
+                    q, k, v, dout = self.shards(full, strategy, ps.sp_rank, ps.ulysses_degree)
+                    attn = build_inner_attention(strategy, ps, causal=True, backend=backend)
+                    return lambda: torch.autograd.grad(attn(q, k, v), (q, k, v), dout)
+                self.measure({"seq": s, "name": f"ours {strategy}/{backend}", "gpus": self.world, "group": "ours",
+                              "strategy": strategy, "backend": backend}, make, self.flops(s, self.world), "TFLOP/s")
+
+    def sdpa_bshd(self, q, k, v):
+        """SDPA on [b, s, h, d] (the layout DeepSpeed hands its local attention), cuDNN on GPU."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        kernels = [SDPBackend.CUDNN_ATTENTION] if self.cuda else [SDPBackend.MATH]
+        with sdpa_kernel(kernels):
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True)
+        return out.transpose(1, 2)
+
+    def deepspeed_ulysses(self, s, full):
+        def make():
+            import deepspeed
+            from deepspeed.sequence.layer import DistributedAttention
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # inference-only op; skips its build
+            deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")  # DS layers need it
+            ps = self.states["ulysses"]
+            attn = DistributedAttention(self.sdpa_bshd, ps.sp_group, scatter_idx=2, gather_idx=1)  # ALST's [b, s, h, d]
+            q, k, v, dout = self.shards(full, "ulysses", ps.sp_rank)
+            return lambda: torch.autograd.grad(attn(q, k, v, 0), (q, k, v), dout)
+        kernel = "cudnn" if self.cuda else "math"
+        self.measure({"seq": s, "name": f"deepspeed ulysses/{kernel}", "gpus": self.world, "group": "peer"},
+                     make, self.flops(s, self.world), "TFLOP/s")
+
+    def context_parallel(self, s, full, rotate: str):
+        """torch's CP ring (monkey-patched SDPA over DTensor), head-tail load balanced as torch does it.
+        rotate: 'allgather' (torch's default: k/v all-gathered once) or 'alltoall' (k/v passed around)."""
+        state = {}
+
+        def make():
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.tensor.experimental import context_parallel
+            try:  # the module moved between torch releases
+                from torch.distributed.tensor.experimental._context_parallel._attention import set_rotate_method
+            except ImportError:
+                from torch.distributed.tensor.experimental._attention import set_rotate_method
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            mesh = init_device_mesh(self.device.type, (self.world,))
+            set_rotate_method(rotate)
+            q, k, v, dout = (x.transpose(1, 2).contiguous() for x in full)  # SDPA's [b, h, S, d]
+            cm = context_parallel(mesh, buffers=[q, k, v, dout], buffer_seq_dims=[2] * 4,
+                                  no_restore_buffers={q, k, v, dout})
+            cm.__enter__()  # shards the buffers in place to [b, h, S/N, d] and patches SDPA
+            state["cm"] = cm
+            for x in (q, k, v):
+                x.requires_grad_()
+            kernels = [SDPBackend.CUDNN_ATTENTION] if self.cuda else [SDPBackend.MATH]
+
+            def step():
+                with sdpa_kernel(kernels):
+                    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                torch.autograd.grad(out, (q, k, v), dout)
+            return step
+        kernel = "cudnn" if self.cuda else "math"
+        try:
+            self.measure({"seq": s, "name": f"torch context_parallel {rotate}/{kernel}", "gpus": self.world,
+                          "group": "peer"}, make, self.flops(s, self.world), "TFLOP/s")
+        finally:
+            if "cm" in state:
+                state["cm"].__exit__(None, None, None)  # restore the unpatched SDPA
+
+    def single(self, s):
+        """The kernels alone on rank 0 at the full S: what perfect sequence parallelism would keep."""
+        a = self.args
+        need = 14 * a.batch * s * a.heads * a.head_dim * 2  # q k v dout out dq dk dv + kernel scratch, bf16
+        if self.cuda and need > torch.cuda.mem_get_info()[0]:
+            self.log(f"  {s:>7} single-GPU kernels skipped: need ~{need / 2**30:.0f} GiB")
+            return
+        providers = ["cudnn", "sdpa_flash", "triton"] if self.cuda else ["torch"]
+        for provider in providers:
+            def make(provider=provider):
+                q, k, v, dout = self.full_inputs(s)
+                q, k, v = (x.requires_grad_() for x in (q, k, v))
+                if provider in ("cudnn", "sdpa_flash"):  # SDPA in its own contiguous [b, h, S, d], as anchors.md
+                    from torch.nn.attention import SDPBackend, sdpa_kernel
+                    q, k, v, dout = (x.detach().transpose(1, 2).contiguous() for x in (q, k, v, dout))
+                    q, k, v = (x.requires_grad_() for x in (q, k, v))
+                    kern = SDPBackend.CUDNN_ATTENTION if provider == "cudnn" else SDPBackend.FLASH_ATTENTION
+
+                    def step():
+                        with sdpa_kernel([kern]):
+                            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                        torch.autograd.grad(out, (q, k, v), dout)
+                    return step
+                attn = build_inner_attention("local", None, causal=True, backend=provider)
+                return lambda: torch.autograd.grad(attn(q, k, v), (q, k, v), dout)
+            name = {"cudnn": "single SDPA cuDNN", "sdpa_flash": "single SDPA flash (FA2)"}.get(provider,
+                                                                                             f"single ours {provider}")
+            self.measure({"seq": s, "name": name, "gpus": 1, "group": "single", "backend": provider},
+                         make, self.flops(s, 1), "TFLOP/s", all_ranks=False)
+
+    def ceilings(self):
+        a = self.args
+        n = a.matmul_n
+
+        def mm():
+            x, y = (torch.randn(n, n, device=self.device, dtype=self.dtype) for _ in range(2))
+            return lambda: x @ y
+        self.measure({"name": f"matmul {n}^3 {str(self.dtype)[6:]}", "group": "ceiling"}, mm, 2 * n ** 3, "TFLOP/s")
+        if self.world == 1:
+            return
+        numel = a.comm_mb * 2 ** 20 // 2
+
+        def a2a():
+            x = torch.randn(numel, device=self.device, dtype=torch.bfloat16)
+            y = torch.empty_like(x)
+            return lambda: dist.all_to_all_single(y, x)
+        # bytes leaving each GPU (the part of the buffer not kept locally), as anchors.md counts "out per GPU"
+        out_bytes = numel * 2 * (self.world - 1) / self.world
+        self.measure({"name": f"all_to_all_single {a.comm_mb} MB (out/GPU)", "group": "ceiling"}, a2a, out_bytes, "GB/s")
+
+        def ring():
+            x = torch.randn(numel, device=self.device, dtype=torch.bfloat16)
+            y = torch.empty_like(x)
+            nxt, prv = (self.rank + 1) % self.world, (self.rank - 1) % self.world
+
+            def step():
+                for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, x, nxt), dist.P2POp(dist.irecv, y, prv)]):
+                    w.wait()
+            return step
+        self.measure({"name": f"ring send/recv {a.comm_mb} MB (out/GPU)", "group": "ceiling"}, ring, numel * 2, "GB/s")
+
+
+def print_table(bench: Bench):
+    """Per sequence: each row's TFLOP/s per GPU and its ratio to the single-GPU cuDNN kernel at that S."""
+    rows = bench.rows
+    ref = {r["seq"]: r["value"] for r in rows if r.get("backend") in ("cudnn", "torch") and r.get("group") == "single"
+           and "value" in r}
+    bench.log(f"\n{'S':>7} {'what':<42} {'GPUs':>4} {'ms':>9} {'TFLOP/s/GPU':>11} {'vs 1-GPU ref':>12}")
+    for r in rows:
+        if r["group"] == "ceiling":
+            continue
+        val = f"{r['value']:11.4g}" if "value" in r else f"{'error':>11}"
+        ms = f"{r['ms']:9.4g}" if "ms" in r else f"{'-':>9}"
+        ratio = f"{r['value'] / ref[r['seq']]:12.2f}" if "value" in r and r["seq"] in ref else f"{'-':>12}"
+        bench.log(f"{r['seq']:>7} {r['name']:<42} {r.get('gpus', 1):>4} {ms} {val} {ratio}")
+    for r in rows:
+        if r["group"] == "ceiling":
+            bench.log(f"ceiling: {r['name']}: " + (f"{r['value']:.4g} {r['unit']}" if "value" in r else r["error"]))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--seqs", type=lambda x: [int(t) for t in x.split(",")], default=None,
+                   help="comma-separated sequence lengths (default 16384,65536,131072; CPU 64,128)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=None, help="default 16 (CPU 4)")
+    p.add_argument("--head-dim", type=int, default=None, help="default 128 (CPU 16)")
+    p.add_argument("--backends", type=lambda x: x.split(","), default=None,
+                   help="our kernels to run under each strategy (default cudnn,triton,sdpa_flash; CPU torch)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--matmul-n", type=int, default=None, help="default 8192 (CPU 256)")
+    p.add_argument("--comm-mb", type=int, default=None, help="default 256 (CPU 1)")
+    p.add_argument("--skip", type=lambda x: x.split(","), default=[],
+                   help="groups to leave out: ours,deepspeed,cp,single,ceilings")
+    p.add_argument("--out", default="bench_attention.json")
+    args = p.parse_args(argv)
+    cpu = args.device == "cpu"
+    for name, gpu, cpu_default in (("seqs", [16384, 65536, 131072], [64, 128]), ("heads", 16, 4),
+                                   ("head_dim", 128, 16), ("matmul_n", 8192, 256), ("comm_mb", 256, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, cpu_default if cpu else gpu)
+    return args
+
+
+def main(argv=None) -> dict:
+    """Run the benchmark (initialising torch.distributed from torchrun's environment unless a test did) -> results."""
+    args = parse_args(argv)
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    bench = Bench(args)
+    bench.log(f"bench_attention: {bench.world} x {torch.cuda.get_device_name() if bench.cuda else 'CPU'}, "
+              f"torch {torch.__version__}, b={args.batch} h={args.heads} d={args.head_dim} {bench.dtype}, causal")
+    if "ceilings" not in args.skip:
+        bench.ceilings()
+    for s in args.seqs:
+        full = bench.full_inputs(s)
+        if "ours" not in args.skip:
+            bench.ours(s, full)
+        if "deepspeed" not in args.skip:
+            bench.deepspeed_ulysses(s, full)
+        if "cp" not in args.skip:
+            for rotate in ("allgather", "alltoall"):
+                bench.context_parallel(s, full, rotate)
+        del full
+        if "single" not in args.skip:
+            bench.single(s)
+    print_table(bench)
+    meta = {"device": torch.cuda.get_device_name() if bench.cuda else "cpu", "gpus": bench.world,
+            "torch": torch.__version__, "date": datetime.date.today().isoformat(), "argv": sys.argv,
+            "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim, "dtype": str(bench.dtype),
+            "causal": True, "warmup": args.warmup, "iters": args.iters}
+    result = {"meta": meta, "rows": bench.rows}
+    if bench.rank == 0:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
+    dist.destroy_process_group()

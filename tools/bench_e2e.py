@@ -1,0 +1,229 @@
+"""End-to-end training benchmark of issue 7's reference model (Llama-style 1.3B, SP=2) through our real training stack.
+
+    torchrun --nproc_per_node 2 tools/bench_e2e.py --seq-length 32768 --zero-stage 3 --out e2e.json
+    torchrun --nproc_per_node 2 tools/bench_e2e.py --seq-length 65536 --zero-stage 3 --checkpoint-activations
+    torchrun --nproc_per_node 2 tools/bench_e2e.py --model tiny --device cpu --seq-length 256 --steps 2   # CI
+
+The model is built by pretrain_gpt.configure from the same Megatron flags a user types, and each step is
+megatron_sp.training.loop.train_step on a DeepSpeed engine (ZeRO 0-3) with --mock-data batches: only the
+logging/eval/checkpoint parts of trainer.run are left out. Reported: median ms/step over --steps after
+--warmup steps, tokens/s, model TFLOP/s per GPU by issue 7's formula 3*(L*(8h^2 + 6hf + 2hs) + 2hV) per token
+(recompute not counted), and the peak of torch.cuda.max_memory_allocated over the whole run and all ranks.
+--profile adds one profiled step and splits its GPU kernel time into attention, matmul, communication, other.
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+# issue 7's reference model: 24 layers, hidden 2048, 16 heads, SwiGLU FFN 5504, RMSNorm, rotary, no biases,
+# untied output layer, vocab 32000 (NullTokenizer adds eod to --vocab-size, so 31999 ids + eod = 32000)
+MODELS = {
+    "1.3b": ["--num-layers", "24", "--hidden-size", "2048", "--num-attention-heads", "16",
+             "--ffn-hidden-size", "5504", "--vocab-size", "31999"],
+    "tiny": ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+             "--ffn-hidden-size", "176", "--vocab-size", "255"],
+}
+SHAPE = ["--swiglu", "--normalization", "rmsnorm", "--use-rotary-position-embeddings", "--disable-bias-linear",
+         "--untie-embeddings-and-output-weights", "--make-vocab-size-divisible-by", "128",
+         "--attention-dropout", "0", "--hidden-dropout", "0", "--tokenizer-type", "NullTokenizer", "--mock-data"]
+
+
+def flags(args, world: int) -> list[str]:
+    """The Megatron flags of one benchmark configuration (global batch = one sample per DP rank)."""
+    dp = world // args.sp
+    argv = MODELS[args.model] + SHAPE + [
+        "--seq-length", str(args.seq_length), "--max-position-embeddings", str(args.seq_length),
+        "--micro-batch-size", "1", "--global-batch-size", str(dp),
+        "--train-iters", str(args.warmup + args.steps + (1 if args.profile else 0)),
+        "--lr", "1e-4", "--lr-warmup-iters", "0", "--lr-decay-style", "constant", "--clip-grad", "1.0",
+        "--weight-decay", "0.1", "--zero-stage", str(args.zero_stage),
+        "--sequence-parallel-size", str(args.sp), "--sequence-parallel-strategy", args.strategy,
+        "--attention-backend", args.backend, "--eval-interval", "1000000", "--eval-iters", "0",
+        "--distributed-backend", "nccl" if args.device == "cuda" else "gloo"]
+    if args.strategy == "hybrid":
+        argv += ["--ulysses-degree", str(args.ulysses_degree)]
+    if args.device == "cuda":
+        argv.append("--bf16")
+    if args.checkpoint_activations:
+        argv.append("--checkpoint-activations")
+    return argv + args.extra
+
+
+def issue7_flops_per_token(cfg) -> float:
+    """3 * (L * (8h^2 + 6hf + 2hs) + 2hV): issue 7's count for this model shape (MHA, SwiGLU, causal)."""
+    m = cfg.model
+    h, f, s, v = m.hidden_size, m.ffn_hidden_size, m.seq_length, cfg.padded_vocab_size
+    return 3 * (m.num_layers * (8 * h * h + 6 * h * f + 2 * h * s) + 2 * h * v)
+
+
+def categorize(name: str) -> str:
+    """Kernel (GPU) or op (CPU) name -> attention | matmul | communication | other."""
+    n = name.lower()
+    if "nccl" in n or any(t in n for t in ("all_to_all", "alltoall", "allgather", "all_gather", "reduce_scatter",
+                                           "allreduce", "all_reduce", "send", "recv", "gloo")):
+        return "communication"
+    if any(t in n for t in ("flash", "fmha", "sdpa", "cudnn", "attn", "attention", "_fwd_kernel", "_bwd_")):
+        return "attention"
+    if any(t in n for t in ("gemm", "nvjet", "cutlass", "xmma", "matmul", "aten::mm", "aten::addmm", "aten::bmm",
+                            "sm90_", "cublas")):
+        return "matmul"
+    return "other"
+
+
+def profile_step(step, device_is_cuda: bool) -> dict:
+    """Run step() once under torch.profiler; kernel self-time (GPU) or op self-time (CPU) per category, ms.
+    GPU categories can sum past the step's wall time: NCCL kernels run on their own stream beside compute."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_is_cuda else [])
+    from torch.autograd import DeviceType
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        step()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    totals, top = {"attention": 0.0, "matmul": 0.0, "communication": 0.0, "other": 0.0}, []
+    for evt in prof.key_averages():
+        if device_is_cuda:
+            # kernels only: a CPU op that launched a kernel also carries that kernel's time as its own
+            # "self device time", so counting ops too would count every kernel twice
+            # GPU user annotations ("nccl:all_to_all", "Optimizer.step#...") span kernels counted already
+            if evt.device_type == DeviceType.CPU or getattr(evt, "is_user_annotation", False) \
+                    or evt.key.startswith("nccl:"):
+                continue
+            us = getattr(evt, "self_device_time_total", None)
+            us = evt.self_cuda_time_total if us is None else us
+        else:
+            us = evt.self_cpu_time_total if evt.key.startswith("aten::") or "gloo" in evt.key else 0
+        if us:
+            totals[categorize(evt.key)] += us / 1e3
+            top.append((us / 1e3, evt.key[:120]))
+    top.sort(reverse=True)
+    return {"ms": {k: round(v, 3) for k, v in totals.items()}, "step_wall_ms": round(wall_ms, 1),
+            "top_kernels": [{"ms": round(ms, 3), "name": n, "category": categorize(n)} for ms, n in top[:15]]}
+
+
+def run(args) -> dict:
+    """Build the stack from the flags, train warmup + steps, return the measurements (identical on every rank)."""
+    from pretrain_gpt import configure
+    from megatron_sp.attention import build_inner_attention
+    from megatron_sp.data.gpt_dataset import build_gpt_datasets
+    from megatron_sp.data.loader import build_data_iterator
+    from megatron_sp.model.gpt import GPTModel
+    from megatron_sp.parallel.state import ParallelState
+    from megatron_sp.training import engine as ds_engine
+    from megatron_sp.training.flops import flops_per_token
+    from megatron_sp.training.loop import StepContext, train_step
+    from megatron_sp.training.trainer import init_distributed, micro_batches_of, seed_everything
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg, tokenizer = configure(flags(args, world), world)
+    device = init_distributed(cfg)  # as trainer.run: DeepSpeed's init, nccl on GPU / gloo on CPU
+    rank = dist.get_rank()
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    u = {"ulysses": p.sequence_parallel_size, "ring": 1}.get(p.sequence_parallel_strategy, p.ulysses_degree)
+    ps = ParallelState.build(p.sequence_parallel_size, u)
+    self_group = [dist.new_group([r]) for r in range(world)][rank]
+    seed_everything(t.seed)
+    model = GPTModel(m, lambda: build_inner_attention(p.sequence_parallel_strategy, ps, causal=True,
+                                                      backend=p.attention_backend), cfg.padded_vocab_size)
+    n_params = sum(x.numel() for x in model.parameters())
+    engine, _, ds_config, _ = ds_engine.initialize(model, cfg, ps, self_group)
+    train_ds, _, _ = build_gpt_datasets(
+        data_path=None, split=cfg.data.split, seq_length=m.seq_length, seed=t.seed,
+        num_samples=(t.train_iters * t.global_batch_size, 0, 0), mock=True, vocab_size=tokenizer.vocab_size,
+        is_rank_zero=rank == 0, barrier=dist.barrier)
+    batches = build_data_iterator(train_ds, 0, t.micro_batch_size, ps.dp_rank, ps.dp_size)
+    ctx = StepContext(ps.sequence_layout(), ps.sp_rank, world, tokenizer.eod, False, False, device)
+    grad_acc = ds_config["gradient_accumulation_steps"]
+    cuda = device.type == "cuda"
+
+    def step():
+        loss, count, _ = train_step(engine, micro_batches_of(batches, grad_acc), ctx)
+        return (loss / count).item()  # .item() waits for the step's GPU work
+
+    times, losses = [], []
+    for i in range(args.warmup + args.steps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        losses.append(step())
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+        if rank == 0:
+            print(f"  step {i + 1}: {(time.perf_counter() - t0) * 1e3:.0f} ms, loss {losses[-1]:.4f}", flush=True)
+    ms = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
+    dist.all_reduce(ms, op=dist.ReduceOp.MAX)  # the slowest rank's median
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0], device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    ms = ms.item()
+    tokens = t.global_batch_size * m.seq_length
+    per_token = issue7_flops_per_token(cfg)
+    result = {
+        "seq_length": m.seq_length, "zero_stage": ds_config["zero_optimization"]["stage"],
+        "checkpoint_activations": m.checkpoint_activations, "strategy": p.sequence_parallel_strategy,
+        "backend": p.attention_backend, "sp": p.sequence_parallel_size, "gpus": world, "model": args.model,
+        "parameters": n_params, "warmup": args.warmup, "steps": args.steps, "step_ms": [round(x, 2) for x in times],
+        "ms_per_step": ms, "tokens_per_s": tokens / ms * 1e3,
+        "model_tflops_per_gpu": tokens * per_token / (ms / 1e3) / world / 1e12,
+        "flops_per_token": per_token, "trainer_flops_per_token": flops_per_token(cfg, False),
+        "peak_memory_gib": peak.item(), "losses": losses,
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(), "argv": sys.argv}
+    if args.profile:
+        result["profile"] = profile_step(step, cuda)
+    return result
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="1.3b")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--seq-length", type=int, default=32768)
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=3)
+    p.add_argument("--checkpoint-activations", action="store_true")
+    p.add_argument("--strategy", choices=("ulysses", "ring", "hybrid"), default="ulysses")
+    p.add_argument("--ulysses-degree", type=int, default=None, help="hybrid only")
+    p.add_argument("--backend", default="cudnn", help="attention kernel (cudnn, triton, sdpa_flash, torch, auto)")
+    p.add_argument("--sp", type=int, default=2, help="sequence-parallel size")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="one more step under torch.profiler")
+    p.add_argument("--out", default="bench_e2e.json", help="JSON file; an existing list in it is appended to")
+    p.add_argument("extra", nargs="*", help="more Megatron flags, after --")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    result = run(args)
+    if dist.get_rank() == 0:
+        r = result
+        print(f"bench_e2e: {r['model']} ({r['parameters'] / 1e9:.2f} B) seq {r['seq_length']} ZeRO-{r['zero_stage']} "
+              f"ckpt {'on' if r['checkpoint_activations'] else 'off'} {r['strategy']}/{r['backend']} x{r['gpus']}: "
+              f"{r['ms_per_step']:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s, "
+              f"{r['model_tflops_per_gpu']:.1f} model TFLOP/s per GPU, peak {r['peak_memory_gib']:.1f} GiB", flush=True)
+        if "profile" in r:
+            print("  profile (kernel ms in one step): " + json.dumps(r["profile"]["ms"]), flush=True)
+        previous = []
+        if os.path.exists(args.out):
+            with open(args.out) as fh:
+                previous = json.load(fh)
+        with open(args.out, "w") as fh:
+            json.dump(previous + [result], fh, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
+    dist.destroy_process_group()
