@@ -47,6 +47,19 @@ def test_gpu_command_flags_are_accepted(name, tmp_path):
     assert "configuration is valid" in out.stdout and "memory per GPU" in out.stdout
 
 
+@pytest.mark.parametrize("recompute", ["true", "selective", "false"])
+def test_dry_run_without_gpus_or_nvidia_smi(recompute, tmp_path):
+    """GPU count unknown (no GPUS_PER_NODE, no nvidia-smi here): the recipe still plans; each
+    ACTIVATION_CHECKPOINT choice reaches the planner."""
+    env = {k: v for k, v in os.environ.items() if k != "GPUS_PER_NODE"}
+    env.update(PYTHON=sys.executable, OUTPUT_DIR=str(tmp_path), DRY_RUN="1", NUM_GPUS="2", SP_SIZE="2",
+               ACTIVATION_CHECKPOINT=recompute)
+    out = subprocess.run(["bash", RECIPES["1.3B"]], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    expected = {"true": "checkpointing on", "selective": "checkpointing selective", "false": "checkpointing off"}
+    assert expected[recompute] in out.stdout
+
+
 def test_30b_dry_run_on_32_gpus_is_fast(tmp_path):
     start = time.perf_counter()
     out = recipe("30B", tmp_path, DRY_RUN="1", NUM_GPUS="32", GPUS_PER_NODE="8", SP_SIZE="8", SEQ_LEN="32768")

@@ -40,7 +40,7 @@ ulysses_degree=${ULYSSES_DEGREE:-}           # hybrid only: Ulysses ranks per ri
 zero_stage=${ZERO_STAGE:-1}
 offload_optimizer=${OFFLOAD_OPTIMIZER:-none}  # none | cpu
 attention_backend=${ATTENTION_BACKEND:-auto}
-activation_checkpoint=${ACTIVATION_CHECKPOINT:-true}
+activation_checkpoint=${ACTIVATION_CHECKPOINT:-true}  # true (every layer) | selective (MLPs) | false
 precision=${PRECISION:-bf16}                 # bf16 | fp32
 
 ### Logging and checkpoints

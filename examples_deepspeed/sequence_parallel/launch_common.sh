@@ -17,7 +17,7 @@ fi
 
 ## GPUs: NUM_GPUS, else nodes x GPUs per node (hostfile lines, SLURM, or this machine's nvidia-smi)
 if [ -z "${num_gpus_per_node:-}" ]; then
-  num_gpus_per_node=${GPUS_PER_NODE:-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | wc -l)}
+  num_gpus_per_node=${GPUS_PER_NODE:-$( (nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true) | wc -l)}
   [ "$num_gpus_per_node" -ge 1 ] 2>/dev/null || num_gpus_per_node=1
 fi
 if [ -n "${HOSTFILE:-}" ]; then
@@ -81,7 +81,12 @@ args=(
 )
 [ -n "${ulysses_degree:-}" ] && args+=(--ulysses-degree "$ulysses_degree")
 [ "$precision" = bf16 ] && args+=(--bf16)
-[ "$activation_checkpoint" = true ] && args+=(--checkpoint-activations)
+case "$activation_checkpoint" in
+  true) args+=(--checkpoint-activations) ;;
+  selective) args+=(--recompute-granularity selective) ;;  # recompute only the MLPs (docs/benchmarks.md)
+  false) ;;
+  *) echo "error: ACTIVATION_CHECKPOINT must be true, selective or false, got '$activation_checkpoint'" >&2; exit 2 ;;
+esac
 [ -n "${GPU_MEMORY_GB:-}" ] && args+=(--gpu-memory-gb "$GPU_MEMORY_GB")
 args+=(${EXTRA_ARGS:-})  # anything else, word-split on purpose: EXTRA_ARGS="--use-rotary-position-embeddings"
 
