@@ -3,6 +3,9 @@
     torchrun --nproc_per_node 2 tools/bench_attention.py --out bench_attention.json          # 16k, 64k, 128k
     torchrun --nproc_per_node 2 tools/bench_attention.py --device cpu --seqs 64,128 --out x.json   # CI: gloo, tiny
 
+Ulysses runs once per --ulysses-head-groups entry (default: the pipelined auto choice and the unpipelined G=1,
+so one run shows the overlap's effect; `--ulysses-head-groups 1,2,4` compares group counts).
+
 Shapes: batch 1, 16 heads, head_dim 128, bf16, causal (CPU mode: 4 heads, head_dim 16, fp32, torch kernels).
 FLOPs as anchors.md: fwd = 4*b*h*S^2*d / 2 (causal), fwd+bwd = 3.5 * fwd; the rate is per GPU, so a
 sequence-parallel run divides by N GPUs and a single-GPU kernel does not. Perfect sequence parallelism keeps
@@ -26,6 +29,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_sp.attention import build_inner_attention  # noqa: E402
+from megatron_sp.attention.ulysses import head_groups_for  # noqa: E402
 from megatron_sp.parallel.sharding import layout_for  # noqa: E402
 from megatron_sp.parallel.state import ParallelState  # noqa: E402
 
@@ -121,16 +125,38 @@ class Bench:
         return 3.5 * 4 * a.batch * a.heads * s * s * a.head_dim / 2 / gpus
 
     # --- the providers ----------------------------------------------------------------------------
+    def head_group_variants(self, strategy: str) -> list[tuple[int, str]]:
+        """(G, name suffix) per distinct --ulysses-head-groups entry for Ulysses, [(1, "")] otherwise.
+        G = 1 (unpipelined, the schedule of the earlier tables) keeps the plain name; G > 1 adds " G=n",
+        and " (auto)" when it is the default's pick; an entry the heads cannot split is measured as an error."""
+        if strategy != "ulysses":
+            return [(1, "")]
+        variants = {}
+        for entry in self.args.ulysses_head_groups:
+            try:
+                requested = None if entry == "auto" else int(entry)
+                g = head_groups_for(self.args.heads, self.args.heads, self.world, requested)
+            except ValueError:
+                g = int(entry)  # measure() turns the same ValueError into an error row
+            suffix = "" if g == 1 else f" G={g}" + (" (auto)" if entry == "auto" else "")
+            variants.setdefault(g, suffix)
+        return list(variants.items())
+
     def ours(self, s, full):
         backends = self.args.backends or (["cudnn", "triton", "sdpa_flash"] if self.cuda else ["torch"])
         for strategy, ps in self.states.items():
             for backend in backends:
-                def make(strategy=strategy, ps=ps, backend=backend):
-                    q, k, v, dout = self.shards(full, strategy, ps.sp_rank, ps.ulysses_degree)
-                    attn = build_inner_attention(strategy, ps, causal=True, backend=backend)
-                    return lambda: torch.autograd.grad(attn(q, k, v), (q, k, v), dout)
-                self.measure({"seq": s, "name": f"ours {strategy}/{backend}", "gpus": self.world, "group": "ours",
-                              "strategy": strategy, "backend": backend}, make, self.flops(s, self.world), "TFLOP/s")
+                for groups, suffix in self.head_group_variants(strategy):
+                    def make(strategy=strategy, ps=ps, backend=backend, groups=groups):
+                        q, k, v, dout = self.shards(full, strategy, ps.sp_rank, ps.ulysses_degree)
+                        attn = build_inner_attention(strategy, ps, causal=True, backend=backend,
+                                                     ulysses_head_groups=groups)
+                        return lambda: torch.autograd.grad(attn(q, k, v), (q, k, v), dout)
+                    row = {"seq": s, "name": f"ours {strategy}/{backend}{suffix}", "gpus": self.world,
+                           "group": "ours", "strategy": strategy, "backend": backend}
+                    if strategy == "ulysses":
+                        row["head_groups"] = groups
+                    self.measure(row, make, self.flops(s, self.world), "TFLOP/s")
 
     def sdpa_bshd(self, q, k, v):
         """SDPA on [b, s, h, d] (the layout DeepSpeed hands its local attention), cuDNN on GPU."""
@@ -282,6 +308,9 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=None, help="default 128 (CPU 16)")
     p.add_argument("--backends", type=lambda x: x.split(","), default=None,
                    help="our kernels to run under each strategy (default cudnn,triton,sdpa_flash; CPU torch)")
+    p.add_argument("--ulysses-head-groups", type=lambda x: x.split(","), default=["auto", "1"],
+                   help="Ulysses head-group counts to measure, comma-separated ints or auto (default auto,1: "
+                        "the pipelined default beside the unpipelined G=1)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--matmul-n", type=int, default=None, help="default 8192 (CPU 256)")

@@ -5,16 +5,18 @@ from megatron_sp.attention.backends import attention_backward, attention_forward
 from megatron_sp.attention.hybrid import HybridAttention
 from megatron_sp.attention.local import LocalAttention
 from megatron_sp.attention.ring import RingAttention
-from megatron_sp.attention.ulysses import UlyssesAttention, kv_replication
+from megatron_sp.attention.ulysses import UlyssesAttention, head_groups_for, kv_replication
 from megatron_sp.parallel.sharding import layout_for, ulysses_degree_of
 
 STRATEGIES = ("local", "ulysses", "ring", "hybrid")
 
 
 def validate_attention_config(*, strategy: str, num_heads: int, num_kv_heads: int, sp_size: int,
-                              ulysses_degree: int | None, seq_length: int, world_size: int) -> None:
+                              ulysses_degree: int | None, seq_length: int, world_size: int,
+                              ulysses_head_groups: int | None = None) -> None:
     """Raise a one-line ValueError for an attention setup that cannot run; needs no process group.
-    `ulysses_degree` matters for hybrid only (ulysses uses sp_size, ring 1)."""
+    `ulysses_degree` matters for hybrid only (ulysses uses sp_size, ring 1); `ulysses_head_groups`
+    for ulysses only (None = auto)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown sequence-parallel strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     if sp_size < 1 or sp_size > world_size:
@@ -32,20 +34,23 @@ def validate_attention_config(*, strategy: str, num_heads: int, num_kv_heads: in
     if degree < 1 or sp_size % degree:
         raise ValueError(f"Ulysses degree {degree} must be a positive divisor of sequence-parallel size {sp_size}")
     kv_replication(num_heads, num_kv_heads, degree)
+    if strategy == "ulysses":
+        head_groups_for(num_heads, num_kv_heads, degree, ulysses_head_groups)
     layout_for(strategy, sp_size, degree).check_seq_len(seq_length)
 
 
 def build_inner_attention(strategy: str, parallel_state=None, *, causal: bool = True, backend: str = "auto",
-                          softmax_scale: float | None = None) -> nn.Module:
+                          softmax_scale: float | None = None, ulysses_head_groups: int | None = None) -> nn.Module:
     """The attention module for `strategy` (local|ulysses|ring|hybrid) over parallel_state's groups;
-    LocalAttention when there is no state or sp_size == 1."""
+    LocalAttention when there is no state or sp_size == 1. `ulysses_head_groups`: Ulysses' head-group
+    pipelining (None = auto, 1 = off; see ulysses.head_groups_for); the other strategies ignore it."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown sequence-parallel strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     kw = dict(causal=causal, backend=backend, softmax_scale=softmax_scale)
     if strategy == "local" or parallel_state is None or parallel_state.sp_size == 1:
         return LocalAttention(**kw)
     if strategy == "ulysses":
-        return UlyssesAttention(parallel_state.sp_group, **kw)
+        return UlyssesAttention(parallel_state.sp_group, **kw, head_groups=ulysses_head_groups)
     if strategy == "ring":
         return RingAttention(parallel_state.sp_group, **kw)
     return HybridAttention(parallel_state.ulysses_group, parallel_state.ring_group, **kw)

@@ -74,7 +74,8 @@ def run(cfg: RunConfig, tokenizer) -> dict:
     log = Logger(rank, cfg.logging.tensorboard_dir)
     seed_everything(t.seed)
 
-    model = GPTModel(m, lambda: build_inner_attention(strategy, ps, causal=True, backend=p.attention_backend),
+    model = GPTModel(m, lambda: build_inner_attention(strategy, ps, causal=True, backend=p.attention_backend,
+                                                      ulysses_head_groups=p.ulysses_head_groups),
                      cfg.padded_vocab_size)
     n_params = sum(q.numel() for q in model.parameters())
     engine, scheduler, ds_config, notes = ds_engine.initialize(model, cfg, ps, self_group)
