@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
             if f.name == "local_rank":
                 names.insert(1, "--local_rank")
             common = dict(dest=f"{section}.{f.name}", help=meta["help"], default=f.default)
-            if kind is bool:
+            if kind is bool and f.default:  # an on-by-default switch is turned off Megatron's way: --no-X
+                group.add_argument("--no-" + names[0][2:], *meta["flags"], action="store_false", **common)
+            elif kind is bool:
                 group.add_argument(*names, action="store_true", **common)
             else:
                 group.add_argument(*names, type=meta["type"] or kind, choices=meta["choices"],
@@ -188,7 +190,8 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         validate_attention_config(
             strategy=p.sequence_parallel_strategy, num_heads=m.num_attention_heads,
             num_kv_heads=m.num_key_value_heads, sp_size=p.sequence_parallel_size,
-            ulysses_degree=p.ulysses_degree, seq_length=m.seq_length, world_size=world_size)
+            ulysses_degree=p.ulysses_degree, seq_length=m.seq_length, world_size=world_size,
+            ulysses_head_groups=p.ulysses_head_groups)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     dp = world_size // p.sequence_parallel_size

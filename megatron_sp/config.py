@@ -42,6 +42,8 @@ class ModelConfig:
     hidden_dropout: float = arg(0.1, "Dropout after attention and MLP, before the residual add.")
     checkpoint_activations: bool = arg(False, "Recompute each transformer layer in backward (full activation checkpointing).",
                                        flags=("--recompute-activations",))
+    fused_elementwise: bool = arg(True, "On GPU, fuse norms, SwiGLU/GELU and rotary into one kernel each "
+                                  "(torch.compile); --no-fused-elementwise runs them eagerly.")
     recompute_granularity: str | None = arg(None, "full = --checkpoint-activations; selective = recompute only each "
                                             "layer's MLP sublayer (norm, fc1, activation, fc2): most of a layer's "
                                             "activations for ~3-4%% more FLOPs at long sequences; attention is kept.",
@@ -57,6 +59,9 @@ class ParallelConfig:
                                           "(ulysses), k/v blocks passed around a ring (ring), or both (hybrid).",
                                           choices=("ulysses", "ring", "hybrid"))
     ulysses_degree: int | None = arg(None, "Hybrid only: ranks in each Ulysses group (P = ulysses x ring).")
+    ulysses_head_groups: int | None = arg(None, "Ulysses only: pipeline the all-to-alls over this many head groups, "
+                                          "each group's transfers overlapping another group's attention; 1 = off; "
+                                          "default auto: 4 or 2 when the heads split evenly, else 1.")
     attention_backend: str = arg("auto", "Local attention kernel.",
                                  choices=("auto", "cudnn", "sdpa_flash", "flash_attn", "triton", "torch"))
     tensor_model_parallel_size: int = arg(1, "Tensor parallelism: accepted for compatibility, only 1 is supported.")

@@ -26,7 +26,7 @@ FROZEN_FLAGS = """
     --lr-warmup-samples --lr-warmup-tokens --make-vocab-size-divisible-by
     --max-position-embeddings --merge-file --micro-batch-size --min-loss-scale --min-lr
     --mock-data --no-async-tensor-model-parallel-allreduce --no-bias-dropout-fusion
-    --no-bias-gelu-fusion --no-gradient-accumulation-fusion --no-load-optim --no-load-rng
+    --no-bias-gelu-fusion --no-fused-elementwise --no-gradient-accumulation-fusion --no-load-optim --no-load-rng
     --no-masked-softmax-fusion --no-pipeline-parallel --no-query-key-layer-scaling
     --norm-epsilon --normalization --num-attention-heads --num-key-value-heads --num-layers
     --num-query-groups --num-workers --override-opt_param-scheduler --partition-activations
@@ -38,7 +38,7 @@ FROZEN_FLAGS = """
     --tensor-model-parallel-size --tensorboard-dir --tensorboard-log-interval
     --tensorboard-queue-size --test-data-path --timing-log-level --tokenizer-model
     --tokenizer-type --train-data-path --train-iters --train-samples --train-tokens
-    --ulysses-degree --untie-embeddings-and-output-weights --use-cpu-initialization
+    --ulysses-degree --ulysses-head-groups --untie-embeddings-and-output-weights --use-cpu-initialization
     --use-distributed-optimizer --use-flash-attn --use-flash-attn-triton --use-flash-attn-v1
     --use-flash-attn-v2 --use-rotary-position-embeddings --valid-data-path --vocab-file
     --vocab-size --weight-decay --zero-stage -h

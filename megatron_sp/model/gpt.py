@@ -14,14 +14,23 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_sp.config import ModelConfig
+from megatron_sp.model import fused
 from megatron_sp.model.loss import chunked_cross_entropy
-from megatron_sp.model.rotary import apply_rotary, rotary_cos_sin
+from megatron_sp.model.rotary import rotary_cos_sin
 
 
-def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
-    if cfg.normalization == "rmsnorm":
-        return nn.RMSNorm(dim, eps=cfg.layernorm_epsilon)
-    return nn.LayerNorm(dim, eps=cfg.layernorm_epsilon)
+class Norm(nn.Module):
+    """LayerNorm (weight, bias) or RMSNorm (weight) over the last dimension."""
+
+    def __init__(self, cfg: ModelConfig, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if cfg.normalization == "layernorm" else None
+        self.eps = cfg.layernorm_epsilon
+        self.norm = fused.Fused(fused.layer_norm if self.bias is not None else fused.rms_norm, cfg.fused_elementwise)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x, self.weight, self.bias, self.eps)
 
 
 class Attention(nn.Module):
@@ -34,6 +43,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * head_dim, bias=bias)
         self.out = nn.Linear(self.num_heads * head_dim, cfg.hidden_size, bias=bias)
         self.inner_attention = inner_attention
+        self.rotate = fused.Fused(fused.apply_rotary, cfg.fused_elementwise)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         b, s, _ = x.shape  # x: [b, s_local, h]
@@ -43,7 +53,7 @@ class Attention(nn.Module):
         k = k.view(b, s, self.num_kv_heads, self.head_dim)
         v = v.view(b, s, self.num_kv_heads, self.head_dim)
         if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            q, k = self.rotate(q, *rotary), self.rotate(k, *rotary)
         out = self.inner_attention(q, k, v)  # [b, s_local, heads, head_dim]
         return self.out(out.reshape(b, s, self.num_heads * self.head_dim))
 
@@ -53,19 +63,13 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.swiglu = cfg.swiglu
+        self.activation = fused.Fused(fused.swiglu if cfg.swiglu else F.gelu, cfg.fused_elementwise)
         bias = not cfg.disable_bias_linear
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size * (2 if cfg.swiglu else 1), bias=bias)
         self.fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)
-        return self.fc2(h)
+        return self.fc2(self.activation(self.fc1(x)))
 
 
 class TransformerLayer(nn.Module):
@@ -75,9 +79,9 @@ class TransformerLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, head_dim: int, inner_attention: nn.Module):
         super().__init__()
-        self.input_norm = make_norm(cfg, cfg.hidden_size)
+        self.input_norm = Norm(cfg, cfg.hidden_size)
         self.attention = Attention(cfg, head_dim, inner_attention)
-        self.post_attention_norm = make_norm(cfg, cfg.hidden_size)
+        self.post_attention_norm = Norm(cfg, cfg.hidden_size)
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.recompute_mlp = cfg.recompute_granularity == "selective"
@@ -105,7 +109,7 @@ class GPTModel(nn.Module):
         self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
         self.layers = nn.ModuleList(TransformerLayer(cfg, self.head_dim, make_inner_attention())
                                     for _ in range(cfg.num_layers))
-        self.final_norm = make_norm(cfg, cfg.hidden_size)
+        self.final_norm = Norm(cfg, cfg.hidden_size)
         self.output_layer = (nn.Linear(cfg.hidden_size, padded_vocab_size, bias=False)
                              if cfg.untie_embeddings_and_output_weights else None)
         self.reset_parameters()

@@ -16,13 +16,3 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, percent: float, th
     angles = position_ids.to(compute).unsqueeze(-1) * inv_freq  # [b, s, rot_dim/2]
     angles = torch.cat([angles, angles], dim=-1).unsqueeze(2)  # [b, s, 1, rot_dim]
     return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [b, s, heads, head_dim] rotated in its first rot_dim channels (the rotate-half convention)."""
-    rot_dim = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
-    first, second = x_rot.chunk(2, dim=-1)
-    rotated = torch.cat([-second, first], dim=-1)
-    out = x_rot * cos + rotated * sin
-    return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out
