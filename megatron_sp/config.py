@@ -60,8 +60,8 @@ class ParallelConfig:
                                           choices=("ulysses", "ring", "hybrid"))
     ulysses_degree: int | None = arg(None, "Hybrid only: ranks in each Ulysses group (P = ulysses x ring).")
     ulysses_head_groups: int | None = arg(None, "Ulysses only: pipeline the all-to-alls over this many head groups, "
-                                          "each group's transfers overlapping another group's attention; 1 = off; "
-                                          "default auto: 4 or 2 when the heads split evenly, else 1.")
+                                          "each group's transfers overlapping another group's attention; default 1 = off "
+                                          "(measured slower on 2 x H200 at 16k; see docs/benchmarks.md).")
     attention_backend: str = arg("auto", "Local attention kernel.",
                                  choices=("auto", "cudnn", "sdpa_flash", "flash_attn", "triton", "torch"))
     tensor_model_parallel_size: int = arg(1, "Tensor parallelism: accepted for compatibility, only 1 is supported.")

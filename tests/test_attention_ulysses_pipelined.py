@@ -73,12 +73,8 @@ def test_pipelined_ulysses_matches_reference_and_unpipelined(world, cases):
 
 
 def test_head_groups_policy():
-    assert head_groups_for(16, 16, 2) == 4          # 2 heads per rank per group
-    assert head_groups_for(16, 16, 4) == 2          # G = 4 would leave 1 head per rank per group
-    assert head_groups_for(16, 4, 2) == 2           # kv heads bound G: 4 % (G * 2) == 0
-    assert head_groups_for(16, 2, 4) == 1           # kv heads replicated over 4 ranks: no pipelining
-    assert head_groups_for(4, 4, 2) == 1            # too few heads
-    assert head_groups_for(16, 16, 1) == 1          # nothing to overlap
+    assert head_groups_for(16, 16, 2) == 1          # default: no pipelining (measured slower, docs/benchmarks.md)
+    assert head_groups_for(16, 4, 2, requested=2) == 2  # kv heads bound G: 4 % (G * 2) == 0
     assert head_groups_for(16, 4, 2, requested=1) == 1
     assert head_groups_for(16, 16, 4, requested=4) == 4
     for requested, heads, kv, degree in ((4, 16, 4, 2), (2, 16, 2, 4), (3, 16, 16, 2), (0, 16, 16, 2)):

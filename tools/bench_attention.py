@@ -3,8 +3,8 @@
     torchrun --nproc_per_node 2 tools/bench_attention.py --out bench_attention.json          # 16k, 64k, 128k
     torchrun --nproc_per_node 2 tools/bench_attention.py --device cpu --seqs 64,128 --out x.json   # CI: gloo, tiny
 
-Ulysses runs once per --ulysses-head-groups entry (default: the pipelined auto choice and the unpipelined G=1,
-so one run shows the overlap's effect; `--ulysses-head-groups 1,2,4` compares group counts).
+Ulysses runs once per --ulysses-head-groups entry (default 1,2: unpipelined and two head groups, so one run
+shows the overlap's effect; `--ulysses-head-groups 1,2,4` compares more group counts).
 
 Shapes: batch 1, 16 heads, head_dim 128, bf16, causal (CPU mode: 4 heads, head_dim 16, fp32, torch kernels).
 FLOPs as anchors.md: fwd = 4*b*h*S^2*d / 2 (causal), fwd+bwd = 3.5 * fwd; the rate is per GPU, so a
@@ -127,18 +127,17 @@ class Bench:
     # --- the providers ----------------------------------------------------------------------------
     def head_group_variants(self, strategy: str) -> list[tuple[int, str]]:
         """(G, name suffix) per distinct --ulysses-head-groups entry for Ulysses, [(1, "")] otherwise.
-        G = 1 (unpipelined, the schedule of the earlier tables) keeps the plain name; G > 1 adds " G=n",
-        and " (auto)" when it is the default's pick; an entry the heads cannot split is measured as an error."""
+        G = 1 (unpipelined, the default) keeps the plain name; G > 1 adds " G=n"; an entry the heads
+        cannot split is measured as an error."""
         if strategy != "ulysses":
             return [(1, "")]
         variants = {}
         for entry in self.args.ulysses_head_groups:
             try:
-                requested = None if entry == "auto" else int(entry)
-                g = head_groups_for(self.args.heads, self.args.heads, self.world, requested)
+                g = head_groups_for(self.args.heads, self.args.heads, self.world, int(entry))
             except ValueError:
                 g = int(entry)  # measure() turns the same ValueError into an error row
-            suffix = "" if g == 1 else f" G={g}" + (" (auto)" if entry == "auto" else "")
+            suffix = "" if g == 1 else f" G={g}"
             variants.setdefault(g, suffix)
         return list(variants.items())
 
@@ -308,7 +307,7 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=None, help="default 128 (CPU 16)")
     p.add_argument("--backends", type=lambda x: x.split(","), default=None,
                    help="our kernels to run under each strategy (default cudnn,triton,sdpa_flash; CPU torch)")
-    p.add_argument("--ulysses-head-groups", type=lambda x: x.split(","), default=["auto", "1"],
+    p.add_argument("--ulysses-head-groups", type=lambda x: x.split(","), default=["1", "2"],
                    help="Ulysses head-group counts to measure, comma-separated ints or auto (default auto,1: "
                         "the pipelined default beside the unpipelined G=1)")
     p.add_argument("--warmup", type=int, default=2)

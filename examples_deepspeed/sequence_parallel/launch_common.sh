@@ -100,7 +100,9 @@ log_file=$log_path/${jobname}_$(hostname)_$(date "+%Y.%m.%d_%H.%M.%S").log
 deepspeed_bin=${DEEPSPEED:-$(command -v deepspeed || echo "$(dirname "$(command -v "$PYTHON")")/deepspeed")}
 if [ "${LAUNCHER:-deepspeed}" = srun ] && [ -n "${SLURM_JOB_ID:-}" ]; then
   # one task per GPU; torch.distributed's variables from SLURM's
-  master=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  # sed reads to the end: `head -n 1` may close the pipe early, SIGPIPE scontrol, and pipefail would then
+  # end the script without a word
+  master=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
   launch=(srun --nodes "$num_nodes" --ntasks-per-node "$num_gpus_per_node" bash -c
           'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS LOCAL_WORLD_SIZE=$SLURM_NTASKS_PER_NODE; exec "$@"'
           _ env MASTER_ADDR="$master" MASTER_PORT="${MASTER_PORT:-29500}" "$PYTHON" pretrain_gpt.py)

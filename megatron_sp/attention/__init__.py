@@ -43,7 +43,7 @@ def build_inner_attention(strategy: str, parallel_state=None, *, causal: bool = 
                           softmax_scale: float | None = None, ulysses_head_groups: int | None = None) -> nn.Module:
     """The attention module for `strategy` (local|ulysses|ring|hybrid) over parallel_state's groups;
     LocalAttention when there is no state or sp_size == 1. `ulysses_head_groups`: Ulysses' head-group
-    pipelining (None = auto, 1 = off; see ulysses.head_groups_for); the other strategies ignore it."""
+    pipelining (None = the default, 1 = off; see ulysses.head_groups_for); the other strategies ignore it."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown sequence-parallel strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     kw = dict(causal=causal, backend=backend, softmax_scale=softmax_scale)

@@ -8,10 +8,10 @@ from megatron_sp.attention.backends import attention_backward, attention_forward
 from megatron_sp.attention.local import AttentionConfig, LocalAttentionFn
 from megatron_sp.parallel.comm import AsyncAllToAll, head_to_seq, qkv_seq_to_head
 
-AUTO_HEAD_GROUPS = (4, 2)
-"""Head-group counts tried, in order, when none is requested (see head_groups_for)."""
-MIN_GROUP_HEADS = 2
-"""Auto picks G only if each rank keeps >= this many query heads per group (enough kernel work per launch)."""
+DEFAULT_HEAD_GROUPS = 1
+"""No pipelining unless asked: on 2 x H200 (docs/benchmarks.md) G = 2 lost 11 % at 16k and gained 1 %
+at 64k, G = 4 lost 40 % at 16k: the per-group collectives and smaller kernels cost more than the
+overlap saves while NCCL and the kernel share the GPU."""
 
 
 def kv_replication(num_heads: int, num_kv_heads: int, degree: int) -> int:
@@ -33,20 +33,15 @@ def head_groups_for(num_heads: int, num_kv_heads: int, degree: int, requested: i
     Group g holds query heads [g*hq/G, (g+1)*hq/G) and kv heads [g*hkv/G, (g+1)*hkv/G), so it needs
     hq % (G*P) == 0 and hkv % (G*P) == 0: then the q heads each rank gets of a group are exactly those
     of the kv heads it gets of that group. Replicated kv heads (hkv < P) keep G = 1. requested None
-    (auto): the first of AUTO_HEAD_GROUPS that splits and leaves each rank MIN_GROUP_HEADS query heads
-    per group, else 1; an explicit G that cannot split is a one-line ValueError."""
+    means DEFAULT_HEAD_GROUPS; an explicit G that cannot split is a one-line ValueError."""
     copies = kv_replication(num_heads, num_kv_heads, degree)
     if requested is None:
-        for g in AUTO_HEAD_GROUPS:
-            if (copies == 1 and degree > 1 and num_heads % (g * degree) == 0 and num_kv_heads % (g * degree) == 0
-                    and num_heads // (g * degree) >= MIN_GROUP_HEADS):
-                return g
-        return 1
+        return DEFAULT_HEAD_GROUPS
     if requested < 1:
-        raise ValueError(f"Ulysses head groups must be positive (or auto), got {requested}")
+        raise ValueError(f"Ulysses head groups must be positive, got {requested}")
     if requested > 1 and (copies > 1 or num_heads % (requested * degree) or num_kv_heads % (requested * degree)):
         raise ValueError(f"Ulysses head groups {requested} over degree {degree} need query heads {num_heads} "
-                         f"and key/value heads {num_kv_heads} divisible by {requested * degree}; use 1 or auto")
+                         f"and key/value heads {num_kv_heads} divisible by {requested * degree}; use 1")
     return requested
 
 
@@ -115,7 +110,7 @@ class UlyssesPipelinedFn(torch.autograd.Function):
 class UlyssesAttention(AttentionConfig):
     """forward(q [b, s/P, hq, d], k, v [b, s/P, hkv, d]) -> out [b, s/P, hq, d] over `group`.
     Needs hq % P == 0 and hkv % P == 0 or P % hkv == 0; inputs use layout_for('ulysses', P).
-    head_groups: G for head-group pipelining (UlyssesPipelinedFn), None = auto (head_groups_for),
+    head_groups: G for head-group pipelining (UlyssesPipelinedFn), None = DEFAULT_HEAD_GROUPS (head_groups_for),
     1 = one all-to-all each way around one kernel call (DeepSpeed's schedule)."""
 
     def __init__(self, group, causal: bool = True, backend: str = "auto", softmax_scale: float | None = None,
@@ -131,4 +126,4 @@ class UlyssesAttention(AttentionConfig):
         return ulysses_attention(q, k, v, self.group, lambda q, k, v: LocalAttentionFn.apply(q, k, v, *args)[0])
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, head_groups={self.head_groups or 'auto'}"
+        return f"{super().extra_repr()}, head_groups={self.head_groups or DEFAULT_HEAD_GROUPS}"
