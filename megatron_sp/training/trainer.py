@@ -110,45 +110,66 @@ def run(cfg: RunConfig, tokenizer) -> dict:
     ctx = StepContext(ps.sequence_layout(), ps.sp_rank, ps.world_size, tokenizer.eod,
                       d.reset_position_ids, d.eod_mask_loss, device)
 
-    model_flops, hw_flops = flops_per_token(cfg, False), flops_per_token(cfg, True)
-    tokens_per_step = t.global_batch_size * m.seq_length
+    first_iteration = iteration
     last_iteration = min(t.train_iters, iteration + t.exit_interval) if t.exit_interval else t.train_iters
-    losses, window_loss, window_count, window_start, window_iters = [], 0.0, 0.0, time.perf_counter(), 0
+    # per-step losses stay on the device (no host sync per step); read once at the end
+    losses = torch.zeros(last_iteration - first_iteration, dtype=torch.float64, device=device)
+    window = LogWindow(cfg, world)
     while iteration < last_iteration:
         loss_sum, count, step_grad_norm = train_step(engine, micro_batches_of(train_iter, grad_acc), ctx)
+        losses[iteration - first_iteration] = loss_sum / count
         iteration += 1
         consumed += t.global_batch_size
-        window_iters += 1
-        window_loss, window_count = window_loss + loss_sum, window_count + count
+        window.add(loss_sum, count)
         if cfg.logging.log_interval and iteration % cfg.logging.log_interval == 0 or iteration == last_iteration:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = (time.perf_counter() - window_start) / window_iters
-            loss = (window_loss / window_count).item()
             grad_norm = engine.get_global_grad_norm() if step_grad_norm is None else step_grad_norm
-            mem_name, mem = max_memory_gib()
-            stats = dict(consumed_samples=consumed, consumed_tokens=consumed * m.seq_length, ms_per_iter=seconds * 1e3,
-                         lr=scheduler.get_lr()[0], global_batch_size=t.global_batch_size, loss=loss,
-                         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                         tokens_per_sec=tokens_per_step / seconds,
-                         model_tflops=tokens_per_step * model_flops / seconds / world / 1e12,
-                         hardware_tflops=tokens_per_step * hw_flops / seconds / world / 1e12,
-                         memory_name=mem_name, memory_gib=mem)
+            stats = window.close(consumed, scheduler.get_lr()[0], grad_norm, device)
             if t.fp16:
                 stats["loss_scale"] = engine.optimizer.cur_scale
             log.print(iteration_line(iteration, t.train_iters, stats))
-            log.scalars(iteration, {"lm-loss": loss, "learning-rate": stats["lr"], "grad-norm": stats["grad_norm"],
-                                    "tokens-per-sec": stats["tokens_per_sec"], "model-tflops": stats["model_tflops"],
-                                    "batch-size": t.global_batch_size, "memory-gib": mem})
-            window_loss, window_count, window_start, window_iters = 0.0, 0.0, time.perf_counter(), 0
-        losses.append(loss_sum / count)
+            log.scalars(iteration, {"lm-loss": stats["loss"], "learning-rate": stats["lr"],
+                                    "grad-norm": stats["grad_norm"], "tokens-per-sec": stats["tokens_per_sec"],
+                                    "model-tflops": stats["model_tflops"], "batch-size": t.global_batch_size,
+                                    "memory-gib": stats["memory_gib"]})
         if valid_ds is not None and t.eval_interval and iteration % t.eval_interval == 0 and t.eval_iters:
             run_eval(engine, valid_ds, iteration, t, ps, ctx, log)
         if t.save and (t.save_interval and iteration % t.save_interval == 0 or iteration == last_iteration):
             path = checkpoint.save(engine, t.save, iteration, consumed, rank)
             log.print(f"saved checkpoint at iteration {iteration} to {path}")
     log.close()
-    return {"losses": [float(x) for x in losses], "iteration": iteration}
+    return {"losses": losses.tolist(), "iteration": iteration}
+
+
+class LogWindow:
+    """Loss and throughput over the steps since the last log line (Megatron averages the same way)."""
+
+    def __init__(self, cfg: RunConfig, world: int):
+        self.cfg, self.world = cfg, world
+        self.tokens_per_step = cfg.training.global_batch_size * cfg.model.seq_length
+        self.model_flops, self.hw_flops = flops_per_token(cfg, False), flops_per_token(cfg, True)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum, self.count, self.steps, self.start = 0.0, 0.0, 0, time.perf_counter()
+
+    def add(self, loss_sum: torch.Tensor, count: torch.Tensor) -> None:
+        self.loss_sum, self.count, self.steps = self.loss_sum + loss_sum, self.count + count, self.steps + 1
+
+    def close(self, consumed: int, lr: float, grad_norm, device: torch.device) -> dict:
+        """The iteration line's numbers (one host sync), then start a new window."""
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - self.start) / self.steps
+        mem_name, mem = max_memory_gib()
+        per_gpu = self.tokens_per_step / seconds / self.world / 1e12
+        stats = dict(consumed_samples=consumed, consumed_tokens=consumed * self.cfg.model.seq_length,
+                     ms_per_iter=seconds * 1e3, lr=lr, global_batch_size=self.cfg.training.global_batch_size,
+                     loss=(self.loss_sum / self.count).item(),
+                     grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                     tokens_per_sec=self.tokens_per_step / seconds, model_tflops=per_gpu * self.model_flops,
+                     hardware_tflops=per_gpu * self.hw_flops, memory_name=mem_name, memory_gib=mem)
+        self._reset()
+        return stats
 
 
 def run_eval(engine, valid_ds, iteration, t, ps, ctx, log) -> None:
