@@ -113,35 +113,24 @@ def profile_step(step, device_is_cuda: bool) -> dict:
 def run(args) -> dict:
     """Build the stack from the flags, train warmup + steps, return the measurements (identical on every rank)."""
     from pretrain_gpt import configure
-    from megatron_sp.attention import build_inner_attention
     from megatron_sp.data.gpt_dataset import build_gpt_datasets
     from megatron_sp.data.loader import build_data_iterator
-    from megatron_sp.model.gpt import GPTModel
-    from megatron_sp.parallel.state import ParallelState
-    from megatron_sp.training import engine as ds_engine
     from megatron_sp.training.flops import flops_per_token
-    from megatron_sp.training.loop import StepContext, train_step
-    from megatron_sp.training.trainer import init_distributed, micro_batches_of, seed_everything
+    from megatron_sp.training.loop import train_step
+    from megatron_sp.training.trainer import build, micro_batches_of
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg, tokenizer = configure(flags(args, world), world)
-    device = init_distributed(cfg)  # as trainer.run: DeepSpeed's init, nccl on GPU / gloo on CPU
+    setup = build(cfg, tokenizer)  # exactly what trainer.run builds: groups, model, engine, step context
+    device, ps, engine, ds_config, ctx, n_params = (setup.device, setup.ps, setup.engine, setup.ds_config,
+                                                    setup.ctx, setup.n_params)
     rank = dist.get_rank()
     m, p, t = cfg.model, cfg.parallel, cfg.training
-    u = {"ulysses": p.sequence_parallel_size, "ring": 1}.get(p.sequence_parallel_strategy, p.ulysses_degree)
-    ps = ParallelState.build(p.sequence_parallel_size, u)
-    self_group = [dist.new_group([r]) for r in range(world)][rank]
-    seed_everything(t.seed)
-    model = GPTModel(m, lambda: build_inner_attention(p.sequence_parallel_strategy, ps, causal=True,
-                                                      backend=p.attention_backend), cfg.padded_vocab_size)
-    n_params = sum(x.numel() for x in model.parameters())
-    engine, _, ds_config, _ = ds_engine.initialize(model, cfg, ps, self_group)
     train_ds, _, _ = build_gpt_datasets(
         data_path=None, split=cfg.data.split, seq_length=m.seq_length, seed=t.seed,
         num_samples=(t.train_iters * t.global_batch_size, 0, 0), mock=True, vocab_size=tokenizer.vocab_size,
         is_rank_zero=rank == 0, barrier=dist.barrier)
     batches = build_data_iterator(train_ds, 0, t.micro_batch_size, ps.dp_rank, ps.dp_size)
-    ctx = StepContext(ps.sequence_layout(), ps.sp_rank, world, tokenizer.eod, False, False, device)
     grad_acc = ds_config["gradient_accumulation_steps"]
     cuda = device.type == "cuda"
 

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from megatron_sp.kernels.flash_attn import (  # noqa: E402
-    BwdConfig, FwdConfig, default_configs, flash_attn_backward, flash_attn_forward)
+    FwdConfig, default_configs, flash_attn_backward, flash_attn_forward)
 
 
 def time_ms(fn, warmup, reps):

@@ -115,16 +115,20 @@ class GPTModel(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Megatron init: N(0, std) everywhere; projections into the residual use std / sqrt(2 L)."""
-        std = self.cfg.init_method_std
-        residual_std = std / math.sqrt(2.0 * self.cfg.num_layers)
         for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p) if "norm" in name and name.endswith("weight") else nn.init.zeros_(p)
-            elif name.endswith(("attention.out.weight", "mlp.fc2.weight")):
-                nn.init.normal_(p, 0.0, residual_std)
-            else:
-                nn.init.normal_(p, 0.0, std)
+            self.init_parameter(name, p)
+
+    def init_parameter(self, name: str, p: torch.Tensor) -> None:
+        """Megatron init of one parameter: N(0, std) for matrices, std / sqrt(2 L) for the projections
+        into the residual stream, ones for norm weights, zeros for biases. One parameter at a time so
+        a caller that holds parameters sharded (ZeRO-3) can gather, init and re-shard each in turn."""
+        std = self.cfg.init_method_std
+        if p.dim() == 1:
+            nn.init.ones_(p) if "norm" in name and name.endswith("weight") else nn.init.zeros_(p)
+        elif name.endswith(("attention.out.weight", "mlp.fc2.weight")):
+            nn.init.normal_(p, 0.0, std / math.sqrt(2.0 * self.cfg.num_layers))
+        else:
+            nn.init.normal_(p, 0.0, std)
 
     def output_weight(self) -> torch.Tensor:
         return self.word_embeddings.weight if self.output_layer is None else self.output_layer.weight

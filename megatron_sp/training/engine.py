@@ -91,22 +91,49 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> tuple[dict, list[str]]:
     return ds, notes
 
 
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's real shape, also when ZeRO-3 holds only a shard of it (then p.shape is [0])."""
+    return getattr(p, "ds_shape", p.shape)
+
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: weight decay on matrices only (not biases, norms)."""
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    decay = [p for p in model.parameters() if len(full_shape(p)) > 1]
+    no_decay = [p for p in model.parameters() if len(full_shape(p)) <= 1]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def initialize(model: torch.nn.Module, cfg: RunConfig, ps: ParallelState, self_group):
-    """Wrap the model in a DeepSpeed engine with AdamW and the Megatron lr schedule."""
+def build_model(make_model, ds_config: dict, mpu: DeepSpeedMPU, rank: int) -> torch.nn.Module:
+    """The model, built so that no rank ever holds all of it under ZeRO-3.
+
+    ZeRO-3: under deepspeed.zero.Init each parameter is partitioned over all ranks as soon as its
+    module is built (a 30B model would otherwise be materialised whole on every rank and moved
+    whole to its GPU); then each parameter in turn is gathered, given the Megatron init on rank 0
+    and re-partitioned. Other stages: built whole; DeepSpeed broadcasts rank 0's copy.
+    """
+    if ds_config["zero_optimization"]["stage"] != 3:
+        return make_model()
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=mpu):
+        model = make_model()  # its reset_parameters saw only empty shards: a no-op
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if rank == 0:
+                model.init_parameter(name, p)
+    return model
+
+
+def initialize(make_model, cfg: RunConfig, ps: ParallelState, self_group):
+    """Build the model (build_model) and wrap it in a DeepSpeed engine with AdamW and the Megatron
+    lr schedule -> (engine, scheduler, DeepSpeed config, notes for the user)."""
     ds_config, notes = deepspeed_config(cfg, ps.dp_size)
     t = cfg.training
     ds_config["optimizer"] = {"type": "AdamW", "params": {
         "lr": t.lr, "betas": [t.adam_beta1, t.adam_beta2], "eps": t.adam_eps, "weight_decay": t.weight_decay,
         "torch_adam": True, "adam_w_mode": True}}
     ds_config.setdefault("zero_allow_untested_optimizer", True)
+    mpu = DeepSpeedMPU(ps, self_group)
+    model = build_model(make_model, ds_config, mpu, ps.rank)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=parameter_groups(model, t.weight_decay), config=ds_config,
-        mpu=DeepSpeedMPU(ps, self_group), lr_scheduler=lambda opt: LRSchedule(opt, cfg))
+        mpu=mpu, lr_scheduler=lambda opt: LRSchedule(opt, cfg))
     return engine, scheduler, ds_config, notes

@@ -3,6 +3,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -62,23 +63,50 @@ def micro_batches_of(iterator, count: int) -> list[dict]:
     return [next(iterator) for _ in range(count)]
 
 
-def run(cfg: RunConfig, tokenizer) -> dict:
-    """Train as configured; returns {"losses": [per-step loss], "iteration": last step} for tests."""
+@dataclass
+class Setup:
+    """Everything a run (or a benchmark of its steps) builds before the first step."""
+    device: torch.device
+    ps: ParallelState
+    engine: object
+    scheduler: object
+    ds_config: dict
+    notes: list[str]
+    n_params: int
+    ctx: StepContext
+
+
+def build(cfg: RunConfig, tokenizer) -> Setup:
+    """Process groups, seeded model with its inner attention, DeepSpeed engine, step context."""
     device = init_distributed(cfg)
     world, rank = dist.get_world_size(), dist.get_rank()
-    m, p, t = cfg.model, cfg.parallel, cfg.training
+    m, p, d = cfg.model, cfg.parallel, cfg.data
     strategy = p.sequence_parallel_strategy if p.sequence_parallel_size > 1 else "local"
     ps = ParallelState.build(p.sequence_parallel_size,
                              ulysses_degree_of(strategy, p.sequence_parallel_size, p.ulysses_degree))
     self_group = [dist.new_group([r]) for r in range(world)][rank]  # DeepSpeed's "model parallel" group
-    log = Logger(rank, cfg.logging.tensorboard_dir)
-    seed_everything(t.seed)
+    seed_everything(cfg.training.seed)
 
-    model = GPTModel(m, lambda: build_inner_attention(strategy, ps, causal=True, backend=p.attention_backend,
-                                                      ulysses_head_groups=p.ulysses_head_groups),
-                     cfg.padded_vocab_size)
-    n_params = sum(q.numel() for q in model.parameters())
-    engine, scheduler, ds_config, notes = ds_engine.initialize(model, cfg, ps, self_group)
+    def make_model():
+        return GPTModel(m, lambda: build_inner_attention(strategy, ps, causal=True, backend=p.attention_backend,
+                                                         ulysses_head_groups=p.ulysses_head_groups),
+                        cfg.padded_vocab_size)
+
+    engine, scheduler, ds_config, notes = ds_engine.initialize(make_model, cfg, ps, self_group)
+    n_params = sum(math.prod(ds_engine.full_shape(q)) for q in engine.module.parameters())
+    ctx = StepContext(ps.sequence_layout(), ps.sp_rank, ps.world_size, tokenizer.eod,
+                      d.reset_position_ids, d.eod_mask_loss, device)
+    return Setup(device, ps, engine, scheduler, ds_config, notes, n_params, ctx)
+
+
+def run(cfg: RunConfig, tokenizer) -> dict:
+    """Train as configured; returns {"losses": [per-step loss], "iteration": last step} for tests."""
+    s = build(cfg, tokenizer)
+    device, ps, engine, scheduler, ds_config, ctx = s.device, s.ps, s.engine, s.scheduler, s.ds_config, s.ctx
+    world, rank = ps.world_size, ps.rank
+    m, t = cfg.model, cfg.training
+    log = Logger(rank, cfg.logging.tensorboard_dir)
+    notes, n_params = s.notes, s.n_params
     grad_acc = ds_config["gradient_accumulation_steps"]
     for line in [f"model: {n_params / 1e6:.2f}M parameters, {m.num_layers} layers, hidden {m.hidden_size}, "
                  f"heads {m.num_attention_heads}/{m.num_key_value_heads} (q/kv), vocab {cfg.padded_vocab_size}",
@@ -107,8 +135,6 @@ def run(cfg: RunConfig, tokenizer) -> dict:
         test_data_path=d.test_data_path, mock=d.mock_data, vocab_size=tokenizer.vocab_size,
         is_rank_zero=rank == 0, barrier=dist.barrier)
     train_iter = build_data_iterator(train_ds, consumed, t.micro_batch_size, ps.dp_rank, ps.dp_size)
-    ctx = StepContext(ps.sequence_layout(), ps.sp_rank, ps.world_size, tokenizer.eod,
-                      d.reset_position_ids, d.eod_mask_loss, device)
 
     first_iteration = iteration
     last_iteration = min(t.train_iters, iteration + t.exit_interval) if t.exit_interval else t.train_iters
