@@ -1,5 +1,6 @@
 """DeepSpeed set-up: the JSON config merged with the flags, the mpu adapter, deepspeed.initialize."""
 import json
+import math
 
 import deepspeed
 import torch
@@ -73,7 +74,7 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> tuple[dict, list[str]]:
     zero.setdefault("stage", 0)
     if t.fp16:
         ds["fp16"] = {**ds.get("fp16", {}), "enabled": True, "loss_scale": t.loss_scale or 0,
-                      "initial_scale_power": int(round(__import__("math").log2(t.initial_loss_scale))),
+                      "initial_scale_power": int(round(math.log2(t.initial_loss_scale))),
                       "loss_scale_window": t.loss_scale_window, "hysteresis": t.hysteresis,
                       "min_loss_scale": t.min_loss_scale}
         ds.pop("bf16", None)
