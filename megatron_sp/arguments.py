@@ -222,24 +222,18 @@ def validate(cfg: RunConfig, world_size: int) -> None:
 
 
 def _data_prefixes(d) -> list[str]:
-    """Every file prefix named in the data flags (blend weights skipped)."""
+    """Every file prefix named in the data flags (blends parsed as the dataset will parse them)."""
+    from megatron_sp.data.blended import parse_blend
     if d.mock_data:
         return []
     prefixes = []
-    for paths in (d.data_path, d.train_data_path, d.valid_data_path, d.test_data_path):
-        if not paths:
-            continue
-        if len(paths) == 1:
-            prefixes.append(paths[0])
-            continue
-        if len(paths) % 2:
-            raise ConfigError(f"a data blend is 'weight prefix' pairs; got {len(paths)} items: {' '.join(paths)}")
-        for weight, prefix in zip(paths[::2], paths[1::2]):
+    for flag, paths in (("--data-path", d.data_path), ("--train-data-path", d.train_data_path),
+                        ("--valid-data-path", d.valid_data_path), ("--test-data-path", d.test_data_path)):
+        if paths:
             try:
-                float(weight)
-            except ValueError:
-                raise ConfigError(f"a data blend is 'weight prefix' pairs; {weight!r} is not a weight") from None
-            prefixes.append(prefix)
+                prefixes += parse_blend(paths, flag)[0]
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
     return prefixes
 
 

@@ -11,14 +11,14 @@ def parse_blend(paths: list[str], flag: str = "--data-path") -> tuple[list[str],
     if len(paths) == 1:
         return [paths[0]], [1.0]
     if len(paths) % 2:
-        raise ValueError(f"{flag} blend must be weight/prefix pairs ('0.3 a 0.7 b'), got {len(paths)} "
+        raise ValueError(f"{flag} blend must be 'weight prefix' pairs ('0.3 a 0.7 b'), got {len(paths)} "
                          f"entries: {' '.join(paths)}")
     weights, prefixes = [], []
     for w, p in zip(paths[0::2], paths[1::2]):
         try:
             weight = float(w)
         except ValueError:
-            raise ValueError(f"{flag} blend must be weight/prefix pairs ('0.3 a 0.7 b'); {w!r} is not a weight") from None
+            raise ValueError(f"{flag} blend must be 'weight prefix' pairs ('0.3 a 0.7 b'); {w!r} is not a weight") from None
         if not weight >= 0 or math.isinf(weight):
             raise ValueError(f"{flag} weight {w!r} must be a finite number >= 0")
         weights.append(weight)

@@ -15,7 +15,8 @@ from megatron_sp.data.gpt_dataset import build_gpt_datasets
 from megatron_sp.data.loader import build_data_iterator
 from megatron_sp.model.gpt import GPTModel
 from megatron_sp.parallel.sharding import ulysses_degree_of
-from megatron_sp.parallel.state import ParallelState, rank_grid
+from megatron_sp.parallel.state import ParallelState
+from megatron_sp.plan import gpus_per_node_from_env, layout_lines
 from megatron_sp.training import checkpoint, engine as ds_engine
 from megatron_sp.training.flops import flops_per_token
 from megatron_sp.training.logger import Logger, iteration_line, max_memory_gib
@@ -48,15 +49,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def describe_layout(cfg: RunConfig, world: int) -> list[str]:
-    p = cfg.parallel
-    grid = rank_grid(world, p.sequence_parallel_size,
-                     ulysses_degree_of(p.sequence_parallel_strategy, p.sequence_parallel_size, p.ulysses_degree))
-    return [f"world {world} = DP {world // p.sequence_parallel_size} x SP {p.sequence_parallel_size} "
-            f"({p.sequence_parallel_strategy}, attention backend {p.attention_backend})",
-            f"  sequence-parallel groups: {grid['sp']}", f"  data-parallel groups: {grid['dp']}"]
 
 
 def micro_batches_of(iterator, count: int) -> list[dict]:
@@ -110,7 +102,7 @@ def run(cfg: RunConfig, tokenizer) -> dict:
     grad_acc = ds_config["gradient_accumulation_steps"]
     for line in [f"model: {n_params / 1e6:.2f}M parameters, {m.num_layers} layers, hidden {m.hidden_size}, "
                  f"heads {m.num_attention_heads}/{m.num_key_value_heads} (q/kv), vocab {cfg.padded_vocab_size}",
-                 *describe_layout(cfg, world),
+                 *layout_lines(cfg, world, gpus_per_node_from_env(world)),
                  f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x grad-accumulation {grad_acc} "
                  f"x DP {ps.dp_size}; {m.seq_length} tokens/sample, {m.seq_length // ps.sp_size} per rank; "
                  f"ZeRO stage {ds_config['zero_optimization']['stage']}; "
