@@ -44,6 +44,7 @@ IGNORED_FLAGS = [
     ("--checkpoint-num-layers", True, "every layer is checkpointed"),
     ("--data-impl", True, "data is always memory-mapped"),
     ("--tensorboard-queue-size", True, "not needed"),
+    ("--tensorboard-log-interval", True, "TensorBoard scalars are written at every --log-interval"),
     ("--exit-duration-in-mins", True, "use --exit-interval"),
     ("--DDP-impl", True, "DeepSpeed reduces gradients"),
     ("--distributed-timeout-minutes", True, "default timeout"),

@@ -143,7 +143,6 @@ class TrainingConfig:
 class LoggingConfig:
     log_interval: int = arg(100, "Print (and log to TensorBoard) every this many steps.")
     tensorboard_dir: str | None = arg(None, "TensorBoard event directory (rank 0 writes).")
-    tensorboard_log_interval: int = arg(1, "Steps between TensorBoard scalars.")
 
 
 @dataclass

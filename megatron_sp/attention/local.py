@@ -32,11 +32,15 @@ class AttentionConfig(nn.Module):
     def __init__(self, causal: bool = True, backend: str = "auto", softmax_scale: float | None = None):
         super().__init__()
         self.causal, self.backend, self.softmax_scale = causal, backend, softmax_scale
+        self._resolved: dict = {}  # (device, dtype) -> concrete backend: resolved once, not per call
 
     def kernel_args(self, q: torch.Tensor) -> tuple[bool, float, str]:
         """(causal, scale, concrete backend) for inputs like q; scale defaults to 1/sqrt(d)."""
         scale = self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        return self.causal, scale, resolve_backend(self.backend, q.device, q.dtype)
+        key = (q.device, q.dtype)
+        if key not in self._resolved:
+            self._resolved[key] = resolve_backend(self.backend, q.device, q.dtype)
+        return self.causal, scale, self._resolved[key]
 
     def extra_repr(self) -> str:
         return f"causal={self.causal}, backend={self.backend!r}, softmax_scale={self.softmax_scale}"
