@@ -1,10 +1,12 @@
-"""Ulysses with head-group pipelining (G > 1) equals single-process attention and the G = 1 path (float64, gloo)."""
+"""UlyssesFn at G = 1, 2, 4 head groups, fed strided q/k/v views of one fused projection as the model does,
+equals single-process attention and the composable ulysses_attention path (float64, gloo)."""
 import pytest
 import torch
 import torch.distributed as dist
 
 from megatron_sp.attention import build_inner_attention, validate_attention_config
-from megatron_sp.attention.ulysses import head_groups_for
+from megatron_sp.attention.local import LocalAttention
+from megatron_sp.attention.ulysses import head_groups_for, ulysses_attention
 from megatron_sp.parallel.sharding import layout_for
 from megatron_sp.parallel.state import ParallelState
 from tests.distributed import run_ranks
@@ -34,8 +36,19 @@ def run_fused(module, layout, rank, qkv, dout, hkv):
             (("out", out.detach()), ("dq", dq), ("dk", dk), ("dv", dv))}, type(out.grad_fn).__name__
 
 
+class ComposableUlysses(torch.nn.Module):
+    """ulysses_attention around a local torch kernel: the independent path UlyssesFn is compared with."""
+
+    def __init__(self, group, causal):
+        super().__init__()
+        self.group, self.local = group, LocalAttention(causal, "torch")
+
+    def forward(self, q, k, v):
+        return ulysses_attention(q, k, v, self.group, self.local)
+
+
 def check_pipelined(rank, world, cases):
-    """{(batch, hkv, causal, G): (max diffs vs the reference, vs G = 1, backward node name)}."""
+    """{(batch, hkv, causal, G): (max diffs vs the reference, vs composable Ulysses, backward node name)}."""
     state = ParallelState.build(sp_size=world)
     layout = layout_for("ulysses", world)
     results = {}
@@ -44,10 +57,9 @@ def check_pipelined(rank, world, cases):
             qkv, dout = inputs(100 * world + 10 * hkv + 2 * batch + causal, batch, hkv)
             q, k, v = (t.contiguous() for t in qkv.split([HQ, hkv, hkv], dim=2))
             ref = reference(q, k, v, dout, causal)
-            base = run_sharded(build_inner_attention("ulysses", state, causal=causal, backend="torch",
-                                                     ulysses_head_groups=1), layout, rank, q, k, v, dout)
-            for groups in (2, 4):
-                if HQ % (groups * world) or hkv % (groups * world):
+            base = run_sharded(ComposableUlysses(state.sp_group, causal), layout, rank, q, k, v, dout)
+            for groups in (1, 2, 4):
+                if groups > 1 and (HQ % (groups * world) or hkv % (groups * world)):
                     continue
                 module = build_inner_attention("ulysses", state, causal=causal, backend="torch",
                                                ulysses_head_groups=groups)
@@ -57,17 +69,17 @@ def check_pipelined(rank, world, cases):
 
 
 @pytest.mark.parametrize("world, cases", [
-    (2, [(2, HQ), (1, HQ), (2, 4)]),   # MHA (G = 2, 4) at b = 2 and b = 1 (receive buffers are views); GQA 16/4
-    (4, [(2, HQ), (1, 8)]),            # MHA (G = 2, 4); GQA 16/8 (G = 2)
+    (2, [(2, HQ), (1, HQ), (2, 4)]),   # MHA (G = 1, 2, 4) at b = 2 and b = 1 (receive buffers are views); GQA 16/4
+    (4, [(2, HQ), (1, 8), (1, 2)]),    # MHA (G = 1, 2, 4); GQA 16/8 (G = 1, 2); 16/2 (kv heads replicated, G = 1)
 ])
 def test_pipelined_ulysses_matches_reference_and_unpipelined(world, cases):
     results = run_ranks(world, check_pipelined, cases)
-    expected = {(b, hkv, c, g) for b, hkv in cases for c in (True, False) for g in (2, 4)
-                if HQ % (g * world) == 0 and hkv % (g * world) == 0}
+    expected = {(b, hkv, c, g) for b, hkv in cases for c in (True, False) for g in (1, 2, 4)
+                if g == 1 or (HQ % (g * world) == 0 and hkv % (g * world) == 0)}
     for per_rank in results:
         assert per_rank.keys() == expected
         for case, (vs_ref, vs_base, node) in per_rank.items():
-            assert node.startswith("UlyssesPipelinedFn"), (case, node)
+            assert node.startswith("UlyssesFn"), (case, node)
             assert max(vs_ref.values()) <= TOL, (case, vs_ref)
             assert max(vs_base.values()) <= TOL, (case, vs_base)
 
@@ -90,3 +102,26 @@ def test_validate_rejects_unsplittable_head_groups():
     with pytest.raises(ValueError, match="divisible by 8"):
         validate_attention_config(**good, ulysses_head_groups=4)
     validate_attention_config(**{**good, "strategy": "ring"}, ulysses_head_groups=4)  # ignored off Ulysses
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_compiled_all_to_all_copies_trace_whole_and_match_eager(groups):
+    """What the GPU compiles around UlyssesFn's all-to-alls: pack_heads and unpack_heads trace as one graph
+    each (fullgraph, aot_eager runs the traced graph on CPU) and give eager's bytes; unpack inverts pack."""
+    from megatron_sp.attention import ulysses
+    from megatron_sp.kernels.compiled import Fused
+    world, b, s, h, d = 2, 2, 6, 8, 4
+    q, k, v = (torch.randn(b, s, h, d, dtype=torch.float64) for _ in range(3))
+    pack = Fused(ulysses.pack_heads, True, backend="aot_eager", devices=("cpu",))
+    unpack = Fused(ulysses.unpack_heads, True, backend="aot_eager", devices=("cpu",))
+    got, expected = pack(world, groups, q, k, v), ulysses.pack_heads(world, groups, q, k, v)
+    assert pack._compiled is not None and len(got) == groups and all(len(per) == 3 for per in got)
+    for g in range(groups):
+        for x, got_x, expected_x in zip((q, k, v), got[g], expected[g]):
+            assert got_x.shape == (world, b, s, h // (groups * world), d) and got_x.is_contiguous()
+            assert torch.equal(got_x, expected_x)
+            for j in range(world):  # rank j's chunk: heads g*h/G + j*h/(GP) + [0, h/(GP))
+                first = g * h // groups + j * h // (groups * world)
+                assert torch.equal(got_x[j], x[:, :, first:first + h // (groups * world)])
+    back = unpack(*([per[i] for per in got] for i in range(3)))
+    assert all(torch.equal(x, y) for x, y in zip(back, (q, k, v)))

@@ -44,3 +44,21 @@ def test_bench_e2e_cpu_mode(tmp_path):
     assert set(r["profile"]["ms"]) == {"attention", "matmul", "communication", "other"}
     with open(out) as fh:
         assert json.load(fh)[0]["seq_length"] == 128
+
+
+def test_kernel_timeline_separates_hidden_from_exposed_communication():
+    from tools import bench_e2e, kernel_timeline
+    k = lambda name, ts, dur: {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur}  # noqa: E731
+    trace = {"traceEvents": [
+        k("sm90_gemm_bf16", 0, 100),            # compute 0-100
+        k("ncclDevKernel_AllToAll", 50, 100),   # comm 50-150: 50 hidden behind the gemm, 50 exposed
+        k("cudnn_fmha_fprop", 200, 100),        # compute 200-300, after 50 idle
+        k("triton_poi_fused_add", 250, 100),    # other 250-350 overlaps attention by 50
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 1000},  # host op: not device time
+    ]}
+    t = kernel_timeline.summarize(trace, bench_e2e.categorize)
+    assert t["span_ms"] == 0.35 and t["busy_ms"] == 0.3 and t["idle_ms"] == 0.05
+    assert t["compute_ms"] == 0.25 and t["exposed_communication_ms"] == 0.05
+    assert t["union_ms"] == {"attention": 0.1, "communication": 0.1, "matmul": 0.1, "other": 0.1}
+    assert t["top_other"] == [{"ms": 0.1, "count": 1, "name": "triton_poi_fused_add"}]
+    assert kernel_timeline.summarize({"traceEvents": []}, bench_e2e.categorize) is None

@@ -13,10 +13,12 @@ logging/eval/checkpoint parts of trainer.run are left out. Reported: median ms/s
 """
 import argparse
 import datetime
+import gzip
 import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -79,16 +81,28 @@ def categorize(name: str) -> str:
     return "other"
 
 
-def profile_step(step, device_is_cuda: bool) -> dict:
+def profile_step(step, device_is_cuda: bool, trace_path: str | None = None) -> dict:
     """Run step() once under torch.profiler; kernel self-time (GPU) or op self-time (CPU) per category, ms.
-    GPU categories can sum past the step's wall time: NCCL kernels run on their own stream beside compute."""
-    from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_is_cuda else [])
+    GPU categories can sum past the step's wall time: NCCL kernels run on their own stream beside compute;
+    "timeline" (kernel_timeline.summarize) says how much of the communication was exposed and how long
+    the GPU idled. trace_path: also keep the chrome trace there, gzipped."""
     from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from tools import kernel_timeline
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_is_cuda else [])
     with profile(activities=acts) as prof:
         t0 = time.perf_counter()
         step()
         wall_ms = (time.perf_counter() - t0) * 1e3
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+        with open(os.path.join(tmp, "trace.json"), "rb") as fh:
+            raw = fh.read()
+    if trace_path:
+        with gzip.open(trace_path, "wb") as fh:
+            fh.write(raw)
+    timeline = kernel_timeline.summarize(json.loads(raw), categorize)
     totals, top = {"attention": 0.0, "matmul": 0.0, "communication": 0.0, "other": 0.0}, []
     for evt in prof.key_averages():
         if device_is_cuda:
@@ -107,7 +121,7 @@ def profile_step(step, device_is_cuda: bool) -> dict:
             top.append((us / 1e3, evt.key[:120]))
     top.sort(reverse=True)
     return {"ms": {k: round(v, 3) for k, v in totals.items()}, "step_wall_ms": round(wall_ms, 1),
-            "top_kernels": [{"ms": round(ms, 3), "name": n, "category": categorize(n)} for ms, n in top[:15]]}
+            "timeline": timeline, "top_kernels": [{"ms": round(ms, 3), "name": n, "category": categorize(n)} for ms, n in top[:15]]}
 
 
 def run(args) -> dict:
@@ -168,7 +182,8 @@ def run(args) -> dict:
         "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
         "date": datetime.date.today().isoformat(), "argv": sys.argv}
     if args.profile:
-        result["profile"] = profile_step(step, cuda)
+        trace = f"{args.trace}.rank{rank}.json.gz" if args.trace else None
+        result["profile"] = profile_step(step, cuda, trace)
     return result
 
 
@@ -186,6 +201,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="one more step under torch.profiler")
+    p.add_argument("--trace", default=None, help="with --profile: keep each rank's chrome trace as TRACE.rankN.json.gz")
     p.add_argument("--out", default="bench_e2e.json", help="JSON file; an existing list in it is appended to")
     p.add_argument("extra", nargs="*", help="more Megatron flags, after --")
     return p.parse_args(argv)
@@ -204,6 +220,9 @@ def main(argv=None) -> dict:
               f"{r['model_tflops_per_gpu']:.1f} model TFLOP/s per GPU, peak {r['peak_memory_gib']:.1f} GiB", flush=True)
         if "profile" in r:
             print("  profile (kernel ms in one step): " + json.dumps(r["profile"]["ms"]), flush=True)
+            timeline = r["profile"]["timeline"]
+            if timeline:
+                print("  timeline: " + json.dumps({k: v for k, v in timeline.items() if k != "top_other"}), flush=True)
         previous = []
         if os.path.exists(args.out):
             with open(args.out) as fh:

@@ -40,17 +40,19 @@ def validate_attention_config(*, strategy: str, num_heads: int, num_kv_heads: in
 
 
 def build_inner_attention(strategy: str, parallel_state=None, *, causal: bool = True, backend: str = "auto",
-                          softmax_scale: float | None = None, ulysses_head_groups: int | None = None) -> nn.Module:
+                          softmax_scale: float | None = None, ulysses_head_groups: int | None = None,
+                          fused: bool = True) -> nn.Module:
     """The attention module for `strategy` (local|ulysses|ring|hybrid) over parallel_state's groups;
     LocalAttention when there is no state or sp_size == 1. `ulysses_head_groups`: Ulysses' head-group
-    pipelining (None = the default, 1 = off; see ulysses.head_groups_for); the other strategies ignore it."""
+    pipelining (None = the default, 1 = off; see ulysses.head_groups_for); the other strategies ignore it.
+    `fused`: compiled copies around Ulysses' all-to-alls on GPU (--no-fused-elementwise turns them off)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown sequence-parallel strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     kw = dict(causal=causal, backend=backend, softmax_scale=softmax_scale)
     if strategy == "local" or parallel_state is None or parallel_state.sp_size == 1:
         return LocalAttention(**kw)
     if strategy == "ulysses":
-        return UlyssesAttention(parallel_state.sp_group, **kw, head_groups=ulysses_head_groups)
+        return UlyssesAttention(parallel_state.sp_group, **kw, head_groups=ulysses_head_groups, fused=fused)
     if strategy == "ring":
         return RingAttention(parallel_state.sp_group, **kw)
     return HybridAttention(parallel_state.ulysses_group, parallel_state.ring_group, **kw)

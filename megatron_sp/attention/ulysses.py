@@ -1,4 +1,9 @@
-"""DeepSpeed-Ulysses attention: all-to-all [s/P, heads] -> [s, heads/P], any inner attention, all-to-all back."""
+"""DeepSpeed-Ulysses attention: all-to-all [s/P, heads] -> [s, heads/P], a local kernel, all-to-all back.
+
+UlyssesFn (the Ulysses strategy) moves q, k, v with one all-to-all each, straight into receive buffers
+the kernel reads as they are, and pipelines head groups on request. ulysses_attention is the
+composable form, plain autograd around any inner attention (the hybrid puts the ring inside it).
+"""
 from collections.abc import Callable
 
 import torch
@@ -6,10 +11,11 @@ import torch.distributed as dist
 
 from megatron_sp.attention.backends import attention_backward, attention_forward
 from megatron_sp.attention.local import AttentionConfig, LocalAttentionFn
-from megatron_sp.parallel.comm import AsyncAllToAll, head_to_seq, qkv_seq_to_head
+from megatron_sp.kernels.compiled import Fused
+from megatron_sp.parallel.comm import AsyncAllToAll, head_to_seq, qkv_seq_to_head, send_layout
 
 DEFAULT_HEAD_GROUPS = 1
-"""No pipelining unless asked: on 2 x H200 (docs/benchmarks.md) G = 2 lost 11 % at 16k and gained 1 %
+"""No head-group pipelining unless asked: on 2 x H200 (docs/benchmarks.md) G = 2 lost 11 % at 16k and gained 1 %
 at 64k, G = 4 lost 40 % at 16k: the per-group collectives and smaller kernels cost more than the
 overlap saves while NCCL and the kernel share the GPU."""
 
@@ -45,85 +51,118 @@ def head_groups_for(num_heads: int, num_kv_heads: int, degree: int, requested: i
     return requested
 
 
+def replicate_kv(k, v, num_heads: int, degree: int):
+    """k, v [b, s/P, hkv, d] with hkv < P repeated to [b, s/P, P, d] (kv_replication), else as they are.
+    kv head j -> heads j*c .. j*c+c-1, so rank i receives kv head i // c, the head its query heads
+    i*hq/P .. belong to; autograd sums the copies' gradients back."""
+    copies = kv_replication(num_heads, k.shape[2], degree)
+    if copies == 1:
+        return k, v
+    return k.repeat_interleave(copies, dim=2), v.repeat_interleave(copies, dim=2)
+
+
 def ulysses_attention(q, k, v, group, inner: Callable) -> torch.Tensor:
     """q [b, s/P, hq, d], k/v [b, s/P, hkv, d] (this rank's contiguous slice of the sequence) ->
     out [b, s/P, hq, d]. `inner(q, k, v)` sees the whole sequence and a slice of heads,
     [b, s, hq/P, d] and [b, s, max(hkv/P, 1), d]. Backward runs the same all-to-alls in reverse."""
-    world = dist.get_world_size(group)
-    copies = kv_replication(q.shape[2], k.shape[2], world)
-    if copies > 1:
-        # kv head j -> heads j*copies .. j*copies+copies-1, so rank i receives kv head i // copies,
-        # the head its query heads i*hq/P .. belong to; autograd sums the copies' gradients back
-        k, v = k.repeat_interleave(copies, dim=2), v.repeat_interleave(copies, dim=2)
+    k, v = replicate_kv(k, v, q.shape[2], dist.get_world_size(group))
     q, k, v = qkv_seq_to_head(q, k, v, group)
     return head_to_seq(inner(q, k, v), group)
 
 
-class UlyssesPipelinedFn(torch.autograd.Function):
-    """Ulysses over G head groups, each group's all-to-alls overlapping another group's attention.
+def pack_heads(world: int, groups: int, *xs) -> list[list[torch.Tensor]]:
+    """Send buffers, per head group g, per tensor: [b, s/P, h, d] -> [P, b, s/P, h/(GP), d] contiguous,
+    rank j's chunk holding heads g*h/G + j*h/(GP) + [0, h/(GP)). One fused copy on GPU (PACK)."""
+    chunks = [x.chunk(groups, 2) for x in xs]
+    return [[send_layout(c[g], world, 2).contiguous() for c in chunks] for g in range(groups)]
 
-    Forward: start the seq->head all-to-alls of q, k, v for every group (one each, so the kernel gets
-    q, k, v contiguous straight from the receive buffers: [P, b, s/P, hg/P, d] is [b, s, hg/P, d] for
-    b == 1); then per group wait for its inputs, attend, and start sending its output back while the
-    next group computes. Transfers queue in issue order on the group's stream, so group g+1's inputs
-    arrive during group g's attention. The outputs are copied into [b, s/P, hq, d] at the end.
-    Backward: the same with dout in and dq, dk, dv out, the per-group kernel backward using the
-    head-scattered q, k, v, out, lse saved by forward (what the unpipelined path keeps too).
+
+def unpack_heads(*per_tensor: list[torch.Tensor]) -> list[torch.Tensor]:
+    """For each tensor its groups' receive buffers [P, b, s/P, h/(GP), d] (chunk j from rank j) ->
+    [b, s/P, h, d], the inverse of pack_heads' head order. One fused copy on GPU (UNPACK)."""
+    return [torch.cat([r.movedim(0, 2).flatten(2, 3) for r in recvs], dim=2) for recvs in per_tensor]
+
+
+def seq_view(recv: torch.Tensor) -> torch.Tensor:
+    """Receive buffer [P, b, s/P, h', d] of a seq->head all-to-all -> [b, s, h', d]: a view when b == 1."""
+    return recv.movedim(0, 1).flatten(1, 2)
+
+
+def send_seq(x: torch.Tensor, world: int) -> torch.Tensor:
+    """[b, s, h', d] -> send buffer [P, b, s/P, h', d] of a head->seq all-to-all (no copy when b == 1)."""
+    return send_layout(x, world, 1).contiguous()
+
+
+PACK, UNPACK = Fused(pack_heads, True), Fused(unpack_heads, True)
+
+
+def copy_fns(fused: bool):
+    """(pack, unpack): compiled on GPU when fused (--fused-elementwise), else the eager definitions."""
+    return (PACK, UNPACK) if fused else (pack_heads, unpack_heads)
+
+
+class UlyssesFn(torch.autograd.Function):
+    """Ulysses around the local kernel pair, over G head groups (G = 1: no pipelining).
+
+    Copies: each of q, k, v is packed once into its send layout [P, b, s/P, hg/P, d] and lands in a
+    receive buffer that for b == 1 *is* the [b, s, hg/P, d] tensor the kernel reads, so the kernel
+    gets q, k, v with no further copy and writes out and dq, dk, dv in that same layout, which is
+    already the send layout of the way back; only the result is copied into [b, s/P, h, d]. (The
+    composable path, one stacked all-to-all of q, k, v, copies about twice as many bytes.)
+
+    G > 1 overlaps transfers with compute. Forward: start the seq->head all-to-alls of q, k, v for
+    every group; then per group wait for its inputs, attend, and start sending its output back while
+    the next group computes. Transfers queue in issue order on the group's stream, so group g+1's
+    inputs arrive during group g's attention. Backward: the same with dout in and dq, dk, dv out, the
+    per-group kernel backward using the head-scattered q, k, v, out, lse saved by forward.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, group, groups: int, causal: bool, scale: float, backend: str):
-        # group g's heads of each input: views [b, s/P, hq/G or hkv/G, d], copied once into the send layout
-        starts = [[AsyncAllToAll(x, group, 2, 1) for x in xs]
-                  for xs in zip(q.chunk(groups, 2), k.chunk(groups, 2), v.chunk(groups, 2))]
+    def forward(ctx, q, k, v, group, groups: int, fused: bool, causal: bool, scale: float, backend: str):
+        world, (pack, unpack) = dist.get_world_size(group), copy_fns(fused)
+        starts = [[AsyncAllToAll(x, group) for x in per_group] for per_group in pack(world, groups, q, k, v)]
         sends_back, saved = [], []
-        for qkv in starts:
-            qg, kg, vg = (pending.wait() for pending in qkv)  # [b, s, hq/(GP) or hkv/(GP), d]
+        for transfers in starts:
+            qg, kg, vg = (seq_view(t.wait()) for t in transfers)  # [b, s, hq/(GP) or hkv/(GP), d]
             out, lse = attention_forward(qg, kg, vg, causal, scale, backend)  # lse [b, hq/(GP), s]
-            sends_back.append(AsyncAllToAll(out, group, 1, 2))  # -> [b, s/P, hq/G, d]
+            sends_back.append(AsyncAllToAll(send_seq(out, world), group))
             saved += [qg, kg, vg, out, lse]
-        out = q.new_empty(q.shape)
-        for pending, dst in zip(sends_back, out.chunk(groups, 2)):
-            pending.wait_into(dst)
         ctx.save_for_backward(*saved)
-        ctx.args = (group, groups, causal, scale, backend)
-        ctx.shapes = (q.shape, k.shape)
-        return out
+        ctx.args = (group, groups, fused, causal, scale, backend)
+        return unpack([t.wait() for t in sends_back])[0]  # [b, s/P, hq, d]
 
     @staticmethod
     def backward(ctx, dout):
-        group, groups, causal, scale, backend = ctx.args
-        saved = ctx.saved_tensors
-        starts = [AsyncAllToAll(d, group, 2, 1) for d in dout.chunk(groups, 2)]
+        group, groups, fused, causal, scale, backend = ctx.args
+        world, saved, (pack, unpack) = dist.get_world_size(group), ctx.saved_tensors, copy_fns(fused)
+        starts = [AsyncAllToAll(per_group[0], group) for per_group in pack(world, groups, dout)]
         sends_back = []
-        for g, pending in enumerate(starts):
-            grads = attention_backward(pending.wait(), *saved[5 * g:5 * g + 5], causal, scale, backend)
-            sends_back.append([AsyncAllToAll(x, group, 1, 2) for x in grads])  # dq, dk, dv [b, s, h/(GP), d]
-        q_shape, kv_shape = ctx.shapes
-        grads = [dout.new_empty(shape) for shape in (q_shape, kv_shape, kv_shape)]  # dq, dk, dv [b, s/P, h, d]
-        for g, pending in enumerate(sends_back):
-            for x, grad in zip(pending, grads):
-                x.wait_into(grad.chunk(groups, 2)[g])
-        return *grads, None, None, None, None, None
+        for g, transfer in enumerate(starts):
+            grads = attention_backward(seq_view(transfer.wait()), *saved[5 * g:5 * g + 5], causal, scale, backend)
+            sends_back.append([AsyncAllToAll(send_seq(x, world), group) for x in grads])  # dq, dk, dv
+        dq, dk, dv = unpack(*([t[i].wait() for t in sends_back] for i in range(3)))  # [b, s/P, h, d]
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 class UlyssesAttention(AttentionConfig):
     """forward(q [b, s/P, hq, d], k, v [b, s/P, hkv, d]) -> out [b, s/P, hq, d] over `group`.
     Needs hq % P == 0 and hkv % P == 0 or P % hkv == 0; inputs use layout_for('ulysses', P).
-    head_groups: G for head-group pipelining (UlyssesPipelinedFn), None = DEFAULT_HEAD_GROUPS (head_groups_for),
-    1 = one all-to-all each way around one kernel call (DeepSpeed's schedule)."""
+    head_groups: G for head-group pipelining (UlyssesFn), None = DEFAULT_HEAD_GROUPS (head_groups_for),
+    1 = all-to-alls each way around one kernel call (DeepSpeed's schedule). fused: pack and unpack
+    the all-to-all buffers with compiled copies on GPU (copy_fns)."""
 
     def __init__(self, group, causal: bool = True, backend: str = "auto", softmax_scale: float | None = None,
-                 head_groups: int | None = None):
+                 head_groups: int | None = None, fused: bool = True):
         super().__init__(causal, backend, softmax_scale)
-        self.group, self.head_groups = group, head_groups
+        self.group, self.head_groups, self.fused = group, head_groups, fused
 
     def forward(self, q, k, v):
-        args = self.kernel_args(q)
-        groups = head_groups_for(q.shape[2], k.shape[2], dist.get_world_size(self.group), self.head_groups)
-        if groups > 1:
-            return UlyssesPipelinedFn.apply(q, k, v, self.group, groups, *args)
-        return ulysses_attention(q, k, v, self.group, lambda q, k, v: LocalAttentionFn.apply(q, k, v, *args)[0])
+        world = dist.get_world_size(self.group)
+        if world == 1:
+            return LocalAttentionFn.apply(q, k, v, *self.kernel_args(q))[0]
+        groups = head_groups_for(q.shape[2], k.shape[2], world, self.head_groups)
+        k, v = replicate_kv(k, v, q.shape[2], world)
+        return UlyssesFn.apply(q, k, v, self.group, groups, self.fused, *self.kernel_args(q))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, head_groups={self.head_groups or DEFAULT_HEAD_GROUPS}"

@@ -5,10 +5,10 @@ reading and writing the whole activation: together up to ~15 % of a 1.3B step at
 (docs/benchmarks.md). Compiled, each becomes one kernel forward and one backward. The Python below
 is the single definition: CPU (and --no-fused-elementwise) runs it eagerly, CUDA compiles it.
 """
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
+
+from megatron_sp.kernels.compiled import Fused  # noqa: F401  (the model's wrapper: fused.Fused)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -33,21 +33,3 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     first, second = x_rot.chunk(2, dim=-1)
     out = x_rot * cos + torch.cat([-second, first], dim=-1) * sin
     return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out
-
-
-class Fused:
-    """Calls ``fn`` eagerly, or its torch.compile'd form when the first argument is on a GPU.
-
-    Compiled lazily (first GPU call) and with static shapes: training shapes do not change.
-    """
-
-    def __init__(self, fn: Callable, enabled: bool, backend: str = "inductor", devices: tuple[str, ...] = ("cuda",)):
-        self.fn, self.enabled, self.backend, self.devices = fn, enabled, backend, devices
-        self._compiled = None
-
-    def __call__(self, x: torch.Tensor, *args):
-        if not (self.enabled and x.device.type in self.devices):
-            return self.fn(x, *args)
-        if self._compiled is None:
-            self._compiled = torch.compile(self.fn, backend=self.backend, dynamic=False, fullgraph=True)
-        return self._compiled(x, *args)

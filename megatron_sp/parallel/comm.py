@@ -3,10 +3,19 @@
 Groups are always passed in. The all-to-all Functions are differentiable (forward op, backward
 op, one docstring each); the ring helpers are plain async transfers for the hand-written
 ring-attention autograd Function, which schedules its own backward communication; AsyncAllToAll
-is the same kind of plain async transfer for pipelined Ulysses.
+is the same kind of plain async transfer for Ulysses' UlyssesFn.
 """
 import torch
 import torch.distributed as dist
+
+
+def send_layout(x: torch.Tensor, world: int, scatter_dim: int) -> torch.Tensor:
+    """[.., n, ..] -> [P, .., n/P, ..], the chunk for rank j at index j: a view, whose .contiguous()
+    is an all-to-all send buffer (P contiguous chunks). A one-line ValueError if P does not divide n."""
+    if x.shape[scatter_dim] % world:
+        raise ValueError(f"all-to-all: dim {scatter_dim} of size {x.shape[scatter_dim]} is not "
+                         f"divisible by the group size {world}")
+    return x.unflatten(scatter_dim, (world, -1)).movedim(scatter_dim, 0)
 
 
 def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
@@ -15,13 +24,7 @@ def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> to
     world = dist.get_world_size(group)
     if world == 1:
         return x
-    shape = list(x.shape)
-    if shape[scatter_dim] % world:
-        raise ValueError(f"all-to-all: dim {scatter_dim} of size {shape[scatter_dim]} is not "
-                         f"divisible by the group size {world}")
-    # [.., P, n/P, ..] with the destination rank moved to dim 0, so the send buffer is P contiguous chunks
-    send = x.reshape(shape[:scatter_dim] + [world, shape[scatter_dim] // world] + shape[scatter_dim + 1:])
-    send = send.movedim(scatter_dim, 0).contiguous()
+    send = send_layout(x, world, scatter_dim).contiguous()
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
     # recv[j] is source rank j's piece; put the source index just before gather_dim and merge them
@@ -67,45 +70,27 @@ def qkv_seq_to_head(q, k, v, group):
 
 
 class AsyncAllToAll:
-    """_all_to_all in two halves, so compute can run while the data moves (Ulysses head-group
-    pipelining). The constructor copies `x` once into the send layout [P, .., size[scatter]/P, ..]
-    (destination rank outermost, each chunk contiguous) and starts all_to_all_single with
-    async_op=True; `wait()` / `wait_into()` finish it. Not differentiable: for hand-written backwards.
+    """all_to_all_single in two halves, so compute can run while the data moves (UlyssesFn). Takes a
+    packed send buffer [P, ...] (send_layout(...).contiguous(): chunk j goes to rank j) and starts the
+    transfer with async_op=True; wait() returns the receive buffer [P, ...], chunk j from rank j.
+    Not differentiable: for hand-written backwards.
 
     Stream and lifetime rules: on NCCL the transfer runs on the group's internal stream, which
-    waits for the current stream at the constructor (so `x` may be produced just before), and
-    `wait()` makes the current stream wait for the transfer (so the result may be used just after).
-    This object holds the send and receive buffers until `wait()`: call it exactly once, on every
-    rank, in the same order as the other collectives of the group. On gloo the transfer runs on a
-    background thread and `wait()` blocks the caller.
+    waits for the current stream at the constructor (so the send buffer may be produced just before),
+    and `wait()` makes the current stream wait for the transfer (so the result may be used just after).
+    This object holds the send buffer until `wait()`: call it exactly once, on every rank, in the same
+    order as the other collectives of the group. On gloo the transfer runs on a background thread and
+    `wait()` blocks the caller.
     """
 
-    def __init__(self, x: torch.Tensor, group, scatter_dim: int, gather_dim: int):
-        world = dist.get_world_size(group)
-        if x.shape[scatter_dim] % world:
-            raise ValueError(f"all-to-all: dim {scatter_dim} of size {x.shape[scatter_dim]} is not "
-                             f"divisible by the group size {world}")
-        self.world, self.gather_dim = world, gather_dim
-        # unflatten is a view even when x is a strided slice (one group's heads), so this is the only copy
-        self.send = x.unflatten(scatter_dim, (world, -1)).movedim(scatter_dim, 0).contiguous()
-        self.recv = torch.empty_like(self.send)
-        self.work = dist.all_to_all_single(self.recv, self.send, group=group, async_op=True)
-
-    def _finish(self) -> torch.Tensor:
-        """recv[j] is source rank j's piece, moved to just before gather_dim: [.., P, n, ..]."""
-        self.work.wait()
-        self.send = None  # transfer done; the send buffer may be freed (the stream already waits for it)
-        return self.recv.movedim(0, self.gather_dim)
+    def __init__(self, send: torch.Tensor, group):
+        self.send, self.recv = send, torch.empty_like(send)
+        self.work = dist.all_to_all_single(self.recv, send, group=group, async_op=True)
 
     def wait(self) -> torch.Tensor:
-        """The all-to-all result (size[gather] * P). A view of the receive buffer when every dim before
-        gather_dim has size 1 (b == 1 for seq_to_head: [b, s, h/P, d] contiguous), else one copy."""
-        return self._finish().flatten(self.gather_dim, self.gather_dim + 1)
-
-    def wait_into(self, out: torch.Tensor) -> None:
-        """Copy the result into `out` (any strides, e.g. one head group of a larger tensor) directly
-        from the receive buffer, without an intermediate contiguous result."""
-        out.unflatten(self.gather_dim, (self.world, -1)).copy_(self._finish())
+        self.work.wait()
+        self.send = None  # transfer done; the send buffer may be freed (the stream already waits for it)
+        return self.recv
 
 
 class Ring:

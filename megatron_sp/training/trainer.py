@@ -81,7 +81,8 @@ def build(cfg: RunConfig, tokenizer) -> Setup:
 
     def make_model():
         return GPTModel(m, lambda: build_inner_attention(strategy, ps, causal=True, backend=p.attention_backend,
-                                                         ulysses_head_groups=p.ulysses_head_groups),
+                                                         ulysses_head_groups=p.ulysses_head_groups,
+                                                         fused=m.fused_elementwise),
                         cfg.padded_vocab_size)
 
     engine, scheduler, ds_config, notes = ds_engine.initialize(make_model, cfg, ps, self_group)
