@@ -136,3 +136,14 @@ def test_fused_elementwise_traces_whole_and_matches_eager(name):
     g_expected = torch.autograd.grad(expected.sum(), x)[0]
     torch.testing.assert_close(g_got, g_expected, rtol=0, atol=1e-12)
     assert traced._compiled is not None
+
+
+def test_fused_survives_many_shapes():
+    """A process that runs many sequence lengths (evaluation, benchmarks) must not hit dynamo's recompile
+    limit, a hard error under fullgraph=True: after the first shape, changed sizes compile as dynamic."""
+    import megatron_sp.model.fused as fused
+    traced = fused.Fused(fused.swiglu, enabled=True, backend="aot_eager", devices=("cpu",))
+    limit = torch._dynamo.config.recompile_limit
+    for s in range(1, limit + 4):
+        x = torch.randn(1, s, 3, 8, dtype=torch.float64)
+        torch.testing.assert_close(traced(x), fused.swiglu(x), rtol=0, atol=0)

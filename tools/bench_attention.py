@@ -308,8 +308,8 @@ def parse_args(argv=None):
     p.add_argument("--backends", type=lambda x: x.split(","), default=None,
                    help="our kernels to run under each strategy (default cudnn,triton,sdpa_flash; CPU torch)")
     p.add_argument("--ulysses-head-groups", type=lambda x: x.split(","), default=["1", "2"],
-                   help="Ulysses head-group counts to measure, comma-separated ints or auto (default auto,1: "
-                        "the pipelined default beside the unpipelined G=1)")
+                   help="Ulysses head-group counts to measure, comma-separated ints or auto (default 1,2: "
+                        "the default, unpipelined G=1, beside two pipelined head groups)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--matmul-n", type=int, default=None, help="default 8192 (CPU 256)")
