@@ -50,8 +50,8 @@ def layer_terms(cfg: RunConfig, strategy: str, degree: int, elem: int) -> dict[s
 def comm_buffer_bytes(cfg: RunConfig, strategy: str, degree: int, elem: int) -> float:
     """Transient bytes per local token of the SP communication of one layer (the peak of fwd/bwd).
 
-    Ulysses: besides the all-to-all's output (saved, counted above), the stacked q/k/v, the contiguous
-    send buffer and the receive buffer are alive at once: 3 * e * (hq + 2K) * d.
+    Ulysses: the rotated q/k/v, their packed send buffers and the receive buffers are alive at once:
+    3 * e * (hq + 2K) * d (measured peaks unchanged when UlyssesFn replaced the stacked all-to-all).
     Ring (K kv heads): forward k/v stack + spare receive buffer, 2 * 2 * e * K * d; backward adds the
     fp32 dk/dv pair travelling behind them (home + spare, 2 * 2 * 4 * K * d) and an fp32 dq (4 * hq * d).
     Hybrid: the larger of its Ulysses all-to-all and its ring (the ring runs on [s/r, K/u] blocks, the
