@@ -42,9 +42,9 @@ class ModelConfig:
     hidden_dropout: float = arg(0.1, "Dropout after attention and MLP, before the residual add.")
     checkpoint_activations: bool = arg(False, "Recompute each transformer layer in backward (full activation checkpointing).",
                                        flags=("--recompute-activations",))
-    fused_elementwise: bool = arg(True, "On GPU, fuse norms, SwiGLU/GELU, rotary and the copies around Ulysses' "
-                                  "all-to-alls into one kernel each (torch.compile); --no-fused-elementwise runs "
-                                  "them eagerly.")
+    fused_elementwise: bool = arg(True, "On GPU, fuse norms, SwiGLU/GELU, rotary, the cross-entropy of each loss "
+                                  "chunk and the copies around Ulysses' all-to-alls into one kernel each "
+                                  "(torch.compile); --no-fused-elementwise runs them eagerly.")
     recompute_granularity: str | None = arg(None, "full = --checkpoint-activations; selective = recompute only each "
                                             "layer's MLP sublayer (norm, fc1, activation, fc2): most of a layer's "
                                             "activations for ~3-4%% more FLOPs at long sequences; attention is kept.",

@@ -147,3 +147,19 @@ def test_fused_survives_many_shapes():
     for s in range(1, limit + 4):
         x = torch.randn(1, s, 3, 8, dtype=torch.float64)
         torch.testing.assert_close(traced(x), fused.swiglu(x), rtol=0, atol=0)
+
+
+def test_fused_cross_entropy_traces_whole_and_matches_eager():
+    """The loss chunk's compiled cross-entropy (bf16 logits in, fp32 statistics) traces as one graph and
+    gives eager's loss and logits gradient."""
+    from megatron_sp.kernels.compiled import Fused
+    from megatron_sp.model.loss import cross_entropy_fp32
+    torch.manual_seed(0)
+    logits = torch.randn(12, 40, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 40, (12,))
+    traced = Fused(cross_entropy_fp32, True, backend="aot_eager", devices=("cpu",))
+    got, expected = traced(logits, labels), cross_entropy_fp32(logits, labels)
+    assert got.dtype == torch.float32 and traced._compiled is not None
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    (g_got,), (g_expected,) = (torch.autograd.grad(x.sum(), logits) for x in (got, expected))
+    torch.testing.assert_close(g_got, g_expected, rtol=0, atol=0)

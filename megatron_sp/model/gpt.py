@@ -152,7 +152,7 @@ class GPTModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         hidden = self.hidden_states(tokens, position_ids)
-        return chunked_cross_entropy(hidden, self.output_weight(), labels)
+        return chunked_cross_entropy(hidden, self.output_weight(), labels, fused=self.cfg.fused_elementwise)
 
     def logits(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Full logits [b, s_local, vocab] (inference and tests; training never builds them)."""
