@@ -15,9 +15,9 @@ from megatron_sp.kernels.compiled import Fused
 from megatron_sp.parallel.comm import AsyncAllToAll, head_to_seq, qkv_seq_to_head, send_layout
 
 DEFAULT_HEAD_GROUPS = 1
-"""No head-group pipelining unless asked: on 2 x H200 (docs/benchmarks.md) G = 2 lost 11 % at 16k and gained 1 %
-at 64k, G = 4 lost 40 % at 16k: the per-group collectives and smaller kernels cost more than the
-overlap saves while NCCL and the kernel share the GPU."""
+"""No head-group pipelining unless asked: on 2 x H200 (docs/benchmarks.md) G = 2 lost 11-20 % at 16k and
+0-1 % at 64k, G = 4 lost 40 % at 16k, and end to end at 32k G = 2 gained nothing: the per-group
+collectives and smaller kernels cost more than the overlap saves while NCCL and the kernel share the GPU."""
 
 
 def kv_replication(num_heads: int, num_kv_heads: int, degree: int) -> int:
