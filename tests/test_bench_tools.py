@@ -62,3 +62,19 @@ def test_kernel_timeline_separates_hidden_from_exposed_communication():
     assert t["union_ms"] == {"attention": 0.1, "communication": 0.1, "matmul": 0.1, "other": 0.1}
     assert t["top_other"] == [{"ms": 0.1, "count": 1, "name": "triton_poi_fused_add"}]
     assert kernel_timeline.summarize({"traceEvents": []}, bench_e2e.categorize) is None
+
+
+def test_bench_e2e_refuses_an_out_file_it_cannot_append_to(tmp_path):
+    """One error line before any benchmark runs, and the user's file is left as it was."""
+    import pathlib
+    import subprocess
+    import sys
+    tool = pathlib.Path(__file__).resolve().parents[1] / "tools" / "bench_e2e.py"
+    for content in ("", "{not json", '{"a": 1}'):
+        out = tmp_path / "results.json"
+        out.write_text(content)
+        proc = subprocess.run([sys.executable, str(tool), "--device", "cpu", "--out", str(out)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("bench_e2e: error: --out"), proc.stderr
+        assert out.read_text() == content

@@ -207,8 +207,26 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def previous_results(path: str) -> list:
+    """The results list already in `path` (appended to), [] if there is none; SystemExit with one line
+    if the file holds something else, so a user's file is never overwritten."""
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as fh:
+            previous = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"bench_e2e: error: --out {path} exists but is not a JSON list of results "
+                         f"({type(exc).__name__}); choose another --out") from None
+    if not isinstance(previous, list):
+        raise SystemExit(f"bench_e2e: error: --out {path} exists but is not a JSON list of results; "
+                         "choose another --out")
+    return previous
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    previous_results(args.out)  # refuse a bad --out before the run, not after it
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     result = run(args)
@@ -223,10 +241,7 @@ def main(argv=None) -> dict:
             timeline = r["profile"]["timeline"]
             if timeline:
                 print("  timeline: " + json.dumps({k: v for k, v in timeline.items() if k != "top_other"}), flush=True)
-        previous = []
-        if os.path.exists(args.out):
-            with open(args.out) as fh:
-                previous = json.load(fh)
+        previous = previous_results(args.out)
         with open(args.out, "w") as fh:
             json.dump(previous + [result], fh, indent=1)
     return result
