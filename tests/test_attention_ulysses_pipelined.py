@@ -1,12 +1,11 @@
 """UlyssesFn at G = 1, 2, 4 head groups, fed strided q/k/v views of one fused projection as the model does,
-equals single-process attention and the composable ulysses_attention path (float64, gloo)."""
+equals single-process attention and the module fed contiguous q, k, v at G = 1 (float64, gloo)."""
 import pytest
 import torch
 import torch.distributed as dist
 
 from megatron_sp.attention import build_inner_attention, validate_attention_config
-from megatron_sp.attention.local import LocalAttention
-from megatron_sp.attention.ulysses import head_groups_for, ulysses_attention
+from megatron_sp.attention.ulysses import head_groups_for
 from megatron_sp.parallel.sharding import layout_for
 from megatron_sp.parallel.state import ParallelState
 from tests.distributed import run_ranks
@@ -36,19 +35,8 @@ def run_fused(module, layout, rank, qkv, dout, hkv):
             (("out", out.detach()), ("dq", dq), ("dk", dk), ("dv", dv))}, type(out.grad_fn).__name__
 
 
-class ComposableUlysses(torch.nn.Module):
-    """ulysses_attention around a local torch kernel: the independent path UlyssesFn is compared with."""
-
-    def __init__(self, group, causal):
-        super().__init__()
-        self.group, self.local = group, LocalAttention(causal, "torch")
-
-    def forward(self, q, k, v):
-        return ulysses_attention(q, k, v, self.group, self.local)
-
-
 def check_pipelined(rank, world, cases):
-    """{(batch, hkv, causal, G): (max diffs vs the reference, vs composable Ulysses, backward node name)}."""
+    """{(batch, hkv, causal, G): (max diffs vs the reference, vs G = 1 on contiguous inputs, backward node name)}."""
     state = ParallelState.build(sp_size=world)
     layout = layout_for("ulysses", world)
     results = {}
@@ -57,7 +45,8 @@ def check_pipelined(rank, world, cases):
             qkv, dout = inputs(100 * world + 10 * hkv + 2 * batch + causal, batch, hkv)
             q, k, v = (t.contiguous() for t in qkv.split([HQ, hkv, hkv], dim=2))
             ref = reference(q, k, v, dout, causal)
-            base = run_sharded(ComposableUlysses(state.sp_group, causal), layout, rank, q, k, v, dout)
+            base = run_sharded(build_inner_attention("ulysses", state, causal=causal, backend="torch",
+                                                     ulysses_head_groups=1), layout, rank, q, k, v, dout)
             for groups in (1, 2, 4):
                 if groups > 1 and (HQ % (groups * world) or hkv % (groups * world)):
                     continue

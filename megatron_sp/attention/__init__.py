@@ -45,7 +45,8 @@ def build_inner_attention(strategy: str, parallel_state=None, *, causal: bool = 
     """The attention module for `strategy` (local|ulysses|ring|hybrid) over parallel_state's groups;
     LocalAttention when there is no state or sp_size == 1. `ulysses_head_groups`: Ulysses' head-group
     pipelining (None = the default, 1 = off; see ulysses.head_groups_for); the other strategies ignore it.
-    `fused`: compiled copies around Ulysses' all-to-alls on GPU (--no-fused-elementwise turns them off)."""
+    `fused`: compiled copies around the all-to-alls of ulysses and hybrid on GPU (--no-fused-elementwise
+    turns them off)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown sequence-parallel strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     kw = dict(causal=causal, backend=backend, softmax_scale=softmax_scale)
@@ -55,7 +56,7 @@ def build_inner_attention(strategy: str, parallel_state=None, *, causal: bool = 
         return UlyssesAttention(parallel_state.sp_group, **kw, head_groups=ulysses_head_groups, fused=fused)
     if strategy == "ring":
         return RingAttention(parallel_state.sp_group, **kw)
-    return HybridAttention(parallel_state.ulysses_group, parallel_state.ring_group, **kw)
+    return HybridAttention(parallel_state.ulysses_group, parallel_state.ring_group, **kw, fused=fused)
 
 
 __all__ = ["attention_forward", "attention_backward", "resolve_backend", "build_inner_attention",

@@ -1,7 +1,12 @@
 """Hybrid (2D) sequence parallelism: Ulysses all-to-all inside `ulysses_group`, the ring across `ring_group`."""
+from functools import partial
+
+import torch.distributed as dist
+
 from megatron_sp.attention.local import AttentionConfig
-from megatron_sp.attention.ring import RingAttentionFn
-from megatron_sp.attention.ulysses import ulysses_attention
+from megatron_sp.attention.ring import ring_backward, ring_forward
+from megatron_sp.attention.ulysses import UlyssesFn, replicate_kv
+from megatron_sp.parallel.comm import Ring
 
 
 class HybridAttention(AttentionConfig):
@@ -12,14 +17,17 @@ class HybridAttention(AttentionConfig):
     group's whole part, [b, s/r, hq/u, d], in zigzag order; the ring over `ring_group` (r ranks
     with the same Ulysses position) attends it; the inverse all-to-all restores [b, s/P, hq, d].
     Needs hq % u == 0 and hkv % u == 0 or u % hkv == 0 (the ring itself has no head constraint).
+    fused: as for UlyssesAttention (compiled pack/unpack around the all-to-alls on GPU).
     """
 
     def __init__(self, ulysses_group, ring_group, causal: bool = True, backend: str = "auto",
-                 softmax_scale: float | None = None):
+                 softmax_scale: float | None = None, fused: bool = True):
         super().__init__(causal, backend, softmax_scale)
-        self.ulysses_group, self.ring_group = ulysses_group, ring_group
+        self.ulysses_group, self.ring_group, self.fused = ulysses_group, ring_group, fused
 
     def forward(self, q, k, v):
-        args = self.kernel_args(q)
-        ring = lambda q, k, v: RingAttentionFn.apply(q, k, v, self.ring_group, *args)[0]  # noqa: E731
-        return ulysses_attention(q, k, v, self.ulysses_group, ring)
+        causal, scale, backend = self.kernel_args(q)
+        kw = dict(ring=Ring(self.ring_group), causal=causal, scale=scale, backend=backend)
+        k, v = replicate_kv(k, v, q.shape[2], dist.get_world_size(self.ulysses_group))
+        return UlyssesFn.apply(q, k, v, self.ulysses_group, 1, self.fused,
+                               (partial(ring_forward, **kw), partial(ring_backward, **kw)))

@@ -1,10 +1,10 @@
 """DeepSpeed-Ulysses attention: all-to-all [s/P, heads] -> [s, heads/P], a local kernel, all-to-all back.
 
-UlyssesFn (the Ulysses strategy) moves q, k, v with one all-to-all each, straight into receive buffers
-the kernel reads as they are, and pipelines head groups on request. ulysses_attention is the
-composable form, plain autograd around any inner attention (the hybrid puts the ring inside it).
+UlyssesFn moves q, k, v with one all-to-all each, straight into receive buffers the kernel reads as
+they are, and pipelines head groups on request. The kernel is a (forward, backward) pair over the
+gathered sequence: the local kernels for the Ulysses strategy (local_kernels), the ring for hybrid.
 """
-from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -12,7 +12,7 @@ import torch.distributed as dist
 from megatron_sp.attention.backends import attention_backward, attention_forward
 from megatron_sp.attention.local import AttentionConfig, LocalAttentionFn
 from megatron_sp.kernels.compiled import Fused
-from megatron_sp.parallel.comm import AsyncAllToAll, head_to_seq, qkv_seq_to_head, send_layout
+from megatron_sp.parallel.comm import AsyncAllToAll, send_layout
 
 DEFAULT_HEAD_GROUPS = 1
 """No head-group pipelining unless asked: on 2 x H200 (docs/benchmarks.md) G = 2 lost 11-20 % at 16k and
@@ -61,15 +61,6 @@ def replicate_kv(k, v, num_heads: int, degree: int):
     return k.repeat_interleave(copies, dim=2), v.repeat_interleave(copies, dim=2)
 
 
-def ulysses_attention(q, k, v, group, inner: Callable) -> torch.Tensor:
-    """q [b, s/P, hq, d], k/v [b, s/P, hkv, d] (this rank's contiguous slice of the sequence) ->
-    out [b, s/P, hq, d]. `inner(q, k, v)` sees the whole sequence and a slice of heads,
-    [b, s, hq/P, d] and [b, s, max(hkv/P, 1), d]. Backward runs the same all-to-alls in reverse."""
-    k, v = replicate_kv(k, v, q.shape[2], dist.get_world_size(group))
-    q, k, v = qkv_seq_to_head(q, k, v, group)
-    return head_to_seq(inner(q, k, v), group)
-
-
 def pack_heads(world: int, groups: int, *xs) -> list[list[torch.Tensor]]:
     """Send buffers, per head group g, per tensor: [b, s/P, h, d] -> [P, b, s/P, h/(GP), d] contiguous,
     rank j's chunk holding heads g*h/G + j*h/(GP) + [0, h/(GP)). One fused copy on GPU (PACK)."""
@@ -96,19 +87,30 @@ def send_seq(x: torch.Tensor, world: int) -> torch.Tensor:
 PACK, UNPACK = Fused(pack_heads, True), Fused(unpack_heads, True)
 
 
+def local_kernels(causal: bool, scale: float, backend: str):
+    """(forward(q, k, v) -> (out, lse), backward(dout, q, k, v, out, lse) -> (dq, dk, dv)) of the
+    single-device kernel: what UlyssesFn runs over the gathered sequence for the Ulysses strategy."""
+    kw = dict(causal=causal, scale=scale, backend=backend)
+    return partial(attention_forward, **kw), partial(attention_backward, **kw)
+
+
 def copy_fns(fused: bool):
     """(pack, unpack): compiled on GPU when fused (--fused-elementwise), else the eager definitions."""
     return (PACK, UNPACK) if fused else (pack_heads, unpack_heads)
 
 
 class UlyssesFn(torch.autograd.Function):
-    """Ulysses around the local kernel pair, over G head groups (G = 1: no pipelining).
+    """Ulysses around an attention kernel pair, over G head groups (G = 1: no pipelining).
+
+    kernels = (forward(q, k, v) -> (out, lse), backward(dout, q, k, v, out, lse) -> (dq, dk, dv)) on
+    [b, s, h', d] tensors: local_kernels for the Ulysses strategy; hybrid passes the ring over its
+    ring group (the forward saves q, k, v, out, lse per group for the backward either way).
 
     Copies: each of q, k, v is packed once into its send layout [P, b, s/P, hg/P, d] and lands in a
     receive buffer that for b == 1 *is* the [b, s, hg/P, d] tensor the kernel reads, so the kernel
     gets q, k, v with no further copy and writes out and dq, dk, dv in that same layout, which is
     already the send layout of the way back; only the result is copied into [b, s/P, h, d]. (The
-    composable path, one stacked all-to-all of q, k, v, copies about twice as many bytes.)
+    stacked all-to-all of q, k, v this replaced copied about twice as many bytes.)
 
     G > 1 overlaps transfers with compute. Forward: start the seq->head all-to-alls of q, k, v for
     every group; then per group wait for its inputs, attend, and start sending its output back while
@@ -118,30 +120,30 @@ class UlyssesFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, group, groups: int, fused: bool, causal: bool, scale: float, backend: str):
+    def forward(ctx, q, k, v, group, groups: int, fused: bool, kernels):
         world, (pack, unpack) = dist.get_world_size(group), copy_fns(fused)
         starts = [[AsyncAllToAll(x, group) for x in per_group] for per_group in pack(world, groups, q, k, v)]
         sends_back, saved = [], []
         for transfers in starts:
             qg, kg, vg = (seq_view(t.wait()) for t in transfers)  # [b, s, hq/(GP) or hkv/(GP), d]
-            out, lse = attention_forward(qg, kg, vg, causal, scale, backend)  # lse [b, hq/(GP), s]
+            out, lse = kernels[0](qg, kg, vg)  # lse [b, hq/(GP), s]
             sends_back.append(AsyncAllToAll(send_seq(out, world), group))
             saved += [qg, kg, vg, out, lse]
         ctx.save_for_backward(*saved)
-        ctx.args = (group, groups, fused, causal, scale, backend)
+        ctx.args = (group, groups, fused, kernels)
         return unpack([t.wait() for t in sends_back])[0]  # [b, s/P, hq, d]
 
     @staticmethod
     def backward(ctx, dout):
-        group, groups, fused, causal, scale, backend = ctx.args
+        group, groups, fused, kernels = ctx.args
         world, saved, (pack, unpack) = dist.get_world_size(group), ctx.saved_tensors, copy_fns(fused)
         starts = [AsyncAllToAll(per_group[0], group) for per_group in pack(world, groups, dout)]
         sends_back = []
         for g, transfer in enumerate(starts):
-            grads = attention_backward(seq_view(transfer.wait()), *saved[5 * g:5 * g + 5], causal, scale, backend)
+            grads = kernels[1](seq_view(transfer.wait()), *saved[5 * g:5 * g + 5])
             sends_back.append([AsyncAllToAll(send_seq(x, world), group) for x in grads])  # dq, dk, dv
         dq, dk, dv = unpack(*([t[i].wait() for t in sends_back] for i in range(3)))  # [b, s/P, h, d]
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 class UlyssesAttention(AttentionConfig):
@@ -162,7 +164,7 @@ class UlyssesAttention(AttentionConfig):
             return LocalAttentionFn.apply(q, k, v, *self.kernel_args(q))[0]
         groups = head_groups_for(q.shape[2], k.shape[2], world, self.head_groups)
         k, v = replicate_kv(k, v, q.shape[2], world)
-        return UlyssesFn.apply(q, k, v, self.group, groups, self.fused, *self.kernel_args(q))
+        return UlyssesFn.apply(q, k, v, self.group, groups, self.fused, local_kernels(*self.kernel_args(q)))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, head_groups={self.head_groups or DEFAULT_HEAD_GROUPS}"

@@ -1,9 +1,8 @@
-"""Communication for sequence parallelism: autograd-aware all-to-alls (Ulysses) and async ring p2p.
+"""Communication for sequence parallelism: async all-to-alls (Ulysses) and async ring p2p.
 
-Groups are always passed in. The all-to-all Functions are differentiable (forward op, backward
-op, one docstring each); the ring helpers are plain async transfers for the hand-written
-ring-attention autograd Function, which schedules its own backward communication; AsyncAllToAll
-is the same kind of plain async transfer for Ulysses' UlyssesFn.
+Groups are always passed in. Both are plain async transfers, not autograd ops: the attention
+Functions that use them (UlyssesFn, RingAttentionFn) write their backward by hand and schedule
+its communication themselves.
 """
 import torch
 import torch.distributed as dist
@@ -16,57 +15,6 @@ def send_layout(x: torch.Tensor, world: int, scatter_dim: int) -> torch.Tensor:
         raise ValueError(f"all-to-all: dim {scatter_dim} of size {x.shape[scatter_dim]} is not "
                          f"divisible by the group size {world}")
     return x.unflatten(scatter_dim, (world, -1)).movedim(scatter_dim, 0)
-
-
-def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
-    """Split `x` into P chunks along scatter_dim, send chunk j to rank j, and concatenate what
-    arrives, in rank order, along gather_dim: size[scatter] / P, size[gather] * P."""
-    world = dist.get_world_size(group)
-    if world == 1:
-        return x
-    send = send_layout(x, world, scatter_dim).contiguous()
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    # recv[j] is source rank j's piece; put the source index just before gather_dim and merge them
-    out_shape = list(recv.shape[1:])
-    out_shape[gather_dim] *= world
-    return recv.movedim(0, gather_dim).reshape(out_shape)
-
-
-class AllToAll(torch.autograd.Function):
-    """Forward: scatter `scatter_dim` over the group and gather `gather_dim` (see _all_to_all).
-    Backward: the inverse all-to-all on the gradient (scatter gather_dim, gather scatter_dim)."""
-
-    @staticmethod
-    def forward(ctx, x, group, scatter_dim: int, gather_dim: int):
-        ctx.group, ctx.scatter_dim, ctx.gather_dim = group, scatter_dim, gather_dim
-        return _all_to_all(x, group, scatter_dim, gather_dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_to_all(grad, ctx.group, ctx.gather_dim, ctx.scatter_dim), None, None, None
-
-
-def seq_to_head(x: torch.Tensor, group) -> torch.Tensor:
-    """[b, s/P, h, d] -> [b, s, h/P, d]: scatter heads, gather the sequence. Backward: head_to_seq."""
-    return AllToAll.apply(x, group, 2, 1)
-
-
-def head_to_seq(x: torch.Tensor, group) -> torch.Tensor:
-    """[b, s, h/P, d] -> [b, s/P, h, d]: scatter the sequence, gather heads. Backward: seq_to_head."""
-    return AllToAll.apply(x, group, 1, 2)
-
-
-def qkv_seq_to_head(q, k, v, group):
-    """seq_to_head for q, k, v in as few all-to-alls as the shapes allow: one when q, k, v match
-    (stacked as [b, s/P, 3, h, d], heads scattered so each rank gets the same heads of all three),
-    else two (q alone, k and v stacked). Backward: the matching inverse all-to-alls."""
-    if dist.get_world_size(group) == 1:
-        return q, k, v
-    if q.shape == k.shape:
-        return AllToAll.apply(torch.stack([q, k, v], dim=2), group, 3, 1).unbind(2)
-    kv = AllToAll.apply(torch.stack([k, v], dim=2), group, 3, 1)
-    return (seq_to_head(q, group), *kv.unbind(2))
 
 
 class AsyncAllToAll:
