@@ -94,6 +94,14 @@ def test_blend_proportions(tmp_path):
     np.testing.assert_allclose(first, [0.3, 0.6, 0.1], atol=0.01)
 
 
+def test_blend_zero_weight_is_never_drawn(tmp_path):
+    a = make_corpus(tmp_path / "a", 50, seed=3, tag=1)
+    b = make_corpus(tmp_path / "b", 50, seed=4, tag=2)
+    train, _, _ = build_gpt_datasets(data_path=["1", a, "0", b], split="100,0,0", seq_length=8, seed=1,
+                                     num_samples=(500, 0, 0), data_cache_path=str(tmp_path / "cache"))
+    assert len(train) == 500
+    assert {int(train[i]["text"][0]) // 10**8 for i in range(500)} == {1}
+
 def test_cache_built_by_rank_zero_and_loaded_by_others(tmp_path):
     prefix = make_corpus(tmp_path / "c", 60, seed=6)
     kw = dict(data_path=[prefix], split="90,10,0", seq_length=12, seed=9, num_samples=(200, 20, 0),

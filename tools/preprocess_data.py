@@ -60,10 +60,10 @@ _tok = None
 _opts: dict = {}
 
 
-def _init_worker(tok_kwargs: dict, keys: list[str], append_eod: bool) -> None:
+def _init_worker(tokenizer, keys: list[str], append_eod: bool, dtype: type) -> None:
     global _tok, _opts
-    _tok = build_tokenizer(**tok_kwargs)
-    _opts = dict(keys=keys, append_eod=append_eod, dtype=token_dtype(_tok.vocab_size))
+    _tok = tokenizer  # the main process's, inherited through fork
+    _opts = dict(keys=keys, append_eod=append_eod, dtype=dtype)
 
 
 def _encode_chunk(chunk: tuple[int, list[bytes]]) -> tuple[dict, int, int] | str:
@@ -111,9 +111,9 @@ def _chunks(path: str) -> Iterator[tuple[int, list[bytes]]]:
             yield first, lines
 
 
-def _ordered_results(args: argparse.Namespace, tok_kwargs: dict) -> Iterator:
+def _ordered_results(args: argparse.Namespace, tokenizer, dtype: type) -> Iterator:
     """Encoded chunks in input order; with workers > 1 at most workers*IN_FLIGHT_PER_WORKER are queued."""
-    init = (tok_kwargs, args.json_keys, args.append_eod)
+    init = (tokenizer, args.json_keys, args.append_eod, dtype)
     if args.workers == 1:
         _init_worker(*init)
         yield from map(_encode_chunk, _chunks(args.input))
@@ -130,9 +130,9 @@ def _ordered_results(args: argparse.Namespace, tok_kwargs: dict) -> Iterator:
 
 def preprocess(args: argparse.Namespace) -> dict[str, str]:
     """Write one indexed dataset per json key; returns {key: output prefix}."""
-    tok_kwargs = dict(tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
-                      vocab_file=args.vocab_file, merge_file=args.merge_file, vocab_size=args.vocab_size)
-    tokenizer = build_tokenizer(**tok_kwargs)  # fail here, before any worker or output file
+    tokenizer = build_tokenizer(tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
+                                vocab_file=args.vocab_file, merge_file=args.merge_file,
+                                vocab_size=args.vocab_size)  # fail here, before any worker or output file
     dtype = token_dtype(tokenizer.vocab_size)
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     os.makedirs(out_dir, exist_ok=True)
@@ -141,7 +141,7 @@ def preprocess(args: argparse.Namespace) -> dict[str, str]:
     start = time.time()
     docs = nbytes = logged = 0
     try:
-        for result in _ordered_results(args, tok_kwargs):
+        for result in _ordered_results(args, tokenizer, dtype):
             if isinstance(result, str):
                 raise InputError(f"{args.input}: {result}")
             encoded, n, b = result

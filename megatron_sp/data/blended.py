@@ -66,21 +66,15 @@ def blending_indices(weights: list[float], size: int) -> tuple[np.ndarray, np.nd
 
 
 class BlendedDataset:
-    """Samples drawn from several datasets in the proportions of `weights`; len = size."""
+    """Sample i is sample dataset_sample_index[i] of datasets[dataset_index[i]] (see blending_indices).
 
-    def __init__(self, datasets: list, weights: list[float], size: int, dataset_index: np.ndarray | None = None,
-                 dataset_sample_index: np.ndarray | None = None):
-        self.datasets, self.weights, self.size = datasets, weights, size
-        if dataset_index is None:
-            dataset_index, dataset_sample_index = blending_indices(weights, size)
-        self.dataset_index, self.dataset_sample_index = dataset_index, dataset_sample_index
-        for d, ds in enumerate(datasets):
-            used = int((dataset_index == d).sum())
-            if used > len(ds):
-                raise ValueError(f"blended dataset needs {used} samples from dataset {d}, it has {len(ds)}")
+    A dataset never drawn (weight 0) may be None."""
+
+    def __init__(self, datasets: list, dataset_index: np.ndarray, dataset_sample_index: np.ndarray):
+        self.datasets, self.dataset_index, self.dataset_sample_index = datasets, dataset_index, dataset_sample_index
 
     def __len__(self) -> int:
-        return self.size
+        return len(self.dataset_index)
 
     def __getitem__(self, i: int) -> dict:
         return self.datasets[self.dataset_index[i]][int(self.dataset_sample_index[i])]

@@ -20,7 +20,7 @@ import tempfile
 import numpy as np
 
 from .blended import BlendedDataset, blending_indices, parse_blend, split_ranges
-from .indexed import IndexedDataset, dataset_exists, index_file_path
+from .indexed import IndexedDataset, index_file_path
 
 log = logging.getLogger(__name__)
 _CACHE_FORMAT = 1  # bump when the index arrays' meaning changes, so old caches are not reused
@@ -43,11 +43,10 @@ def build_index_mappings(sizes: np.ndarray, documents: np.ndarray, num_samples: 
         raise ValueError(f"{len(documents)} documents hold {tokens_per_epoch} tokens; need at least 2")
     epochs = num_epochs_needed(tokens_per_epoch, seq_length, num_samples)
     rng = np.random.RandomState(seed=seed)
-    separate_last = False
-    if epochs > 1:  # a final epoch used for < 80 % of its samples is shuffled on its own (as Megatron)
-        from_full_epochs = ((epochs - 1) * tokens_per_epoch - 1) // seq_length
-        per_epoch = (tokens_per_epoch - 1) // seq_length
-        separate_last = num_samples - from_full_epochs < int(0.80 * per_epoch)
+    # A final epoch used for < 80 % of its samples is shuffled on its own (as Megatron).
+    from_full_epochs = ((epochs - 1) * tokens_per_epoch - 1) // seq_length  # samples before the last epoch
+    per_epoch = (tokens_per_epoch - 1) // seq_length
+    separate_last = epochs > 1 and num_samples - from_full_epochs < int(0.80 * per_epoch)
 
     def shuffled_docs(n_epochs: int) -> np.ndarray:
         out = np.tile(documents.astype(np.int32), n_epochs)
@@ -70,7 +69,7 @@ def build_index_mappings(sizes: np.ndarray, documents: np.ndarray, num_samples: 
     sample_idx = np.stack([where, starts - (ends[where] - doc_sizes[where])], axis=1)  # [total + 1, 2]
     sample_idx[0] = 0  # Megatron starts at (0, 0) even when doc_idx[0] is empty; same tokens either way
 
-    first = ((epochs - 1) * tokens_per_epoch - 1) // seq_length if separate_last else total
+    first = from_full_epochs if separate_last else total
     head = np.arange(first, dtype=np.int64)
     rng.shuffle(head)
     if first == total:
@@ -126,7 +125,7 @@ class GPTDataset:
         else:  # rest of the first document, whole middle documents, head of the last one
             parts = ([get(int(docs[doc_f]), int(off_f))] + [get(int(docs[d])) for d in range(doc_f + 1, doc_l)]
                      + [get(int(docs[doc_l]), 0, int(off_l + 1))])
-        return {"text": np.concatenate(parts).astype(np.int64)}  # [seq_length + 1]
+        return {"text": np.concatenate(parts, dtype=np.int64, casting="unsafe")}  # [seq_length + 1]
 
 
 def _save_atomically(paths: list[str], arrays: tuple) -> None:
@@ -156,9 +155,6 @@ class MockGPTDataset:
 
 def _open(prefix: str, opened: dict[str, IndexedDataset]) -> IndexedDataset:
     if prefix not in opened:
-        if not dataset_exists(prefix):
-            raise ValueError(f"data prefix {prefix!r}: missing {prefix}.bin or {prefix}.idx "
-                             f"(--data-path takes the prefix, e.g. my-corpus_text_document)")
         opened[prefix] = IndexedDataset(prefix)
     return opened[prefix]
 
@@ -176,15 +172,15 @@ def _build_split(paths: list[str], flag: str, ranges_of, num_samples: int, split
         return GPTDataset(datasets[0], (start, end), num_samples, name=name, **common) if end > start else None
     # Blend: each part gets its share plus 0.5 % slack (as Megatron), and at least what blending draws.
     ds_index, ds_sample = blending_indices(weights, num_samples)
+    draws = np.bincount(ds_index, minlength=len(datasets))  # [len(datasets)]; 0 for a weight of 0
     parts = []
-    for d, (indexed, w) in enumerate(zip(datasets, weights)):
+    for indexed, w, drawn in zip(datasets, weights, draws.tolist()):
         start, end = ranges_of(indexed)
-        drawn = int((ds_index == d).sum())
         if drawn and end <= start:
             raise ValueError(f"{flag}: {indexed.prefix} has no documents in the {name} split but weight {w:.3g}")
         need = max(int(np.ceil(w * num_samples * 1.005)), drawn)
         parts.append(GPTDataset(indexed, (start, end), need, name=name, **common) if drawn else None)
-    return BlendedDataset(parts, weights, num_samples, ds_index, ds_sample)
+    return BlendedDataset(parts, ds_index, ds_sample)
 
 
 def build_gpt_datasets(*, data_path: list[str] | None, split: str, seq_length: int, seed: int,

@@ -13,6 +13,7 @@ Layout of <prefix>.idx (little endian), as Megatron-LM / Megatron-DeepSpeed writ
 tools/preprocess_data.py and Megatron's preprocess_data.py without --split-sentences write it)
 sequence i is document i.
 """
+import array
 import os
 import struct
 from typing import BinaryIO, Iterable
@@ -52,7 +53,8 @@ class IndexedDataset:
         idx_path, bin_path = index_file_path(prefix), data_file_path(prefix)
         for path in (idx_path, bin_path):
             if not os.path.isfile(path):
-                raise IndexedDataError(f"{path}: no such file (data prefix {prefix!r})")
+                raise IndexedDataError(f"{path}: no such file (data prefix {prefix!r}; a data path is the prefix "
+                                       f"of a .bin/.idx pair, e.g. my-corpus_text_document)")
         idx_size = os.path.getsize(idx_path)
         with open(idx_path, "rb") as f:
             head = f.read(_HEADER.size)
@@ -117,23 +119,19 @@ class IndexedDatasetWriter:
             raise ValueError(f"dtype {np.dtype(dtype).name} cannot be stored in an indexed dataset")
         self.prefix, self.dtype = prefix, np.dtype(dtype)
         self._bin: BinaryIO = open(data_file_path(prefix), "wb")
-        self._sizes: list[np.ndarray] = []             # int32 chunks of sequence lengths
-        self._docs: list[np.ndarray] = [np.zeros(1, np.int64)]  # document index chunks; starts with 0
-        self._pending_sizes: list[int] = []            # single add_item calls, folded into chunks
-        self._pending_docs: list[int] = []
+        self._sizes = array.array("i")       # int32 [S] sequence lengths
+        self._docs = array.array("q", [0])   # int64 [D + 1] document index, leading 0
         self.num_sequences = 0
 
     def add_item(self, tokens: Iterable[int] | np.ndarray) -> None:
         """Append one sequence to the current document (close the document with end_document)."""
         arr = np.asarray(tokens, dtype=self.dtype)
         self._bin.write(arr.tobytes(order="C"))
-        self._pending_sizes.append(arr.size)
+        self._sizes.append(arr.size)
         self.num_sequences += 1
 
     def end_document(self) -> None:
-        self._pending_docs.append(self.num_sequences)
-        if len(self._pending_docs) >= 1 << 14:
-            self._fold()
+        self._docs.append(self.num_sequences)
 
     def add_document(self, tokens: Iterable[int] | np.ndarray) -> None:
         """Append one document made of one sequence."""
@@ -145,28 +143,18 @@ class IndexedDatasetWriter:
         lengths = np.asarray(lengths, np.int32)
         if int(lengths.sum()) != tokens.size:
             raise ValueError(f"lengths add up to {int(lengths.sum())} tokens, got {tokens.size}")
-        self._fold()
         self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
-        self._sizes.append(lengths)
-        self._docs.append(self.num_sequences + np.arange(1, len(lengths) + 1, dtype=np.int64))
+        self._sizes.frombytes(lengths.tobytes())
+        self._docs.frombytes((self.num_sequences + np.arange(1, len(lengths) + 1, dtype=np.int64)).tobytes())
         self.num_sequences += len(lengths)
-
-    def _fold(self) -> None:
-        if self._pending_sizes:
-            self._sizes.append(np.asarray(self._pending_sizes, np.int32))
-            self._pending_sizes = []
-        if self._pending_docs:
-            self._docs.append(np.asarray(self._pending_docs, np.int64))
-            self._pending_docs = []
 
     def close(self) -> None:
         """Finish .bin and write .idx."""
         if self._bin.closed:
             return
         self._bin.close()
-        self._fold()
-        write_index(index_file_path(self.prefix), self.dtype, np.concatenate(self._sizes or [np.zeros(0, np.int32)]),
-                    np.concatenate(self._docs))
+        write_index(index_file_path(self.prefix), self.dtype, np.frombuffer(self._sizes, np.int32),
+                    np.frombuffer(self._docs, np.int64))
 
     def abort(self) -> None:
         """Stop and delete both files, leaving no half-written dataset that looks valid."""
@@ -193,6 +181,3 @@ def write_index(path: str, dtype: np.dtype, sizes: np.ndarray, doc_idx: np.ndarr
         f.write(pointers.tobytes(order="C"))
         f.write(np.asarray(doc_idx, np.int64).tobytes(order="C"))
 
-
-def dataset_exists(prefix: str) -> bool:
-    return os.path.isfile(index_file_path(prefix)) and os.path.isfile(data_file_path(prefix))

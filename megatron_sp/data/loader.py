@@ -42,18 +42,16 @@ class PretrainingSampler:
 
 
 def _collate(samples: list[dict]) -> dict:
-    return {"text": torch.from_numpy(np.stack([s["text"] for s in samples]).astype(np.int64))}
+    return {"text": torch.from_numpy(np.stack([s["text"] for s in samples]))}  # every dataset gives int64
 
 
-def build_data_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                        num_workers: int = 0) -> Iterator[dict]:
+def build_data_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,
+                        dp_size: int) -> Iterator[dict]:
     """Iterator of {"text": torch.LongTensor [micro_batch_size, seq_length + 1]} for this DP rank.
 
     Ends when the dataset is exhausted (no further full global batch)."""
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
-                        persistent_workers=num_workers > 0)
-    return iter(loader)
+    return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate))
 
 
 def position_ids_for(tokens: torch.Tensor, eod: int, reset_position_ids: bool) -> torch.Tensor:
@@ -61,7 +59,7 @@ def position_ids_for(tokens: torch.Tensor, eod: int, reset_position_ids: bool) -
     b, s = tokens.shape
     pos = torch.arange(s, device=tokens.device).expand(b, s)
     if not reset_position_ids:
-        return pos.contiguous()
+        return pos  # an expanded view; get_batch makes it contiguous
     # Each token's document starts right after the last eod before it: running max of (eod index + 1),
     # shifted one step so an eod still belongs to the document it ends.
     after_eod = torch.where(tokens == eod, pos + 1, torch.zeros_like(pos))
@@ -79,8 +77,7 @@ def get_batch(text: torch.Tensor, *, eod: int, layout: SequenceLayout, sp_rank: 
     (with eod_mask_loss), position_ids restart after each eod (with reset_position_ids)."""
     if text.dim() != 2 or text.shape[1] < 2:
         raise ValueError(f"text must be [batch, seq_length + 1], got shape {tuple(text.shape)}")
-    tokens = text[:, :-1].contiguous()
-    labels = text[:, 1:].contiguous()
+    tokens, labels = text[:, :-1], text[:, 1:]  # views; made contiguous after sharding
     loss_mask = torch.ones(tokens.shape, dtype=torch.float32, device=text.device)
     if eod_mask_loss:
         loss_mask[tokens == eod] = 0.0
