@@ -18,9 +18,7 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,9 +27,9 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_sp.attention import build_inner_attention  # noqa: E402
-from megatron_sp.attention.ulysses import head_groups_for  # noqa: E402
 from megatron_sp.parallel.sharding import layout_for  # noqa: E402
 from megatron_sp.parallel.state import ParallelState  # noqa: E402
+from tools.timing import attention_fwd_flops, time_ms  # noqa: E402
 
 
 class Bench:
@@ -53,30 +51,6 @@ class Bench:
         if self.rank == 0:
             print(msg, flush=True)
 
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def time_ms(self, fn) -> float:
-        """Median milliseconds of fn() over --iters after --warmup calls (CUDA events on GPU)."""
-        for _ in range(self.args.warmup):
-            fn()
-        self.sync()
-        times = []
-        for _ in range(self.args.iters):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
     def measure(self, row: dict, make, work: float, unit: str, all_ranks: bool = True):
         """Time make()'s closure and append `row` with ms and work/ms in `unit` (TFLOP/s or GB/s).
 
@@ -85,7 +59,7 @@ class Bench:
         ms, err = float("inf"), None
         if all_ranks or self.rank == 0:
             try:
-                ms = self.time_ms(make())
+                ms = time_ms(make(), self.args.warmup, self.args.iters, self.cuda)
             except Exception as exc:  # noqa: BLE001 - one failed measurement must not end the run
                 err = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             if self.cuda:
@@ -121,8 +95,9 @@ class Bench:
         return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), dout
 
     def flops(self, s: int, gpus: int) -> float:
+        """Causal forward+backward FLOPs (3.5 x forward) per GPU."""
         a = self.args
-        return 3.5 * 4 * a.batch * a.heads * s * s * a.head_dim / 2 / gpus
+        return 3.5 * attention_fwd_flops(a.batch, a.heads, s, a.head_dim, True) / gpus
 
     # --- the providers ----------------------------------------------------------------------------
     def head_group_variants(self, strategy: str) -> list[tuple[int, str]]:
@@ -131,15 +106,7 @@ class Bench:
         cannot split is measured as an error."""
         if strategy != "ulysses":
             return [(1, "")]
-        variants = {}
-        for entry in self.args.ulysses_head_groups:
-            try:
-                g = head_groups_for(self.args.heads, self.args.heads, self.world, int(entry))
-            except ValueError:
-                g = int(entry)  # measure() turns the same ValueError into an error row
-            suffix = "" if g == 1 else f" G={g}"
-            variants.setdefault(g, suffix)
-        return list(variants.items())
+        return [(g, "" if g == 1 else f" G={g}") for g in dict.fromkeys(self.args.ulysses_head_groups)]
 
     def ours(self, s, full):
         backends = self.args.backends or (["cudnn", "triton", "sdpa_flash"] if self.cuda else ["torch"])
@@ -307,8 +274,8 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=None, help="default 128 (CPU 16)")
     p.add_argument("--backends", type=lambda x: x.split(","), default=None,
                    help="our kernels to run under each strategy (default cudnn,triton,sdpa_flash; CPU torch)")
-    p.add_argument("--ulysses-head-groups", type=lambda x: x.split(","), default=["1", "2"],
-                   help="Ulysses head-group counts to measure, comma-separated ints or auto (default 1,2: "
+    p.add_argument("--ulysses-head-groups", type=lambda x: [int(t) for t in x.split(",")], default=[1, 2],
+                   help="Ulysses head-group counts to measure, comma-separated ints (default 1,2: "
                         "the default, unpipelined G=1, beside two pipelined head groups)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)

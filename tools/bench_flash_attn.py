@@ -10,7 +10,6 @@ import dataclasses
 import datetime
 import json
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -20,26 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from megatron_sp.kernels.flash_attn import (  # noqa: E402
     FwdConfig, default_configs, flash_attn_backward, flash_attn_forward)
-
-
-def time_ms(fn, warmup, reps):
-    """Median milliseconds of fn() over reps, each timed by its own pair of CUDA events after warm-up."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def fwd_flops(b, h, s, d, causal):
-    return 4 * b * h * s * s * d / (2 if causal else 1)
+from tools.timing import attention_fwd_flops, time_ms  # noqa: E402
 
 
 def inputs(b, s, h, d, dtype):
@@ -85,7 +65,7 @@ def bench(args):
     for s in args.seqlens:
         for causal in (True, False):
             q, k, v, dout = inputs(args.batch, s, args.heads, args.head_dim, torch.bfloat16)
-            f = fwd_flops(args.batch, args.heads, s, args.head_dim, causal)
+            f = attention_fwd_flops(args.batch, args.heads, s, args.head_dim, causal)
             providers = {"triton": lambda: ours_fns(q, k, v, dout, causal),
                          "sdpa_flash": lambda: sdpa_fns(q, k, v, dout, causal, SDPBackend.FLASH_ATTENTION),
                          "sdpa_cudnn": lambda: sdpa_fns(q, k, v, dout, causal, SDPBackend.CUDNN_ATTENTION)}
@@ -95,7 +75,7 @@ def bench(args):
                     fwd, bwd, both = make()
                     for mode, fn, flops in (("fwd", fwd, f), ("bwd", bwd, 2.5 * f), ("fwd_bwd", both, 3.5 * f)):
                         if fn is not None:
-                            ms = time_ms(fn, args.warmup, args.reps)
+                            ms = time_ms(fn, args.warmup, args.reps, cuda=True)
                             row[mode + "_ms"] = ms
                             row[mode + "_tflops"] = flops / ms / 1e9
                 except Exception as exc:  # a backend SDPA lacks here is a row with an error, not a crash
@@ -127,14 +107,14 @@ def sweep(args):
     rows = []
     for s in args.seqlens:
         q, k, v, dout = inputs(args.batch, s, args.heads, d, torch.bfloat16)
-        f = fwd_flops(args.batch, args.heads, s, d, True)
+        f = attention_fwd_flops(args.batch, args.heads, s, d, True)
         for kind, cands in (("fwd", fwd_cands), ("bwd", bwd_cands)):
             for cfg in cands:
                 row = {"kind": kind, "seqlen": s, "config": dataclasses.asdict(cfg)}
                 try:
                     fwd, bwd, _ = ours_fns(q, k, v, dout, True, cfg if kind == "fwd" else fdef,
                                            cfg if kind == "bwd" else bdef)
-                    ms = time_ms(fwd if kind == "fwd" else bwd, 2, max(3, args.reps // 2))
+                    ms = time_ms(fwd if kind == "fwd" else bwd, 2, max(3, args.reps // 2), cuda=True)
                     row.update(ms=ms, tflops=(f if kind == "fwd" else 2.5 * f) / ms / 1e9)
                 except Exception as exc:  # e.g. out of shared memory for this tiling
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"

@@ -1,10 +1,10 @@
-"""Public face of our Triton FlashAttention-2: forward/backward with lse, tuned configs, torch reference, autograd op.
+"""Public face of our Triton FlashAttention-2: forward/backward with lse and tuned configs. The autograd op is
+megatron_sp.attention.LocalAttention(backend="triton"); the torch reference is attention_forward(..., "torch").
 
 Layout everywhere: q [b, sq, hq, d], k/v [b, sk, hkv, d] (hq % hkv == 0, GQA), out like q, lse [b, hq, sq]
 float32 natural log. Ring attention merges partial outputs by lse and hands a *global* lse back to the
 backward, which therefore uses the lse it is given.
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -112,47 +112,3 @@ def flash_attn_backward(dout, q, k, v, out, lse, causal: bool, scale: float, con
     if sq == 0 or k.shape[1] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     return launch_backward(dout, q, k, v, out, lse.float(), bool(causal), float(scale), cfg, _precision(q.dtype))
-
-
-class FlashAttnFunc(torch.autograd.Function):
-    """Autograd op: forward saves (q, k, v, out, lse); backward runs the Triton backward kernels."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
-        out, lse = flash_attn_forward(q, k, v, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale = causal, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = flash_attn_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
-
-
-def flash_attn(q, k, v, causal: bool = False, scale: float | None = None):
-    """Differentiable attention out [b, sq, hq, d]; scale defaults to 1/sqrt(d)."""
-    return FlashAttnFunc.apply(q, k, v, causal, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
-
-
-def reference_attention(q, k, v, causal: bool, scale: float):
-    """Explicit-math attention with the same contract as flash_attn_forward, for tests and benchmarks.
-
-    Computes in float32 (float64 if given float64), repeating kv heads for GQA; differentiable.
-    Returns (out in q's dtype, lse [b, hq, sq] in the compute dtype).
-    """
-    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    group = q.shape[2] // k.shape[2]
-    qf = q.to(ct).transpose(1, 2)  # [b, hq, sq, d]
-    kf = k.to(ct).repeat_interleave(group, dim=2).transpose(1, 2)  # [b, hq, sk, d]
-    vf = v.to(ct).repeat_interleave(group, dim=2).transpose(1, 2)
-    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [b, hq, sq, sk]
-    if causal:
-        sq, sk = s.shape[-2:]
-        visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
-        s = s.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # [b, hq, sq]
-    p = torch.exp(s - lse[..., None])
-    out = torch.matmul(p, vf).transpose(1, 2)  # [b, sq, hq, d]
-    return out.to(q.dtype), lse

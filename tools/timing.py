@@ -1,0 +1,34 @@
+"""Timing and FLOP counting shared by the benchmarks (tools/bench_attention.py, tools/bench_flash_attn.py)."""
+import statistics
+import time
+
+import torch
+
+
+def time_ms(fn, warmup: int, iters: int, cuda: bool) -> float:
+    """Median milliseconds of fn() over `iters` calls after `warmup` calls. cuda: each call timed by its own
+    pair of CUDA events, waiting for the end event before the next call; else wall-clock time.perf_counter."""
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def attention_fwd_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool) -> float:
+    """Model FLOPs of one attention forward (anchors.md): 4*b*h*s^2*d, halved when causal.
+    The backward counts 2.5x this, forward+backward 3.5x."""
+    return 4 * batch * heads * seq * seq * head_dim / (2 if causal else 1)
