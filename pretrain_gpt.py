@@ -50,7 +50,7 @@ def configure(argv: list[str] | None, world: int, gpus_per_node: int | None = No
 def dry_run_lines(cfg, world: int, gpus_per_node: int | None = None) -> list[str]:
     """The planner's report (layout, memory, FLOPs; nothing allocated) and the batch geometry."""
     from megatron_sp.plan import gpus_per_node_from_env, plan_report
-    lines, _ = plan_report(cfg, world, gpus_per_node or gpus_per_node_from_env(world))
+    lines = plan_report(cfg, world, gpus_per_node or gpus_per_node_from_env(world))
     t = cfg.training
     return [*cfg.sp_choice, *lines,
             f"configuration is valid; {t.train_iters} iterations of global batch "

@@ -6,6 +6,7 @@ mean nothing here are accepted and listed in ``RunConfig.ignored`` so recipes ru
 """
 import argparse
 import dataclasses
+import json
 import os
 import typing
 
@@ -85,10 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
         for f in dataclasses.fields(cls):
             meta, kind = f.metadata, _base_type(hints[f.name])
             names = [_flag(f.name), *meta["flags"]]
-            if f.name == "deepspeed_config":
-                names.insert(1, "--deepspeed_config")
-            if f.name == "local_rank":
-                names.insert(1, "--local_rank")
             common = dict(dest=f"{section}.{f.name}", help=meta["help"], default=f.default)
             if kind is bool and f.default:  # an on-by-default switch is turned off Megatron's way: --no-X
                 group.add_argument("--no-" + names[0][2:], *meta["flags"], action="store_false", **common)
@@ -212,14 +209,26 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         t.train_iters = min(t.train_iters, -(-t.train_tokens // (t.global_batch_size * m.seq_length)))
     if not d.mock_data and not (d.data_path or d.train_data_path):
         raise ConfigError("no data: give --data-path (or --train-data-path), or --mock-data")
+    from megatron_sp.data.indexed import data_file_path, index_file_path
     for prefix in _data_prefixes(d):
-        for ext in (".bin", ".idx"):
-            if not os.path.isfile(prefix + ext):
-                raise ConfigError(f"data file not found: {prefix + ext}")
+        for path in (data_file_path(prefix), index_file_path(prefix)):
+            if not os.path.isfile(path):
+                raise ConfigError(f"data file not found: {path}")
     if t.deepspeed_config and not os.path.isfile(t.deepspeed_config):
         raise ConfigError(f"DeepSpeed config not found: {t.deepspeed_config}")
     if t.fp16 and not _has_cuda():
         raise ConfigError("--fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use --bf16 or fp32")
+
+
+def read_deepspeed_json(path: str) -> dict:
+    """The user's DeepSpeed JSON, or a one-line ConfigError (the engine and the planner both read it)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read the DeepSpeed config {path}: {err}") from None
 
 
 def _data_prefixes(d) -> list[str]:

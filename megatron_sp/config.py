@@ -50,6 +50,10 @@ class ModelConfig:
                                             "activations for ~3-4%% more FLOPs at long sequences; attention is kept.",
                                             choices=("full", "selective"))
 
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
 
 @dataclass
 class ParallelConfig:
@@ -70,7 +74,7 @@ class ParallelConfig:
     no_pipeline_parallel: bool = arg(False, "Megatron-DeepSpeed's switch to disable pipelining (always disabled here).")
     distributed_backend: str = arg("auto", "torch.distributed backend: auto = nccl with GPUs, gloo on CPU.",
                                    choices=("auto", "nccl", "gloo"))
-    local_rank: int | None = arg(None, "Set by the deepspeed launcher.")
+    local_rank: int | None = arg(None, "Set by the deepspeed launcher.", flags=("--local_rank",))
 
 
 @dataclass
@@ -125,7 +129,8 @@ class TrainingConfig:
     hysteresis: int = arg(2, "Overflows tolerated before the fp16 loss scale shrinks.")
     zero_stage: int | None = arg(None, "ZeRO stage 0-3; overrides the DeepSpeed JSON.", choices=(0, 1, 2, 3))
     deepspeed: bool = arg(False, "Accepted for compatibility: training always runs on DeepSpeed.")
-    deepspeed_config: str | None = arg(None, "DeepSpeed JSON; batch sizes and ZeRO stage are filled in or checked.")
+    deepspeed_config: str | None = arg(None, "DeepSpeed JSON; batch sizes and ZeRO stage are filled in or checked.",
+                                      flags=("--deepspeed_config",))
     save: str | None = arg(None, "Checkpoint directory to save to.")
     load: str | None = arg(None, "Checkpoint directory to resume from (latest tag); missing = start fresh.")
     save_interval: int | None = arg(None, "Save every this many steps (and at the end).")
@@ -162,7 +167,16 @@ class RunConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.model.kv_channels or self.model.hidden_size // self.model.num_attention_heads
+        return self.model.head_dim
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.training.bf16 else "fp16" if self.training.fp16 else "fp32"
+
+    @property
+    def elem_bytes(self) -> int:
+        """Bytes per activation / parameter element in the training precision."""
+        return 4 if self.precision == "fp32" else 2
 
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig,

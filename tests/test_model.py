@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from megatron_sp.attention import LocalAttention
 from megatron_sp.config import ModelConfig
 from megatron_sp.model.gpt import GPTModel
+from megatron_sp.kernels.compiled import Fused
 from megatron_sp.model.loss import chunked_cross_entropy
 from megatron_sp.model.fused import apply_rotary
 from megatron_sp.model.rotary import rotary_cos_sin
@@ -129,7 +130,7 @@ def test_fused_elementwise_traces_whole_and_matches_eager(name):
     cos, sin = rotary_cos_sin(torch.arange(6).expand(2, 6), 8, 0.5, 10000.0, torch.float64)
     args = {"rms_norm": (w, None, 1e-5), "layer_norm": (w, b, 1e-5), "swiglu": (), "apply_rotary": (cos, sin)}[name]
     fn = getattr(fused, name)
-    traced = fused.Fused(fn, enabled=True, backend="aot_eager", devices=("cpu",))
+    traced = Fused(fn, enabled=True, backend="aot_eager", devices=("cpu",))
     got, expected = traced(x, *args), fn(x, *args)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
     g_got = torch.autograd.grad(got.sum(), x)[0]
@@ -142,7 +143,7 @@ def test_fused_survives_many_shapes():
     """A process that runs many sequence lengths (evaluation, benchmarks) must not hit dynamo's recompile
     limit, a hard error under fullgraph=True: after the first shape, changed sizes compile as dynamic."""
     import megatron_sp.model.fused as fused
-    traced = fused.Fused(fused.swiglu, enabled=True, backend="aot_eager", devices=("cpu",))
+    traced = Fused(fused.swiglu, enabled=True, backend="aot_eager", devices=("cpu",))
     limit = torch._dynamo.config.recompile_limit
     for s in range(1, limit + 4):
         x = torch.randn(1, s, 3, 8, dtype=torch.float64)
@@ -152,7 +153,6 @@ def test_fused_survives_many_shapes():
 def test_fused_cross_entropy_traces_whole_and_matches_eager():
     """The loss chunk's compiled cross-entropy (bf16 logits in, fp32 statistics) traces as one graph and
     gives eager's loss and logits gradient."""
-    from megatron_sp.kernels.compiled import Fused
     from megatron_sp.model.loss import cross_entropy_fp32
     torch.manual_seed(0)
     logits = torch.randn(12, 40, dtype=torch.bfloat16, requires_grad=True)

@@ -5,6 +5,7 @@ log-sum-exp is [b, hq, sq], natural log of the scaled scores, float32 (float64 f
 The backward takes the forward's output and LSE explicitly, so the ring can recompute any block
 against the *final* (merged) output and LSE, which is what makes its per-block gradients exact.
 """
+import functools
 import importlib
 import inspect
 
@@ -23,7 +24,7 @@ def _check(q, k, v, causal):
         raise ValueError(f"causal attention needs sq == sk, got {q.shape[1]} and {k.shape[1]}")
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -33,7 +34,7 @@ def _scores(q, k, causal, scale):
     """Scaled scores [b, hkv, g, sq, sk] in the accumulation dtype; GQA by grouping q, never repeating k."""
     b, sq, hq, d = q.shape
     hkv = k.shape[2]
-    ct = _acc_dtype(q.dtype)
+    ct = accumulation_dtype(q.dtype)
     qg = q.to(ct).view(b, sq, hkv, hq // hkv, d)  # q head = kv_head * g + i
     s = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.to(ct)) * scale
     if causal:
@@ -69,25 +70,32 @@ def _torch_backward(dout, q, k, v, out, lse, causal, scale):
 
 # --- aten SDPA ops (cuDNN, FlashAttention-2): private, so called by argument name ------------------
 
+@functools.cache
+def _schema_plan(op, names: frozenset) -> tuple[tuple[str, bool], ...]:
+    """(argument, passed by keyword) for each argument of `op` that _call_by_schema fills when it is
+    given `names`; worked out once per op and call site, not on every kernel call."""
+    plan, positional = [], True
+    for arg in op._schema.arguments:
+        if arg.name not in names:
+            if arg.has_default_value():
+                positional = False  # later arguments must go by name
+                continue
+            if not isinstance(arg.type, torch._C.OptionalType):
+                raise RuntimeError(f"{op._schema.name}: don't know how to fill argument {arg.name!r}")
+        plan.append((arg.name, arg.kwarg_only or not positional))
+    return tuple(plan)
+
+
 def _call_by_schema(op, values: dict):
     """Call an aten overload with arguments looked up by name in its schema. Private SDPA ops gain
     and reorder arguments between torch releases; an unknown optional argument is left to its
     default (or None), an unknown required one is an error naming it."""
-    args, kwargs, positional = [], {}, True
-    for arg in op._schema.arguments:
-        if arg.name in values:
-            val = values[arg.name]
-        elif arg.has_default_value():
-            positional = False  # later arguments must go by name
-            continue
-        elif isinstance(arg.type, torch._C.OptionalType):
-            val = None
+    args, kwargs = [], {}
+    for name, by_keyword in _schema_plan(op, frozenset(values)):
+        if by_keyword:
+            kwargs[name] = values.get(name)
         else:
-            raise RuntimeError(f"{op._schema.name}: don't know how to fill argument {arg.name!r}")
-        if arg.kwarg_only or not positional:
-            kwargs[arg.name] = val
-        else:
-            args.append(val)
+            args.append(values.get(name))
     return op(*args, **kwargs)
 
 

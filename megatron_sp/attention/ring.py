@@ -13,7 +13,7 @@ block is skipped whole. Non-causal attention attends every block in full whateve
 """
 import torch
 
-from megatron_sp.attention.backends import attention_backward, attention_forward
+from megatron_sp.attention.backends import accumulation_dtype, attention_backward, attention_forward
 from megatron_sp.attention.local import AttentionConfig
 from megatron_sp.parallel.comm import Ring
 
@@ -45,7 +45,7 @@ def _merge(out, lse, block_out, block_lse) -> None:
 
 def ring_forward(q, k, v, ring: Ring, causal: bool, scale: float, backend: str, zigzag: bool = True):
     """q [b, s/P, hq, d], k/v [b, s/P, hkv, d] -> (out [b, s/P, hq, d], lse [b, hq, s/P] fp32/fp64)."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     kv = torch.stack([k, v])  # [2, b, s/P, hkv, d]: one message per step
     spare = torch.empty_like(kv)
     out = lse = None
@@ -72,7 +72,7 @@ def ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: floa
     """(dq, dk, dv) for ring_forward. Every block is recomputed against the final out and lse, so
     its gradients are exact. dk/dv of a k/v block ride the ring one step behind it, in fp32/fp64,
     and arrive back at the owner after P-1 hops (the owner keeps its own step-0 share)."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.stack([k, v])
     spare = torch.empty_like(kv)

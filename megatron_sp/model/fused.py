@@ -3,12 +3,11 @@
 In eager mode RMSNorm is ~5 kernels forward and more backward, SwiGLU 3, rotary ~6 per tensor, each
 reading and writing the whole activation: together up to ~15 % of a 1.3B step at 64k tokens
 (docs/benchmarks.md). Compiled, each becomes one kernel forward and one backward. The Python below
-is the single definition: CPU (and --no-fused-elementwise) runs it eagerly, CUDA compiles it.
+is the single definition: CPU (and --no-fused-elementwise) runs it eagerly, CUDA compiles it
+(kernels/compiled.py's Fused).
 """
 import torch
 import torch.nn.functional as F
-
-from megatron_sp.kernels.compiled import Fused  # noqa: F401  (the model's wrapper: fused.Fused)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_sp.config import ModelConfig
+from megatron_sp.kernels.compiled import Fused
 from megatron_sp.model import fused
 from megatron_sp.model.loss import chunked_cross_entropy
 from megatron_sp.model.rotary import rotary_cos_sin
@@ -27,7 +28,7 @@ class Norm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if cfg.normalization == "layernorm" else None
         self.eps = cfg.layernorm_epsilon
-        self.norm = fused.Fused(fused.layer_norm if self.bias is not None else fused.rms_norm, cfg.fused_elementwise)
+        self.norm = Fused(fused.layer_norm if self.bias is not None else fused.rms_norm, cfg.fused_elementwise)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x, self.weight, self.bias, self.eps)
@@ -43,7 +44,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * head_dim, bias=bias)
         self.out = nn.Linear(self.num_heads * head_dim, cfg.hidden_size, bias=bias)
         self.inner_attention = inner_attention
-        self.rotate = fused.Fused(fused.apply_rotary, cfg.fused_elementwise)
+        self.rotate = Fused(fused.apply_rotary, cfg.fused_elementwise)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         b, s, _ = x.shape  # x: [b, s_local, h]
@@ -63,7 +64,7 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.activation = fused.Fused(fused.swiglu if cfg.swiglu else F.gelu, cfg.fused_elementwise)
+        self.activation = Fused(fused.swiglu if cfg.swiglu else F.gelu, cfg.fused_elementwise)
         bias = not cfg.disable_bias_linear
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size * (2 if cfg.swiglu else 1), bias=bias)
         self.fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=bias)
@@ -102,7 +103,7 @@ class GPTModel(nn.Module):
     def __init__(self, cfg: ModelConfig, make_inner_attention: Callable[[], nn.Module], padded_vocab_size: int):
         super().__init__()
         self.cfg = cfg
-        self.head_dim = cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = cfg.head_dim
         self.word_embeddings = nn.Embedding(padded_vocab_size, cfg.hidden_size)
         self.position_embeddings = (None if cfg.use_rotary_position_embeddings
                                     else nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size))

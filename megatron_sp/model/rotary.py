@@ -2,6 +2,11 @@
 import torch
 
 
+def rotary_dim(head_dim: int, percent: float) -> int:
+    """Channels of each head that rotate: head_dim * percent, rounded down to even."""
+    return int(head_dim * percent) // 2 * 2
+
+
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, percent: float, theta: float,
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """position_ids [b, s] -> (cos, sin), each [b, s, 1, rot_dim] in ``dtype``.
@@ -10,7 +15,7 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, percent: float, th
     rotate, the rest pass through. Angles are computed in fp32 (fp64 for fp64 models): in bf16 the
     angle pos * freq loses whole radians at long positions.
     """
-    rot_dim = int(head_dim * percent) // 2 * 2
+    rot_dim = rotary_dim(head_dim, percent)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     inv_freq = 1.0 / theta ** (torch.arange(0, rot_dim, 2, device=position_ids.device, dtype=compute) / rot_dim)
     angles = position_ids.to(compute).unsqueeze(-1) * inv_freq  # [b, s, rot_dim/2]

@@ -74,6 +74,11 @@ class SequenceLayout:
         return full
 
 
+def effective_strategy(strategy: str, sp_size: int) -> str:
+    """The strategy that runs: 'local' when nothing is split (sp_size 1), else the configured one."""
+    return strategy if sp_size > 1 else "local"
+
+
 def ulysses_degree_of(strategy: str, sp_size: int, ulysses_degree: int | None = None) -> int:
     """Ranks that exchange heads by all-to-all: all P for 'ulysses' (and 'local'), none (1) for
     'ring', the given --ulysses-degree for 'hybrid'."""
@@ -85,7 +90,7 @@ def ulysses_degree_of(strategy: str, sp_size: int, ulysses_degree: int | None = 
         if not ulysses_degree:
             raise ValueError("--sequence-parallel-strategy hybrid needs --ulysses-degree")
         return ulysses_degree
-    raise ValueError(f"unknown sequence-parallel strategy {strategy!r}; expected ulysses, ring or hybrid")
+    raise ValueError(f"unknown sequence-parallel strategy {strategy!r}; expected ulysses, ring, hybrid or local")
 
 
 def layout_for(strategy: str, sp_size: int, ulysses_degree: int | None = None) -> SequenceLayout:

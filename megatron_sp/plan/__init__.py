@@ -6,10 +6,9 @@
 memory.py: parameters / gradients / optimizer by ZeRO stage; activations.py: bytes per local token;
 choose.py: the SP-size and strategy search; report.py: the printout.
 """
-import json
 import os
 
-from megatron_sp.arguments import ConfigError, fill_defaults
+from megatron_sp.arguments import ConfigError, fill_defaults, read_deepspeed_json
 from megatron_sp.config import RunConfig
 from megatron_sp.plan.choose import MEMORY_RESERVE, candidates, choose
 from megatron_sp.plan.memory import GIB, ZeroSetup, count_parameters, detect_gpu_memory_gib, estimate_memory
@@ -35,14 +34,8 @@ def gpus_per_node_from_env(world: int) -> int:
 
 def zero_setup(cfg: RunConfig) -> ZeroSetup:
     """ZeRO stage and offloading from the flags and the DeepSpeed JSON (flags win)."""
-    path, ds = cfg.training.deepspeed_config, {}
-    if path:
-        try:
-            with open(path) as f:
-                ds = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(f"cannot read the DeepSpeed config {path}: {err}") from None
-    return ZeroSetup.from_config(cfg, ds)
+    path = cfg.training.deepspeed_config
+    return ZeroSetup.from_config(cfg, read_deepspeed_json(path) if path else {})
 
 
 def resolve_auto(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
@@ -71,12 +64,10 @@ def resolve_auto(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
     return lines
 
 
-def plan_report(cfg: RunConfig, world: int, gpus_per_node: int) -> tuple[list[str], list[str]]:
-    """(report lines, warnings) for a validated config; the warnings also appear in the lines."""
-    gib = gpu_memory_gib(cfg)
-    memory, warnings = memory_lines(cfg, world, zero_setup(cfg), gib)
-    lines = [*layout_lines(cfg, world, gpus_per_node), *flops_lines(cfg, world, gpus_per_node), *memory, *warnings]
-    return lines, warnings
+def plan_report(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
+    """Report lines (layout, FLOPs, memory, then any warning) for a validated config."""
+    return [*layout_lines(cfg, world, gpus_per_node), *flops_lines(cfg, world, gpus_per_node),
+            *memory_lines(cfg, world, zero_setup(cfg), gpu_memory_gib(cfg))]
 
 
 __all__ = ["resolve_auto", "plan_report", "count_parameters", "estimate_memory", "ZeroSetup",

@@ -20,21 +20,23 @@ keeps only its input (e * h per token) and the whole layer is rebuilt, one at a 
 Selective recompute drops the MLP sublayer's share (its norm statistics and output, the MLP
 intermediates, its dropout mask) and rebuilds one layer's MLP at a time in backward.
 """
+from megatron_sp.attention.ulysses import kv_replication
 from megatron_sp.config import RunConfig
 from megatron_sp.model.loss import DEFAULT_CHUNK_TOKENS
+from megatron_sp.model.rotary import rotary_dim
 from megatron_sp.parallel.sharding import ulysses_degree_of
 
 
-def kv_heads_seen(hkv: int, degree: int) -> int:
+def kv_heads_seen(hq: int, hkv: int, degree: int) -> int:
     """kv heads per token after Ulysses over `degree` ranks (replicated when hkv % degree != 0)."""
-    return hkv if degree <= 1 or hkv % degree == 0 else degree
+    return hkv * kv_replication(hq, hkv, degree)
 
 
 def layer_terms(cfg: RunConfig, strategy: str, degree: int, elem: int) -> dict[str, float]:
     """Bytes per local token that one layer keeps for backward, by source (the table above)."""
     m, d = cfg.model, cfg.head_dim
     h, hq, f = m.hidden_size, m.num_attention_heads, m.ffn_hidden_size
-    kv = kv_heads_seen(m.num_key_value_heads, degree)
+    kv = kv_heads_seen(m.num_attention_heads, m.num_key_value_heads, degree)
     stats = 8 if m.normalization == "layernorm" else 4
     return {
         "norm inputs": 2 * elem * h + 2 * stats,
@@ -59,7 +61,7 @@ def comm_buffer_bytes(cfg: RunConfig, strategy: str, degree: int, elem: int) -> 
     """
     m, d = cfg.model, cfg.head_dim
     hq = m.num_attention_heads
-    kv = kv_heads_seen(m.num_key_value_heads, degree)
+    kv = kv_heads_seen(m.num_attention_heads, m.num_key_value_heads, degree)
     a2a = 3 * elem * (hq + 2 * kv) * d
     ring = 2 * 2 * elem * kv * d + 2 * 2 * 4 * kv * d + 4 * hq * d
     return {"local": 0, "ulysses": a2a, "ring": ring, "hybrid": max(a2a, ring)}[strategy]
@@ -71,7 +73,7 @@ def gradient_work_bytes(cfg: RunConfig, strategy: str, degree: int, elem: int) -
     and attention's (dq, dk, dv and dout)."""
     m, d = cfg.model, cfg.head_dim
     hq, f = m.num_attention_heads, m.ffn_hidden_size
-    kv = kv_heads_seen(m.num_key_value_heads, degree)
+    kv = kv_heads_seen(m.num_attention_heads, m.num_key_value_heads, degree)
     mlp = (3 if m.swiglu else 2) * f
     attention = (2 * hq + 2 * kv) * d
     return elem * (2 * m.hidden_size + max(mlp, attention))
@@ -94,7 +96,7 @@ def activation_bytes(cfg: RunConfig, sp: int, strategy: str, ulysses_degree: int
     degree = ulysses_degree_of(strategy, sp, ulysses_degree)
     layer = sum(layer_terms(cfg, strategy, degree, elem).values())
     mlp = mlp_sublayer_bytes(cfg, elem)
-    rot_dim = int(cfg.head_dim * m.rotary_percent) // 2 * 2 if m.use_rotary_position_embeddings else 0
+    rot_dim = rotary_dim(cfg.head_dim, m.rotary_percent) if m.use_rotary_position_embeddings else 0
     stats = 8 if m.normalization == "layernorm" else 4
     # final norm input + stats + its output (the loss checkpoints it), rotary cos/sin, embedding
     # indices and the batch (tokens, labels, positions int64; mask, loss fp32), embedding dropout mask

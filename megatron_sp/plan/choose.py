@@ -51,10 +51,10 @@ def sp_comm_per_layer(cfg: RunConfig, sp: int, strategy: str, u: int | None, ele
     out = dict(a2a_fwd=0.0, a2a_bwd=0.0, p2p_fwd=0.0, p2p_bwd=0.0)
     if strategy in ("ulysses", "hybrid"):
         g = sp if strategy == "ulysses" else u  # q, k, v in; out back (bwd: dout in; dq, dk, dv back)
-        out["a2a_fwd"] = out["a2a_bwd"] = (g - 1) / g * tokens / sp * d * (2 * hq + 2 * kv_heads_seen(hkv, g)) * elem
+        out["a2a_fwd"] = out["a2a_bwd"] = (g - 1) / g * tokens / sp * d * (2 * hq + 2 * kv_heads_seen(hq, hkv, g)) * elem
     if strategy in ("ring", "hybrid"):
         r = sp if strategy == "ring" else sp // u
-        kv = hkv if strategy == "ring" else kv_heads_seen(hkv, u) / u  # kv heads in each ring block
+        kv = hkv if strategy == "ring" else kv_heads_seen(hq, hkv, u) / u  # kv heads in each ring block
         kv_elems = (r - 1) * 2 * tokens / r * kv * d  # k and v, r - 1 hops, [s/r] blocks
         out["p2p_fwd"], out["p2p_bwd"] = kv_elems * elem, kv_elems * (elem + 4)  # + fp32 dk, dv
     return out
@@ -64,7 +64,7 @@ def iteration_seconds(cfg: RunConfig, world: int, sp: int, strategy: str, u: int
                       gpus_per_node: int, global_batch: int) -> tuple[float, float]:
     """(modelled seconds per iteration per GPU, SP bytes sent per GPU per iteration)."""
     m, t = cfg.model, cfg.training
-    elem = 2 if (t.bf16 or t.fp16) else 4
+    elem = cfg.elem_bytes
     micro_batches = global_batch * sp // (t.micro_batch_size * world)  # per GPU per iteration
     compute = flops_per_token(cfg, True) * global_batch * m.seq_length / world / ACHIEVED_FLOPS
     if sp == 1:

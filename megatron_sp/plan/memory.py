@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from megatron_sp.config import RunConfig
 from megatron_sp.plan.activations import activation_bytes, logits_bytes
+from megatron_sp.parallel.sharding import effective_strategy
 
 GIB = 2 ** 30
 DEFAULT_REDUCE_BUCKET = int(5e8)  # DeepSpeed's zero_optimization.reduce_bucket_size default (elements)
@@ -98,7 +99,7 @@ def estimate_memory(cfg: RunConfig, world: int, sp: int, strategy: str, ulysses_
                     zero: ZeroSetup) -> MemoryEstimate:
     """Peak GPU bytes per rank for SP size `sp` (strategy ulysses/ring/hybrid; 'local' when sp == 1)."""
     t, m = cfg.training, cfg.model
-    elem = 2 if (t.bf16 or t.fp16) else 4
+    elem = cfg.elem_bytes
     params = count_parameters(cfg)
     states = model_state_bytes(params, world, zero.stage, elem)
     host = {}
@@ -107,7 +108,7 @@ def estimate_memory(cfg: RunConfig, world: int, sp: int, strategy: str, ulysses_
     if zero.offload_param:
         host["parameters"] = states.pop("parameters")
     local_tokens = t.micro_batch_size * m.seq_length // sp
-    acts = activation_bytes(cfg, sp, strategy if sp > 1 else "local", ulysses_degree, elem)
+    acts = activation_bytes(cfg, sp, effective_strategy(strategy, sp), ulysses_degree, elem)
     if m.checkpoint_activations:  # one layer at a time is rebuilt in backward
         stored, workspace = acts["checkpointed"], acts["layer"]
     elif m.recompute_granularity == "selective":  # one MLP at a time is rebuilt

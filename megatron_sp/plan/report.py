@@ -3,7 +3,7 @@ import copy
 import dataclasses
 
 from megatron_sp.config import RunConfig
-from megatron_sp.parallel.sharding import ulysses_degree_of
+from megatron_sp.parallel.sharding import effective_strategy, ulysses_degree_of
 from megatron_sp.parallel.state import rank_grid
 from megatron_sp.plan.activations import layer_terms
 from megatron_sp.plan.choose import ACHIEVED_FLOPS, MEMORY_RESERVE, iteration_seconds
@@ -33,7 +33,8 @@ def _groups(groups: list[list[int]], compact: bool) -> str:
 def layout_lines(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
     """Which ranks form each SP and DP group (and hybrid's Ulysses and ring groups)."""
     p = cfg.parallel
-    sp, strategy = p.sequence_parallel_size, p.sequence_parallel_strategy if p.sequence_parallel_size > 1 else "local"
+    sp = p.sequence_parallel_size
+    strategy = effective_strategy(p.sequence_parallel_strategy, sp)
     u = ulysses_degree_of(strategy, sp, p.ulysses_degree)
     grid = rank_grid(world, sp, u)
     compact = world >= COMPACT_FROM
@@ -53,16 +54,14 @@ def _gib(nbytes: float) -> str:
     return f"{nbytes / GIB:8.2f} GiB"
 
 
-def memory_lines(cfg: RunConfig, world: int, zero: ZeroSetup, gpu_gib: float) -> tuple[list[str], list[str]]:
-    """(lines, warnings) for the configured SP size and strategy."""
+def memory_lines(cfg: RunConfig, world: int, zero: ZeroSetup, gpu_gib: float) -> list[str]:
+    """The memory estimate for the configured SP size and strategy, a warning line last if it does not fit."""
     m, p, t = cfg.model, cfg.parallel, cfg.training
     sp = p.sequence_parallel_size
-    strategy = p.sequence_parallel_strategy if sp > 1 else "local"
-    elem = 2 if (t.bf16 or t.fp16) else 4
+    strategy, elem = effective_strategy(p.sequence_parallel_strategy, sp), cfg.elem_bytes
     est = estimate_memory(cfg, world, sp, strategy, p.ulysses_degree, zero)
-    precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
     ckpt = "on" if m.checkpoint_activations else "selective (MLP)" if m.recompute_granularity == "selective" else "off"
-    lines = [f"memory per GPU (estimate): ZeRO {zero.stage} over {world} ranks, {precision}, activation "
+    lines = [f"memory per GPU (estimate): ZeRO {zero.stage} over {world} ranks, {cfg.precision}, activation "
              f"checkpointing {ckpt}, {est.local_tokens} local tokens (micro batch {t.micro_batch_size} x "
              f"{m.seq_length} / SP {sp})"]
     lines += [f"  {name:<20}{_gib(value)}" for name, value in est.parts.items()]
@@ -81,11 +80,10 @@ def memory_lines(cfg: RunConfig, world: int, zero: ZeroSetup, gpu_gib: float) ->
                  + f"; checkpointed: {elem * m.hidden_size} (layer input)")
     lines.append("  not counted: CUDA context, NCCL buffers, allocator fragmentation "
                  f"(the auto planner keeps {1 - MEMORY_RESERVE:.0%} free for them)")
-    warnings = []
     if est.total > gpu_gib * GIB:
-        warnings.append(f"WARNING: the estimate ({est.total / GIB:.1f} GiB) exceeds the GPU memory "
-                        f"({gpu_gib:.1f} GiB); to fit: {memory_remedies(cfg, zero)}")
-    return lines, warnings
+        lines.append(f"WARNING: the estimate ({est.total / GIB:.1f} GiB) exceeds the GPU memory "
+                     f"({gpu_gib:.1f} GiB); to fit: {memory_remedies(cfg, zero)}")
+    return lines
 
 
 def memory_remedies(cfg: RunConfig, zero: ZeroSetup) -> str:
@@ -109,7 +107,7 @@ def flops_lines(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
     tokens = t.global_batch_size * m.seq_length
     model, hardware = flops_per_token(cfg, False) * tokens, flops_per_token(cfg, True) * tokens
     sp = p.sequence_parallel_size
-    strategy = p.sequence_parallel_strategy if sp > 1 else "local"
+    strategy = effective_strategy(p.sequence_parallel_strategy, sp)
     seconds, sent = iteration_seconds(cfg, world, sp, strategy, p.ulysses_degree, gpus_per_node, t.global_batch_size)
     lines = [f"model: {count_parameters(cfg) / 1e9:.3f} B parameters, {m.num_layers} layers, hidden {m.hidden_size}, "
              f"heads {m.num_attention_heads}/{m.num_key_value_heads} (q/kv), FFN {m.ffn_hidden_size}, "

@@ -1,11 +1,10 @@
 """DeepSpeed set-up: the JSON config merged with the flags, the mpu adapter, deepspeed.initialize."""
-import json
 import math
 
 import deepspeed
 import torch
 
-from megatron_sp.arguments import ConfigError
+from megatron_sp.arguments import ConfigError, read_deepspeed_json
 from megatron_sp.config import RunConfig
 from megatron_sp.parallel.state import ParallelState
 from megatron_sp.training.schedule import LRSchedule
@@ -51,11 +50,7 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> tuple[dict, list[str]]:
     t = cfg.training
     ds, notes = {}, []
     if t.deepspeed_config:
-        try:
-            with open(t.deepspeed_config) as f:
-                ds = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{t.deepspeed_config} is not valid JSON: {err}") from None
+        ds = read_deepspeed_json(t.deepspeed_config)
     grad_acc = t.global_batch_size // (t.micro_batch_size * dp_size)
     wanted = {"train_batch_size": t.global_batch_size, "train_micro_batch_size_per_gpu": t.micro_batch_size,
               "gradient_accumulation_steps": grad_acc}

@@ -13,9 +13,14 @@ def forward_flops_per_token(cfg: RunConfig) -> tuple[float, float]:
     m = cfg.model
     d, hq, hkv, h = cfg.head_dim, m.num_attention_heads, m.num_key_value_heads, m.hidden_size
     projections = 2 * h * (2 * hq + 2 * hkv) * d
-    mlp = 2 * h * m.ffn_hidden_size * (3 if m.swiglu else 2)
     attention = 2 * 2 * m.seq_length * hq * d / 2  # causal
-    return m.num_layers * (projections + mlp + attention), 2 * h * cfg.padded_vocab_size
+    return m.num_layers * (projections + mlp_forward_flops(cfg) + attention), 2 * h * cfg.padded_vocab_size
+
+
+def mlp_forward_flops(cfg: RunConfig) -> float:
+    """One layer's MLP forward FLOPs per token: 2*h*f*(3 if SwiGLU else 2)."""
+    m = cfg.model
+    return 2 * m.hidden_size * m.ffn_hidden_size * (3 if m.swiglu else 2)
 
 
 def flops_per_token(cfg: RunConfig, with_recompute: bool) -> float:
@@ -27,5 +32,5 @@ def flops_per_token(cfg: RunConfig, with_recompute: bool) -> float:
     if with_recompute and m.checkpoint_activations:
         recompute = layers
     elif with_recompute and m.recompute_granularity == "selective":
-        recompute = m.num_layers * 2 * m.hidden_size * m.ffn_hidden_size * (3 if m.swiglu else 2)
+        recompute = m.num_layers * mlp_forward_flops(cfg)
     return 3 * (layers + output) + recompute

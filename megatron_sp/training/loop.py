@@ -60,12 +60,13 @@ def train_step(engine, micro_batches: list[dict], ctx: StepContext):
     batches = [ctx.batch(mb) for mb in micro_batches]
     local_count = sum(b["loss_mask"].sum() for b in batches).double()
     global_count = _global_sum(local_count.clone()).clamp_min(1.0)
+    scale = ctx.world_size / global_count  # the same for every micro batch of the step
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     grad_norm = None
     for i, b in enumerate(batches):
         token_loss = engine(b["tokens"], b["position_ids"], b["labels"])  # [b, s/P] fp32
         local_sum = (token_loss * b["loss_mask"]).sum()
-        engine.backward(local_sum * (ctx.world_size / global_count).to(local_sum.dtype), scale_wrt_gas=False)
+        engine.backward(local_sum * scale.to(local_sum.dtype), scale_wrt_gas=False)
         if i == len(batches) - 1:
             grad_norm = fp32_grad_norm(engine)
         engine.step()
@@ -74,8 +75,8 @@ def train_step(engine, micro_batches: list[dict], ctx: StepContext):
 
 
 @torch.no_grad()
-def evaluate(engine, micro_batches, ctx: StepContext) -> tuple[float, int]:
-    """Mean token loss over the given micro batches (all ranks) -> (loss, tokens)."""
+def evaluate(engine, micro_batches, ctx: StepContext) -> float:
+    """Mean token loss over the given micro batches (all ranks)."""
     engine.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     count = torch.zeros((), dtype=torch.float64, device=ctx.device)
@@ -86,4 +87,4 @@ def evaluate(engine, micro_batches, ctx: StepContext) -> tuple[float, int]:
         count += b["loss_mask"].sum().double()
     engine.train()
     total = _global_sum(torch.stack([loss_sum, count]))
-    return (total[0] / total[1].clamp_min(1.0)).item(), int(total[1].item())
+    return (total[0] / total[1].clamp_min(1.0)).item()

@@ -14,7 +14,7 @@ from megatron_sp.config import RunConfig
 from megatron_sp.data.gpt_dataset import build_gpt_datasets
 from megatron_sp.data.loader import build_data_iterator
 from megatron_sp.model.gpt import GPTModel
-from megatron_sp.parallel.sharding import ulysses_degree_of
+from megatron_sp.parallel.sharding import effective_strategy, ulysses_degree_of
 from megatron_sp.parallel.state import ParallelState
 from megatron_sp.plan import gpus_per_node_from_env, layout_lines
 from megatron_sp.training import checkpoint, engine as ds_engine
@@ -73,7 +73,7 @@ def build(cfg: RunConfig, tokenizer) -> Setup:
     device = init_distributed(cfg)
     world, rank = dist.get_world_size(), dist.get_rank()
     m, p, d = cfg.model, cfg.parallel, cfg.data
-    strategy = p.sequence_parallel_strategy if p.sequence_parallel_size > 1 else "local"
+    strategy = effective_strategy(p.sequence_parallel_strategy, p.sequence_parallel_size)
     ps = ParallelState.build(p.sequence_parallel_size,
                              ulysses_degree_of(strategy, p.sequence_parallel_size, p.ulysses_degree))
     self_group = [dist.new_group([r]) for r in range(world)][rank]  # DeepSpeed's "model parallel" group
@@ -107,7 +107,7 @@ def run(cfg: RunConfig, tokenizer) -> dict:
                  f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x grad-accumulation {grad_acc} "
                  f"x DP {ps.dp_size}; {m.seq_length} tokens/sample, {m.seq_length // ps.sp_size} per rank; "
                  f"ZeRO stage {ds_config['zero_optimization']['stage']}; "
-                 f"{'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32'}",
+                 f"{cfg.precision}",
                  *[f"note: {n}" for n in notes + cfg.ignored]]:
         log.print(line)
 
@@ -195,7 +195,7 @@ def run_eval(engine, valid_ds, iteration, t, ps, ctx, log) -> None:
     """The k-th evaluation reads the k-th block of validation samples (fresh ones each time)."""
     start = (iteration // t.eval_interval - 1) * t.eval_iters * t.global_batch_size
     valid_iter = build_data_iterator(valid_ds, start, t.micro_batch_size, ps.dp_rank, ps.dp_size)
-    loss, tokens = evaluate(engine, micro_batches_of(valid_iter, t.eval_iters * t.global_batch_size
+    loss = evaluate(engine, micro_batches_of(valid_iter, t.eval_iters * t.global_batch_size
                                                      // (t.micro_batch_size * ps.dp_size)), ctx)
     ppl = math.exp(min(20.0, loss))
     log.print(f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |")
