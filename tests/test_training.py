@@ -142,3 +142,8 @@ def test_zero3_never_materialises_the_whole_model(corpus):
     for r in run_ranks(2, _zero3_build, argv):
         assert r["holds"] == 0 and 0 < r["shard"] <= r["full"] // 2 + 1
         assert abs(r["std"] - 0.05) < 0.005
+
+
+def test_eval_interval_zero_means_no_evaluation(corpus):
+    """--eval-interval 0 turns evaluation off (it divided by zero while sizing the validation set)."""
+    assert train(1, flags(corpus, "--eval-interval", "0", iters=3)) == train(1, flags(corpus, iters=3))

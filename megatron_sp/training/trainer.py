@@ -118,7 +118,7 @@ def run(cfg: RunConfig, tokenizer) -> dict:
     elif t.load:
         log.print(f"no checkpoint in {t.load}: starting from scratch")
 
-    eval_runs = t.train_iters // t.eval_interval + 1
+    eval_runs = t.train_iters // t.eval_interval + 1 if t.eval_interval else 0  # 0: no evaluation
     d = cfg.data
     train_ds, valid_ds, _ = build_gpt_datasets(
         data_path=d.data_path, split=d.split, seq_length=m.seq_length, seed=t.seed,
