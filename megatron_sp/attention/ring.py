@@ -46,13 +46,10 @@ def _merge(out, lse, block_out, block_lse) -> None:
 def ring_forward(q, k, v, ring: Ring, causal: bool, scale: float, backend: str, zigzag: bool = True):
     """q [b, s/P, hq, d], k/v [b, s/P, hkv, d] -> (out [b, s/P, hq, d], lse [b, hq, s/P] fp32/fp64)."""
     acc = accumulation_dtype(q.dtype)
-    kv = torch.stack([k, v])  # [2, b, s/P, hkv, d]: one message per step
-    spare = torch.empty_like(kv)
+    kv = torch.stack([k, v])  # [2, b, s/P, hkv, d]: one message per hop
     out = lse = None
     for step in range(ring.size):
-        last = step == ring.size - 1
-        if not last:  # the next block travels while this one is computed
-            nxt, handles = ring.send_recv(kv, spare)
+        hop = ring.shift(kv) if step < ring.size - 1 else None  # the next block travels meanwhile
         block = _block(step, ring.rank, ring.size, q.shape[1], causal, zigzag)
         if block is not None:
             rows, cols, mask = block
@@ -61,54 +58,67 @@ def ring_forward(q, k, v, ring: Ring, causal: bool, scale: float, backend: str, 
                 out, lse = o.to(acc), l.to(acc)
             else:
                 _merge(out[:, rows], lse[:, :, rows], o, l)
-        if not last:
-            ring.wait(handles)
-            kv, spare = nxt, kv
+        if hop is not None:
+            kv = hop.wait()
     return out.to(q.dtype), lse
+
+
+def _local_split(local_len: int, causal: bool, world: int):
+    """Step 0's block for the backward, cut into (head, tail) lists of (q rows, k/v rows, causal mask).
+
+    The head runs first, while the first k/v hop travels; the tail runs last, while the dk/dv of the
+    last remote block travel home, so no transfer waits on an idle GPU. Rows split at h = n/2:
+    causal [h:, :h] is full, [:h, :h] and [h:, h:] are causal with equal offsets. One block when
+    there is no ring (P = 1) or nothing to split."""
+    h = local_len // 2
+    if world == 1 or h == 0:
+        return [(ALL, ALL, causal)], []
+    top, bottom = slice(0, h), slice(h, None)
+    if not causal:
+        return [(top, ALL, False)], [(bottom, ALL, False)]
+    return [(top, top, True), (bottom, bottom, True)], [(bottom, top, False)]
 
 
 def ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: float, backend: str,
                   zigzag: bool = True):
     """(dq, dk, dv) for ring_forward. Every block is recomputed against the final out and lse, so
-    its gradients are exact. dk/dv of a k/v block ride the ring one step behind it, in fp32/fp64,
-    and arrive back at the owner after P-1 hops (the owner keeps its own step-0 share)."""
+    its gradients are exact.
+
+    Schedule: step 0's head, the P-1 remote blocks, step 0's tail (_local_split). The dk/dv of a
+    remote k/v block ride the ring one hop behind it and arrive back at its owner after P-1 hops.
+    Their first hop carries one block's gradients, sent in the kernel's dtype (exact, half the
+    bytes of fp32); later hops carry sums, in fp32/fp64. Local sums are fp32/fp64 too."""
     acc = accumulation_dtype(q.dtype)
+    local_kv = torch.stack([k, v])  # [2, b, s/P, hkv, d]
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kv = torch.stack([k, v])
-    spare = torch.empty_like(kv)
-    dkv_home = torch.zeros(kv.shape, dtype=acc, device=q.device)  # [2, b, s/P, hkv, d]
-    dkv = dkv_spare = dkv_received = dkv_handles = None
-    for step in range(ring.size):
-        last = step == ring.size - 1
-        if not last:
-            nxt, kv_handles = ring.send_recv(kv, spare)
+    dkv = torch.zeros(local_kv.shape, dtype=acc, device=q.device)
+
+    def add_grads(block, kv, kv_grads):
+        rows, cols, mask = block
+        bdq, bdk, bdv = attention_backward(dout[:, rows], q[:, rows], kv[0][:, cols], kv[1][:, cols],
+                                           out[:, rows], lse[:, :, rows], mask, scale, backend)
+        dq[:, rows] += bdq
+        kv_grads[0][:, cols] += bdk
+        kv_grads[1][:, cols] += bdv
+
+    head, tail = _local_split(q.shape[1], causal, ring.size)
+    kv_hop = ring.shift(local_kv) if ring.size > 1 else None
+    for block in head:
+        add_grads(block, local_kv, dkv)
+    grads_hop = None  # the travelling dk/dv of the previous step's block
+    for step in range(1, ring.size):
+        kv = kv_hop.wait()
+        kv_hop = ring.shift(kv) if step < ring.size - 1 else None
+        kv_grads = torch.zeros_like(kv) if grads_hop is None else grads_hop.wait().to(acc)
         block = _block(step, ring.rank, ring.size, q.shape[1], causal, zigzag)
         if block is not None:
-            rows, cols, mask = block
-            bdq, bdk, bdv = attention_backward(dout[:, rows], q[:, rows], kv[0][:, cols], kv[1][:, cols],
-                                               out[:, rows], lse[:, :, rows], mask, scale, backend)
-            dq[:, rows] += bdq
-        if step == 0:
-            target = dkv_home
-        elif step == 1:  # the travelling accumulator of the block that just arrived starts here
-            target = dkv = torch.zeros_like(dkv_home)
-            dkv_spare = torch.empty_like(dkv_home)
-        else:
-            ring.wait(dkv_handles)
-            dkv, dkv_spare = dkv_received, dkv
-            target = dkv
-        if block is not None:
-            target[0][:, cols] += bdk
-            target[1][:, cols] += bdv
-        if step > 0:
-            dkv_received, dkv_handles = ring.send_recv(dkv, dkv_spare)
-        if not last:
-            ring.wait(kv_handles)
-            kv, spare = nxt, kv
-    if dkv_handles is not None:  # our own block's accumulator, back from rank - 1
-        ring.wait(dkv_handles)
-        dkv_home += dkv_received
-    return dq.to(q.dtype), dkv_home[0].to(k.dtype), dkv_home[1].to(v.dtype)
+            add_grads(block, kv, kv_grads)
+        grads_hop = ring.shift(kv_grads)
+    for block in tail:
+        add_grads(block, local_kv, dkv)
+    if grads_hop is not None:  # our own k/v's gradients from the other ranks, home from rank - 1
+        dkv += grads_hop.wait()
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
 class RingAttentionFn(torch.autograd.Function):

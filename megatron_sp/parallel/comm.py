@@ -41,12 +41,29 @@ class AsyncAllToAll:
         return self.recv
 
 
+class RingShift:
+    """One ring hop in flight: `send` leaves for the next rank while the previous rank's tensor of the
+    same shape and dtype arrives. Holds the send buffer until `wait()`, which returns the received
+    tensor (the current stream waits for it on NCCL; gloo blocks the caller). Call wait() exactly once."""
+
+    def __init__(self, ring: "Ring", send: torch.Tensor):
+        self.send, self.recv = send, torch.empty_like(send)
+        ops = [dist.P2POp(dist.isend, send, ring.next, ring.group),
+               dist.P2POp(dist.irecv, self.recv, ring.prev, ring.group)]
+        self.handles = dist.batch_isend_irecv(ops)
+
+    def wait(self) -> torch.Tensor:
+        for handle in self.handles:
+            handle.wait()
+        self.send = None
+        return self.recv
+
+
 class Ring:
     """Neighbours of this rank in a ring `group`: send to group rank + 1, receive from group rank - 1.
 
-    `send_recv` starts both transfers at once (dist.batch_isend_irecv) and returns the receive
-    buffer with the handles; compute on the current block, then `wait` before touching the buffer.
-    Every rank of the ring must issue the same sequence of send_recv calls (p2p ops match in order).
+    `shift(t)` starts one hop (RingShift); compute on the current block, then `wait()` before using
+    what arrived. Every rank of the ring must issue the same sequence of shifts (p2p ops match in order).
     """
 
     def __init__(self, group):
@@ -56,15 +73,6 @@ class Ring:
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
 
-    def send_recv(self, send: torch.Tensor, recv: torch.Tensor | None = None):
-        """Start sending `send` (contiguous, must stay unmodified until waited) to the next rank and
-        receiving the previous rank's tensor of the same shape into `recv` (new if None)."""
-        recv = torch.empty_like(send) if recv is None else recv
-        ops = [dist.P2POp(dist.isend, send, self.next, self.group),
-               dist.P2POp(dist.irecv, recv, self.prev, self.group)]
-        return recv, dist.batch_isend_irecv(ops)
-
-    @staticmethod
-    def wait(handles) -> None:
-        for handle in handles:
-            handle.wait()
+    def shift(self, send: torch.Tensor) -> RingShift:
+        """Start sending `send` (contiguous; left unmodified until waited) to the next rank."""
+        return RingShift(self, send)
