@@ -125,7 +125,8 @@ def initialize(make_model, cfg: RunConfig, ps: ParallelState, self_group):
     t = cfg.training
     ds_config["optimizer"] = {"type": "AdamW", "params": {
         "lr": t.lr, "betas": [t.adam_beta1, t.adam_beta2], "eps": t.adam_eps, "weight_decay": t.weight_decay,
-        "torch_adam": True, "adam_w_mode": True}}
+        "torch_adam": True, "adam_w_mode": True,
+        "fused": True}}  # torch's one-kernel AdamW (CPU and GPU): no DeepSpeed op to build
     ds_config.setdefault("zero_allow_untested_optimizer", True)
     mpu = DeepSpeedMPU(ps, self_group)
     model = build_model(make_model, ds_config, mpu, ps.rank)
