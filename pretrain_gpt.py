@@ -70,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.sp_choice and os.environ.get("RANK", "0") == "0":
         print("\n".join(cfg.sp_choice), flush=True)
     from megatron_sp.training.trainer import run
-    run(cfg, tokenizer)
+    try:
+        run(cfg, tokenizer)
+    except ConfigError as err:  # found once the device is known (e.g. a kernel it lacks)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -125,3 +125,13 @@ def test_cli_reports_one_line_and_exit_code_2():
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: ")
     assert "Traceback" not in out.stderr
+
+
+def test_a_kernel_the_device_lacks_is_one_line_and_exit_code_2():
+    """Checked once the device is known, before the model is built: not a traceback at the first step."""
+    out = subprocess.run([sys.executable, "pretrain_gpt.py", *MINIMAL, "--attention-backend", "cudnn"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == ("error: attention backend 'cudnn' is unavailable on cpu: "
+                                                   "it needs a CUDA device")

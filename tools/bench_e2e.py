@@ -196,7 +196,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint-activations", action="store_true")
     p.add_argument("--strategy", choices=("ulysses", "ring", "hybrid"), default="ulysses")
     p.add_argument("--ulysses-degree", type=int, default=None, help="hybrid only")
-    p.add_argument("--backend", default="cudnn", help="attention kernel (cudnn, triton, sdpa_flash, torch, auto)")
+    p.add_argument("--backend", default=None,
+                   help="attention kernel (cudnn, triton, sdpa_flash, torch, auto); default cudnn on cuda, torch on cpu")
     p.add_argument("--sp", type=int, default=2, help="sequence-parallel size")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
@@ -204,7 +205,9 @@ def parse_args(argv=None):
     p.add_argument("--trace", default=None, help="with --profile: keep each rank's chrome trace as TRACE.rankN.json.gz")
     p.add_argument("--out", default="bench_e2e.json", help="JSON file; an existing list in it is appended to")
     p.add_argument("extra", nargs="*", help="more Megatron flags, after --")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.backend = args.backend or ("cudnn" if args.device == "cuda" else "torch")
+    return args
 
 
 def previous_results(path: str) -> list:
@@ -229,7 +232,11 @@ def main(argv=None) -> dict:
     previous_results(args.out)  # refuse a bad --out before the run, not after it
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    result = run(args)
+    from megatron_sp.arguments import ConfigError
+    try:
+        result = run(args)
+    except ConfigError as err:  # flags, or a kernel this device lacks
+        raise SystemExit(f"bench_e2e: error: {err}") from None
     if dist.get_rank() == 0:
         r = result
         print(f"bench_e2e: {r['model']} ({r['parameters'] / 1e9:.2f} B) seq {r['seq_length']} ZeRO-{r['zero_stage']} "

@@ -9,7 +9,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_sp.arguments import ConfigError
 from megatron_sp.attention import build_inner_attention
+from megatron_sp.attention.backends import resolve_backend
 from megatron_sp.config import RunConfig
 from megatron_sp.data.gpt_dataset import build_gpt_datasets
 from megatron_sp.data.loader import build_data_iterator
@@ -73,6 +75,11 @@ def build(cfg: RunConfig, tokenizer) -> Setup:
     device = init_distributed(cfg)
     world, rank = dist.get_world_size(), dist.get_rank()
     m, p, d = cfg.model, cfg.parallel, cfg.data
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+    try:  # a kernel this device lacks is one error line now, not a traceback at the first forward
+        resolve_backend(p.attention_backend, device, dtype)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     strategy = effective_strategy(p.sequence_parallel_strategy, p.sequence_parallel_size)
     ps = ParallelState.build(p.sequence_parallel_size,
                              ulysses_degree_of(strategy, p.sequence_parallel_size, p.ulysses_degree))
