@@ -1,6 +1,8 @@
 """The GPU benchmarks' CPU modes run end to end on 2 forked gloo ranks: tiny shapes, a few seconds each."""
 import json
 
+import pytest
+
 from tests.distributed import run_ranks
 
 
@@ -78,3 +80,19 @@ def test_bench_e2e_refuses_an_out_file_it_cannot_append_to(tmp_path):
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith("bench_e2e: error: --out"), proc.stderr
         assert out.read_text() == content
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--backends", "cudnn,foo"], "argument --backends: unknown foo"),
+    (["--skip", "cpp"], "argument --skip: unknown cpp"),
+    (["--seqs", "16k"], "argument --seqs: invalid int_list value: '16k'"),
+])
+def test_bench_attention_rejects_bad_lists_in_one_line(argv, message):
+    import pathlib
+    import subprocess
+    import sys
+    tool = pathlib.Path(__file__).resolve().parents[1] / "tools" / "bench_attention.py"
+    proc = subprocess.run([sys.executable, str(tool), "--device", "cpu", *argv], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1], proc.stderr

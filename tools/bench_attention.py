@@ -27,6 +27,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_sp.attention import build_inner_attention  # noqa: E402
+from megatron_sp.attention.backends import BACKENDS  # noqa: E402
 from megatron_sp.parallel.sharding import layout_for  # noqa: E402
 from megatron_sp.parallel.state import ParallelState  # noqa: E402
 from tools.timing import attention_fwd_flops, time_ms  # noqa: E402
@@ -264,24 +265,40 @@ def print_table(bench: Bench):
             bench.log(f"ceiling: {r['name']}: " + (f"{r['value']:.4g} {r['unit']}" if "value" in r else r["error"]))
 
 
+def int_list(text: str) -> list[int]:
+    """'16384,65536' -> [16384, 65536]; argparse turns the ValueError into one usage error line."""
+    return [int(t) for t in text.split(",")]
+
+
+def name_list(choices: tuple[str, ...]):
+    """A comma-separated list type whose every name must be one of `choices`."""
+    def parse(text: str) -> list[str]:
+        names = text.split(",")
+        unknown = [n for n in names if n not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)} (choose from {', '.join(choices)})")
+        return names
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--seqs", type=lambda x: [int(t) for t in x.split(",")], default=None,
+    p.add_argument("--seqs", type=int_list, default=None,
                    help="comma-separated sequence lengths (default 16384,65536,131072; CPU 64,128)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=None, help="default 16 (CPU 4)")
     p.add_argument("--head-dim", type=int, default=None, help="default 128 (CPU 16)")
-    p.add_argument("--backends", type=lambda x: x.split(","), default=None,
+    p.add_argument("--backends", type=name_list(("auto", *BACKENDS)), default=None,
                    help="our kernels to run under each strategy (default cudnn,triton,sdpa_flash; CPU torch)")
-    p.add_argument("--ulysses-head-groups", type=lambda x: [int(t) for t in x.split(",")], default=[1, 2],
+    p.add_argument("--ulysses-head-groups", type=int_list, default=[1, 2],
                    help="Ulysses head-group counts to measure, comma-separated ints (default 1,2: "
                         "the default, unpipelined G=1, beside two pipelined head groups)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--matmul-n", type=int, default=None, help="default 8192 (CPU 256)")
     p.add_argument("--comm-mb", type=int, default=None, help="default 256 (CPU 1)")
-    p.add_argument("--skip", type=lambda x: x.split(","), default=[],
+    p.add_argument("--skip", type=name_list(("ours", "deepspeed", "cp", "single", "ceilings")), default=[],
                    help="groups to leave out: ours,deepspeed,cp,single,ceilings")
     p.add_argument("--out", default="bench_attention.json")
     args = p.parse_args(argv)
