@@ -162,6 +162,11 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     if m.num_attention_heads % m.num_key_value_heads:
         raise ConfigError(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
                           f"--num-key-value-heads {m.num_key_value_heads}")
+    if p.attention_backend == "triton":
+        from megatron_sp.kernels.flash_attn import HEAD_DIMS
+        if cfg.head_dim not in HEAD_DIMS:
+            raise ConfigError(f"--attention-backend triton supports head dimensions {' and '.join(map(str, HEAD_DIMS))}; "
+                              f"this model's is {cfg.head_dim} (--hidden-size / --num-attention-heads, or --kv-channels)")
     if cfg.head_dim % 2 and m.use_rotary_position_embeddings:
         raise ConfigError(f"rotary embeddings need an even head dimension, got {cfg.head_dim}")
     if not m.use_rotary_position_embeddings and m.max_position_embeddings < m.seq_length:

@@ -170,3 +170,15 @@ def test_gpu_backends_match_torch(backend, causal, hkv):
         torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=5e-2)
     assert resolve_backend("auto", q.device, torch.bfloat16) == ("cudnn" if torch.backends.cudnn.is_available()
                                                                  else "sdpa_flash")
+
+
+def test_resolve_backend_refuses_fp32_for_the_half_precision_kernels(monkeypatch):
+    """cuDNN, SDPA flash and flash-attn take bf16/fp16 only: an fp32 run is one error line at start."""
+    import megatron_sp.attention.backends as backends
+    monkeypatch.setattr(backends, "_unavailable_reason", lambda name, device: None)  # as on a GPU
+    for name in ("cudnn", "sdpa_flash", "flash_attn"):
+        with pytest.raises(ValueError, match="runs in bf16 or fp16 only, not float32") as err:
+            resolve_backend(name, "cpu", torch.float32)
+        assert "\n" not in str(err.value)
+        assert resolve_backend(name, "cpu", torch.bfloat16) == name
+    assert resolve_backend("triton", "cpu", torch.float32) == "triton"

@@ -110,6 +110,8 @@ def test_defaults_are_filled():
     (["--reset-attention-mask"], 1, "--reset-attention-mask"),
     (["--data-path", "/nonexistent/corpus_text_document"], 1, "data file not found"),
     (["--data-path", "0.5", "a", "b"], 1, "weight prefix"),
+    (["--attention-backend", "triton", "--hidden-size", "96", "--num-attention-heads", "4"], 1,
+     "--attention-backend triton supports head dimensions 64 and 128; this model's is 24"),
 ])
 def test_impossible_configurations_are_one_line(argv, world, message):
     argv = [*argv, "--train-iters", "2"] + ([] if "--data-path" in argv else ["--mock-data"])
@@ -135,3 +137,14 @@ def test_a_kernel_the_device_lacks_is_one_line_and_exit_code_2():
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == ("error: attention backend 'cudnn' is unavailable on cpu: "
                                                    "it needs a CUDA device")
+
+
+def test_a_save_directory_that_cannot_be_made_is_one_line_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    out = subprocess.run([sys.executable, "pretrain_gpt.py", *MINIMAL, "--save", str(blocker / "ckpt")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and "iteration" not in out.stdout
+    assert out.stderr.strip().splitlines()[-1] == f"error: --save {blocker / 'ckpt'}: Not a directory"
+    assert blocker.read_text() == "not a directory"

@@ -223,8 +223,8 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
 
 
 def resolve_backend(name: str, device, dtype: torch.dtype) -> str:
-    """The concrete backend for `name` on `device`: `auto` picks cudnn on CUDA bf16/fp16, else
-    sdpa_flash, else torch; an explicit backend that cannot run is a one-line ValueError."""
+    """The concrete backend for `name` on `device` and `dtype`: `auto` picks cudnn on CUDA bf16/fp16,
+    else sdpa_flash, else torch; an explicit backend that cannot run is a one-line ValueError."""
     device = torch.device(device)
     if name == "auto":
         if dtype in (torch.bfloat16, torch.float16):
@@ -233,6 +233,8 @@ def resolve_backend(name: str, device, dtype: torch.dtype) -> str:
                     return candidate
         return "torch"
     reason = _unavailable_reason(name, device)
+    if reason is None and name in (*_ATEN_OPS, "flash_attn") and dtype not in (torch.bfloat16, torch.float16):
+        reason = f"it runs in bf16 or fp16 only, not {str(dtype).removeprefix('torch.')} (add --bf16)"
     if reason is not None:
         raise ValueError(f"attention backend {name!r} is unavailable on {device}: {reason}")
     return name

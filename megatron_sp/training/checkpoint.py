@@ -23,6 +23,14 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def prepare_save_dir(save_dir: str) -> None:
+    """Create --save's directory now, at start, so that a path that cannot hold checkpoints is one error
+    line before training instead of a traceback at the first save. OSError with the reason."""
+    os.makedirs(save_dir, exist_ok=True)
+    if not os.access(save_dir, os.W_OK | os.X_OK):
+        raise PermissionError(f"{save_dir} is not writable")
+
+
 def save(engine, save_dir: str, iteration: int, consumed_samples: int, rank: int) -> str:
     """Write global_step{iteration}/ (model, optimizer, schedule via DeepSpeed) and this rank's RNG."""
     tag = f"global_step{iteration}"
