@@ -1,7 +1,6 @@
 """The planner: exact parameter and optimizer bytes, the ZeRO split, activations, auto SP, the CLIs."""
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -104,14 +103,23 @@ def test_dry_run_allocates_nothing_and_reports():
     assert "WARNING: the estimate" in "\n".join(dry_run_lines(cfg, 1, 1))
 
 
-def test_plan_cli_32_gpus_under_5_seconds():
-    argv = [sys.executable, "tools/plan.py", "--world-size", "32", "--num-layers", "64", "--hidden-size", "6144",
-            "--num-attention-heads", "64", "--seq-length", "32768", "--sequence-parallel-size", "8", "--bf16",
-            "--zero-stage", "3", "--checkpoint-activations", "--global-batch-size", "4"]
-    start = time.perf_counter()
+# Runs tools/plan.py in this child and reports the child's own peak RSS on stderr, however it exits.
+PEAK_RSS = ("import resource, runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n"
+            "    runpy.run_path('tools/plan.py', run_name='__main__')\nfinally:\n"
+            "    print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+
+
+def test_plan_cli_32_gpus_builds_nothing():
+    """The 30B plan for 32 GPUs comes from arithmetic alone: the process stays near the size of its imports
+    (the model would be ~60 GB in bf16). How fast it runs is a benchmark's business, not CI's."""
+    argv = [sys.executable, "-c", PEAK_RSS, "tools/plan.py", "--world-size", "32", "--num-layers", "64",
+            "--hidden-size", "6144", "--num-attention-heads", "64", "--seq-length", "32768",
+            "--sequence-parallel-size", "8", "--bf16", "--zero-stage", "3", "--checkpoint-activations",
+            "--global-batch-size", "4"]
     out = subprocess.run(argv, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert time.perf_counter() - start < 5
+    peak_kib = int(out.stderr.strip().splitlines()[-1].split()[-1])
+    assert peak_kib < 4 * 2**20, f"tools/plan.py peaked at {peak_kib / 2**20:.1f} GiB"
     assert "data-parallel groups:     8 x 4 ranks: [0, 8, 16, 24] [1, 9, 17, 25] ... [7, 15, 23, 31]" in out.stdout
 
 

@@ -4,7 +4,6 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -60,14 +59,12 @@ def test_dry_run_without_gpus_or_nvidia_smi(recompute, tmp_path):
     assert expected[recompute] in out.stdout
 
 
-def test_30b_dry_run_on_32_gpus_is_fast(tmp_path):
-    start = time.perf_counter()
+def test_30b_dry_run_on_32_gpus(tmp_path):
+    """The plan of a 32-GPU run on a CPU machine (that it builds nothing: tests/test_planning.py)."""
     out = recipe("30B", tmp_path, DRY_RUN="1", NUM_GPUS="32", GPUS_PER_NODE="8", SP_SIZE="8", SEQ_LEN="32768")
-    elapsed = time.perf_counter() - start
     assert out.returncode == 0, out.stderr
     assert "world 32 = DP 4 x SP 8" in out.stdout and "4 x 8 ranks: [0..7] [8..15]" in out.stdout
     assert "total" in out.stdout and "FLOPs per iteration" in out.stdout
-    assert elapsed < 5, f"dry run took {elapsed:.1f} s"
 
 
 def test_multi_node_launch_commands(tmp_path):
