@@ -134,7 +134,8 @@ class TrainingConfig:
     deepspeed: bool = arg(False, "Accepted for compatibility: training always runs on DeepSpeed.")
     deepspeed_config: str | None = arg(None, "DeepSpeed JSON; batch sizes and ZeRO stage are filled in or checked.",
                                       flags=("--deepspeed_config",))
-    save: str | None = arg(None, "Checkpoint directory to save to.")
+    save: str | None = arg(None, "Checkpoint directory to save to; created at start. One that already holds "
+                                 "checkpoints is refused unless --load names it too (resume there).")
     load: str | None = arg(None, "Checkpoint directory to resume from (latest tag); missing = start fresh.")
     save_interval: int | None = arg(None, "Save every this many steps (and at the end).")
     no_load_optim: bool = arg(False, "Resume weights only, not optimizer state.")

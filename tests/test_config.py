@@ -148,3 +148,27 @@ def test_a_save_directory_that_cannot_be_made_is_one_line_before_training(tmp_pa
     assert "Traceback" not in out.stderr and "iteration" not in out.stdout
     assert out.stderr.strip().splitlines()[-1] == f"error: --save {blocker / 'ckpt'}: Not a directory"
     assert blocker.read_text() == "not a directory"
+
+
+TINY_RUN = [*MINIMAL, "--num-layers", "1", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+            "--max-position-embeddings", "64", "--micro-batch-size", "1", "--global-batch-size", "1"]
+
+
+def test_a_fresh_run_never_overwrites_another_runs_checkpoints(tmp_path):
+    """--save holding checkpoints is refused unless the run resumes from it (--load the same directory)."""
+    save = str(tmp_path / "ckpt")
+    first = subprocess.run([sys.executable, "pretrain_gpt.py", *TINY_RUN, "--save", save],
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    saved = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ckpt").rglob("*")}
+    again = subprocess.run([sys.executable, "pretrain_gpt.py", *TINY_RUN, "--save", save],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr
+    assert again.stderr.strip().splitlines()[-1] == (
+        f"error: --save {save}: already holds checkpoints (latest global_step2) that this run would overwrite; "
+        f"resume with --load {save}, or choose an empty --save directory")
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ckpt").rglob("*")} == saved
+    resumed = subprocess.run([sys.executable, "pretrain_gpt.py", *TINY_RUN, "--train-iters", "3",
+                              "--save", save, "--load", save], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and (tmp_path / "ckpt" / "global_step3").is_dir()

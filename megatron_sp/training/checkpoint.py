@@ -23,12 +23,26 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def prepare_save_dir(save_dir: str) -> None:
-    """Create --save's directory now, at start, so that a path that cannot hold checkpoints is one error
-    line before training instead of a traceback at the first save. OSError with the reason."""
-    os.makedirs(save_dir, exist_ok=True)
+def prepare_save_dir(save_dir: str, load_dir: str | None) -> str | None:
+    """Check --save at start -> None, or the one-line reason it cannot be used.
+
+    Creates the directory now, so that a path that cannot hold checkpoints fails before training,
+    not at the first save. A directory that already holds another run's checkpoints is refused
+    unless this run resumes from it (--load the same directory): a fresh run would overwrite that
+    run's step tags and its `latest`."""
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+    except OSError as err:
+        return err.strerror or str(err)
     if not os.access(save_dir, os.W_OK | os.X_OK):
-        raise PermissionError(f"{save_dir} is not writable")
+        return "not writable"
+    resuming_here = bool(load_dir) and os.path.realpath(load_dir) == os.path.realpath(save_dir)
+    if has_checkpoint(save_dir) and not resuming_here:
+        with open(os.path.join(save_dir, "latest")) as fh:
+            latest = fh.read().strip()
+        return (f"already holds checkpoints (latest {latest}) that this run would overwrite; "
+                f"resume with --load {save_dir}, or choose an empty --save directory")
+    return None
 
 
 def save(engine, save_dir: str, iteration: int, consumed_samples: int, rank: int) -> str:

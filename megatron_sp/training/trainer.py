@@ -101,11 +101,9 @@ def build(cfg: RunConfig, tokenizer) -> Setup:
 
 def run(cfg: RunConfig, tokenizer) -> dict:
     """Train as configured; returns {"losses": [per-step loss], "iteration": last step} for tests."""
-    if cfg.training.save:
-        try:
-            checkpoint.prepare_save_dir(cfg.training.save)
-        except OSError as err:
-            raise ConfigError(f"--save {cfg.training.save}: {err.strerror or err}") from None
+    t = cfg.training
+    if t.save and (problem := checkpoint.prepare_save_dir(t.save, t.load)):
+        raise ConfigError(f"--save {t.save}: {problem}")
     s = build(cfg, tokenizer)
     device, ps, engine, scheduler, ds_config, ctx = s.device, s.ps, s.engine, s.scheduler, s.ds_config, s.ctx
     world, rank = ps.world_size, ps.rank
