@@ -117,3 +117,16 @@ def test_writer_error_leaves_no_files(tmp_path):
             w.add_document([1, 2])
             raise RuntimeError("boom")
     assert not list(tmp_path.iterdir())
+
+
+def test_writer_error_leaves_an_existing_dataset_untouched(tmp_path):
+    prefix = str(tmp_path / "x")
+    with IndexedDatasetWriter(prefix, np.int32) as w:
+        w.add_document([1, 2, 3])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(RuntimeError):
+        with IndexedDatasetWriter(prefix, np.int32) as w:
+            w.add_document([9] * 1000)
+            raise RuntimeError("boom")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert IndexedDataset(prefix)[0].tolist() == [1, 2, 3]

@@ -206,3 +206,15 @@ def test_memory_stays_flat_on_50mb(tmp_path, spm_model):
     assert proc.returncode == 0, err
     assert peak[0] < 2**30 and per_process < 2**30
     assert IndexedDataset(str(tmp_path / "big_text_document")).sizes.sum() > 5e6
+
+
+def test_a_failed_rerun_leaves_the_existing_dataset_as_it_was(tmp_path):
+    """Writes go to .partial files renamed into place on success: a bad input never truncates or
+    deletes the dataset a user already has at that prefix."""
+    (tmp_path / "good.jsonl").write_text('{"text": "1 2 3"}\n{"text": "4 5"}\n')
+    assert _preprocess(tmp_path / "good.jsonl", tmp_path / "o", 1).returncode == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("o_*")}
+    assert set(before) == {"o_text_document.bin", "o_text_document.idx"}
+    (tmp_path / "bad.jsonl").write_text('{"text": "7 8"}\n{"text": "1 x"}\n')
+    assert _preprocess(tmp_path / "bad.jsonl", tmp_path / "o", 2).returncode == 2
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("o_*")} == before

@@ -42,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--vocab-size", type=int, help="NullTokenizer: ids are < this; eod = this")
     g.add_argument("--append-eod", action="store_true", help="end every document with the eod token")
     g = p.add_argument_group("output")
-    g.add_argument("--output-prefix", required=True, help="writes <prefix>_<key>_document.{bin,idx}")
+    g.add_argument("--output-prefix", required=True,
+                   help="writes <prefix>_<key>_document.{bin,idx}; files already there are replaced only "
+                        "when the run succeeds")
     g.add_argument("--dataset-impl", default="mmap", choices=["mmap"], help="accepted for compatibility")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizing processes")

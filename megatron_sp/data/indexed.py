@@ -26,6 +26,7 @@ DTYPES: dict[int, type] = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5:
                            6: np.float64, 7: np.float32, 8: np.uint16}
 CODES: dict[type, int] = {dtype: code for code, dtype in DTYPES.items()}
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, document index length
+PARTIAL = ".partial"  # suffix of the files an IndexedDatasetWriter has not finished
 
 
 class IndexedDataError(ValueError):
@@ -108,6 +109,9 @@ class IndexedDataset:
 class IndexedDatasetWriter:
     """Streams tokens into <prefix>.bin as they come and keeps only sequence lengths; .idx on close.
 
+    Both files are written under a ".partial" suffix and renamed into place by close(), so a run that
+    fails (abort) leaves an existing dataset at <prefix> exactly as it was and no half-written one.
+
     with IndexedDatasetWriter(prefix, np.uint16) as w:
         w.add_document(ids)                        # one document of one sequence
         w.add_documents(tokens_concat, lengths)    # many documents at once (what preprocessing uses)
@@ -118,7 +122,7 @@ class IndexedDatasetWriter:
         if np.dtype(dtype).type not in CODES:
             raise ValueError(f"dtype {np.dtype(dtype).name} cannot be stored in an indexed dataset")
         self.prefix, self.dtype = prefix, np.dtype(dtype)
-        self._bin: BinaryIO = open(data_file_path(prefix), "wb")
+        self._bin: BinaryIO = open(data_file_path(prefix) + PARTIAL, "wb")
         self._sizes = array.array("i")       # int32 [S] sequence lengths
         self._docs = array.array("q", [0])   # int64 [D + 1] document index, leading 0
         self.num_sequences = 0
@@ -149,19 +153,21 @@ class IndexedDatasetWriter:
         self.num_sequences += len(lengths)
 
     def close(self) -> None:
-        """Finish .bin and write .idx."""
+        """Finish .bin, write .idx, and move both into place (replacing a dataset already there)."""
         if self._bin.closed:
             return
         self._bin.close()
-        write_index(index_file_path(self.prefix), self.dtype, np.frombuffer(self._sizes, np.int32),
+        write_index(index_file_path(self.prefix) + PARTIAL, self.dtype, np.frombuffer(self._sizes, np.int32),
                     np.frombuffer(self._docs, np.int64))
+        for path in (data_file_path(self.prefix), index_file_path(self.prefix)):
+            os.replace(path + PARTIAL, path)
 
     def abort(self) -> None:
-        """Stop and delete both files, leaving no half-written dataset that looks valid."""
+        """Stop and delete what this writer wrote; a dataset already at the prefix is left untouched."""
         self._bin.close()
         for path in (data_file_path(self.prefix), index_file_path(self.prefix)):
-            if os.path.exists(path):
-                os.remove(path)
+            if os.path.exists(path + PARTIAL):
+                os.remove(path + PARTIAL)
 
     def __enter__(self) -> "IndexedDatasetWriter":
         return self
