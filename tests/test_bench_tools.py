@@ -96,3 +96,17 @@ def test_bench_attention_rejects_bad_lists_in_one_line(argv, message):
                           timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert message in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+def test_bench_attention_never_overwrites_its_out_file(tmp_path):
+    import pathlib
+    import subprocess
+    import sys
+    tool = pathlib.Path(__file__).resolve().parents[1] / "tools" / "bench_attention.py"
+    out = tmp_path / "attention.json"
+    out.write_text('{"earlier": "results"}')
+    proc = subprocess.run([sys.executable, str(tool), "--device", "cpu", "--out", str(out)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"bench_attention: error: --out {out} already exists; choose another --out"
+    assert out.read_text() == '{"earlier": "results"}'

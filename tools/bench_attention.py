@@ -304,7 +304,7 @@ def parse_args(argv=None):
     p.add_argument("--comm-mb", type=int, default=None, help="default 256 (CPU 1)")
     p.add_argument("--skip", type=name_list(("ours", "deepspeed", "cp", "single", "ceilings")), default=[],
                    help="groups to leave out: ours,deepspeed,cp,single,ceilings")
-    p.add_argument("--out", default="bench_attention.json")
+    p.add_argument("--out", default="bench_attention.json", help="JSON results file to create (never overwritten)")
     args = p.parse_args(argv)
     cpu = args.device == "cpu"
     for name, gpu, cpu_default in (("seqs", [16384, 65536, 131072], [64, 128]), ("heads", 16, 4),
@@ -317,6 +317,8 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     """Run the benchmark (initialising torch.distributed from torchrun's environment unless a test did) -> results."""
     args = parse_args(argv)
+    if os.path.exists(args.out):  # refuse before the run: a results file is never overwritten
+        raise SystemExit(f"bench_attention: error: --out {args.out} already exists; choose another --out")
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
