@@ -172,3 +172,17 @@ def test_a_fresh_run_never_overwrites_another_runs_checkpoints(tmp_path):
                               "--save", save, "--load", save], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and (tmp_path / "ckpt" / "global_step3").is_dir()
+
+
+def test_resuming_a_checkpoint_of_another_model_shape_is_one_line(tmp_path):
+    save = str(tmp_path / "ckpt")
+    first = subprocess.run([sys.executable, "pretrain_gpt.py", *TINY_RUN, "--save", save],
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    other = subprocess.run([sys.executable, "pretrain_gpt.py", *TINY_RUN, "--hidden-size", "128", "--train-iters", "3",
+                            "--save", save, "--load", save], capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr
+    last = other.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --load {save}: its checkpoint does not fit this model (size mismatch for ")
+    assert last.endswith("use the model flags of the run that saved it") and len(last) < 400
+    assert not (tmp_path / "ckpt" / "global_step3").exists()

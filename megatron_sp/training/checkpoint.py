@@ -5,6 +5,8 @@ import random
 import numpy as np
 import torch
 
+from megatron_sp.arguments import ConfigError
+
 RNG_FILE = "rng_state_rank{rank}.pt"
 
 
@@ -58,9 +60,19 @@ def has_checkpoint(load_dir: str | None) -> bool:
 
 
 def load(engine, load_dir: str, rank: int, load_optimizer: bool = True, load_rng: bool = True) -> tuple[int, int]:
-    """Resume from the latest tag in load_dir -> (iteration, consumed_samples)."""
-    path, client = engine.load_checkpoint(load_dir, load_optimizer_states=load_optimizer,
-                                          load_lr_scheduler_states=load_optimizer)
+    """Resume from the latest tag in load_dir -> (iteration, consumed_samples). A checkpoint of another
+    model shape is a one-line ConfigError naming the first parameter that does not fit."""
+    try:
+        path, client = engine.load_checkpoint(load_dir, load_optimizer_states=load_optimizer,
+                                              load_lr_scheduler_states=load_optimizer)
+    except RuntimeError as err:  # torch's load_state_dict: "size mismatch for ...", "Missing key(s) ..."
+        misfit = next((line.strip() for line in str(err).splitlines()
+                       if line.strip().startswith(("size mismatch", "Missing key", "Unexpected key"))), None)
+        if misfit is None:
+            raise
+        misfit = misfit if len(misfit) <= 200 else misfit[:197] + "..."
+        raise ConfigError(f"--load {load_dir}: its checkpoint does not fit this model ({misfit.rstrip('.')}); "
+                          "use the model flags of the run that saved it") from None
     if path is None:
         raise RuntimeError(f"DeepSpeed found no loadable checkpoint in {load_dir}")
     with open(os.path.join(load_dir, "latest")) as f:
