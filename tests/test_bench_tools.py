@@ -20,8 +20,9 @@ def test_bench_attention_cpu_mode(tmp_path):
     for seq in (32, 64):
         assert {(seq, "ours ulysses/torch"), (seq, "ours ring/torch"), (seq, "deepspeed ulysses/math"),
                 (seq, "single ours torch")} <= ok
-    # every measurement is either a rate or an error line, never missing
+    # every measurement is either a rate (each call alone and back to back) or an error line, never missing
     assert all(("value" in r) != ("error" in r) for r in rows)
+    assert all(r["value_b2b"] > 0 and r["ms_b2b"] > 0 for r in rows if "value" in r)
     assert {r["name"].split(" ")[0] for r in rows if r["group"] == "ceiling"} == {"matmul", "all_to_all_single",
                                                                                 "ring"}
     with open(out) as fh:

@@ -9,8 +9,10 @@ shows the overlap's effect; `--ulysses-head-groups 1,2,4` compares more group co
 Shapes: batch 1, 16 heads, head_dim 128, bf16, causal (CPU mode: 4 heads, head_dim 16, fp32, torch kernels).
 FLOPs as anchors.md: fwd = 4*b*h*S^2*d / 2 (causal), fwd+bwd = 3.5 * fwd; the rate is per GPU, so a
 sequence-parallel run divides by N GPUs and a single-GPU kernel does not. Perfect sequence parallelism keeps
-the single-GPU kernel's rate. Timing: CUDA events after warm-up, median of --iters; for multi-rank runs the
-slowest rank's median counts. Every measurement is guarded: a failure (OOM, an API this torch lacks) becomes a
+the single-GPU kernel's rate. Timing, two ways: each call alone (CUDA events around every call, which waits
+for the last before the next starts; the median of --iters), and back to back (--iters calls issued without
+waiting, as a training step issues its layers, so CPU launch time hidden behind earlier GPU work does not
+count; the mean). For multi-rank runs the slowest rank counts. Every measurement is guarded: a failure (OOM, an API this torch lacks) becomes a
 row with an error and the rest go on. Failures must be symmetric across ranks (same shapes, same code), else a
 rank left inside a collective would wait for its peer.
 """
@@ -30,7 +32,7 @@ from megatron_sp.attention import build_inner_attention  # noqa: E402
 from megatron_sp.attention.backends import BACKENDS  # noqa: E402
 from megatron_sp.parallel.sharding import layout_for  # noqa: E402
 from megatron_sp.parallel.state import ParallelState  # noqa: E402
-from tools.timing import attention_fwd_flops, time_ms  # noqa: E402
+from tools.timing import attention_fwd_flops, back_to_back_ms, time_ms  # noqa: E402
 
 
 class Bench:
@@ -53,33 +55,38 @@ class Bench:
             print(msg, flush=True)
 
     def measure(self, row: dict, make, work: float, unit: str, all_ranks: bool = True):
-        """Time make()'s closure and append `row` with ms and work/ms in `unit` (TFLOP/s or GB/s).
+        """Time make()'s closure and append `row` with ms and value = work/ms in `unit` (TFLOP/s or GB/s), each
+        call alone, and ms_b2b, value_b2b back to back (tools/timing.py).
 
         all_ranks: every rank runs it and the slowest median counts (an error anywhere is an error
         everywhere); otherwise rank 0 alone runs it while the others wait at a barrier."""
-        ms, err = float("inf"), None
+        ms, ms_b2b, err = float("inf"), float("inf"), None
         if all_ranks or self.rank == 0:
             try:
-                ms = time_ms(make(), self.args.warmup, self.args.iters, self.cuda)
+                fn = make()
+                ms = time_ms(fn, self.args.warmup, self.args.iters, self.cuda)
+                ms_b2b = back_to_back_ms(fn, 1, self.args.iters, self.cuda)
             except Exception as exc:  # noqa: BLE001 - one failed measurement must not end the run
                 err = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             if self.cuda:
                 torch.cuda.empty_cache()
         if all_ranks:
-            t = torch.tensor([ms], dtype=torch.float64, device=self.device)
+            t = torch.tensor([ms, ms_b2b], dtype=torch.float64, device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            ms = t.item()
+            ms, ms_b2b = t.tolist()
         else:
             dist.barrier()
-        ms = max(ms, 1e-6)  # a tiny CPU op can read 0 ms
-        if err is None and ms == float("inf"):
+        ms, ms_b2b = max(ms, 1e-6), max(ms_b2b, 1e-6)  # a tiny CPU op can read 0 ms
+        if err is None and float("inf") in (ms, ms_b2b):
             err = "failed on another rank"
         if err is None:
-            row.update(ms=ms, value=work / ms / (1e9 if unit == "TFLOP/s" else 1e6), unit=unit)
+            scale = 1e9 if unit == "TFLOP/s" else 1e6
+            row.update(ms=ms, value=work / ms / scale, ms_b2b=ms_b2b, value_b2b=work / ms_b2b / scale, unit=unit)
         else:
             row.update(error=err, unit=unit)
         self.rows.append(row)
-        shown = f"{row['value']:.4g} {unit} ({row['ms']:.3g} ms)" if err is None else f"FAILED {err}"
+        shown = (f"{row['value']:.4g} {unit} ({row['ms']:.3g} ms), back to back {row['value_b2b']:.4g}"
+                 if err is None else f"FAILED {err}")
         self.log(f"  {row.get('seq', ''):>7} {row['name']:<42} {shown}")
 
     # --- inputs -----------------------------------------------------------------------------------
@@ -252,18 +259,24 @@ class Bench:
 
 
 def print_table(bench: Bench):
-    """Per sequence: each row's TFLOP/s per GPU and its ratio to the single-GPU cuDNN kernel at that S."""
+    """Per sequence: each row's TFLOP/s per GPU, each call alone and back to back, and each one's ratio to the
+    same measure of the single-GPU cuDNN kernel at that S."""
     rows = bench.rows
-    ref = {r["seq"]: r["value"] for r in rows if r.get("backend") in ("cudnn", "torch") and r.get("group") == "single"
+    ref = {r["seq"]: r for r in rows if r.get("backend") in ("cudnn", "torch") and r.get("group") == "single"
            and "value" in r}
-    bench.log(f"\n{'S':>7} {'what':<42} {'GPUs':>4} {'ms':>9} {'TFLOP/s/GPU':>11} {'vs 1-GPU ref':>12}")
+    bench.log(f"\n{'S':>7} {'what':<42} {'GPUs':>4} {'ms':>9} {'TFLOP/s/GPU':>11} {'back to back':>12} "
+              f"{'vs 1-GPU ref':>12} {'(b2b)':>6}")
     for r in rows:
         if r["group"] == "ceiling":
             continue
-        val = f"{r['value']:11.4g}" if "value" in r else f"{'error':>11}"
-        ms = f"{r['ms']:9.4g}" if "ms" in r else f"{'-':>9}"
-        ratio = f"{r['value'] / ref[r['seq']]:12.2f}" if "value" in r and r["seq"] in ref else f"{'-':>12}"
-        bench.log(f"{r['seq']:>7} {r['name']:<42} {r.get('gpus', 1):>4} {ms} {val} {ratio}")
+        if "value" not in r:
+            bench.log(f"{r['seq']:>7} {r['name']:<42} {r.get('gpus', 1):>4} {'-':>9} {'error':>11}")
+            continue
+        one = ref.get(r["seq"])
+        ratios = (f"{r['value'] / one['value']:12.2f} {r['value_b2b'] / one['value_b2b']:6.2f}" if one
+                  else f"{'-':>12} {'-':>6}")
+        bench.log(f"{r['seq']:>7} {r['name']:<42} {r.get('gpus', 1):>4} {r['ms']:9.4g} {r['value']:11.4g} "
+                  f"{r['value_b2b']:12.4g} {ratios}")
     for r in rows:
         if r["group"] == "ceiling":
             bench.log(f"ceiling: {r['name']}: " + (f"{r['value']:.4g} {r['unit']}" if "value" in r else r["error"]))

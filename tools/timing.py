@@ -28,6 +28,28 @@ def time_ms(fn, warmup: int, iters: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
+def back_to_back_ms(fn, warmup: int, iters: int, cuda: bool) -> float:
+    """Mean milliseconds per call of `iters` calls issued back to back, as a training step issues its layers:
+    the CPU runs ahead of the GPU, so launch time that overlaps earlier calls' GPU work does not count,
+    as it does in time_ms, whose every call starts on an idle GPU. cuda: one pair of CUDA events around
+    all calls; else wall-clock time.perf_counter."""
+    for _ in range(warmup):
+        fn()
+    if not cuda:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / iters
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 def attention_fwd_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool) -> float:
     """Model FLOPs of one attention forward (anchors.md): 4*b*h*s^2*d, halved when causal.
     The backward counts 2.5x this, forward+backward 3.5x."""
