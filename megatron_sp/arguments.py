@@ -212,13 +212,29 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         t.train_iters = t.train_samples // t.global_batch_size
     if t.train_tokens is not None:
         t.train_iters = min(t.train_iters, -(-t.train_tokens // (t.global_batch_size * m.seq_length)))
+    for flag, value in (("--lr", t.lr), ("--min-lr", t.min_lr)):
+        if value < 0:
+            raise ConfigError(f"{flag} must not be negative, got {value}")
     if not d.mock_data and not (d.data_path or d.train_data_path):
         raise ConfigError("no data: give --data-path (or --train-data-path), or --mock-data")
-    from megatron_sp.data.indexed import data_file_path, index_file_path
+    if d.data_path and not d.mock_data:
+        from megatron_sp.data.blended import split_ranges
+        try:
+            split_ranges(d.split, 1)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    from megatron_sp.data.indexed import IndexedDataError, IndexedDataset, data_file_path, index_file_path
     for prefix in _data_prefixes(d):
         for path in (data_file_path(prefix), index_file_path(prefix)):
             if not os.path.isfile(path):
                 raise ConfigError(f"data file not found: {path}")
+        try:
+            IndexedDataset(prefix)  # header and sizes only: the files stay mapped, nothing is read
+        except IndexedDataError as err:
+            raise ConfigError(str(err)) from None
+    for flag, path in (("--tensorboard-dir", cfg.logging.tensorboard_dir), ("--data-cache-path", d.data_cache_path)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"{flag} {path} is a file, not a directory")
     if t.deepspeed_config and not os.path.isfile(t.deepspeed_config):
         raise ConfigError(f"DeepSpeed config not found: {t.deepspeed_config}")
     if t.fp16 and not _has_cuda():
