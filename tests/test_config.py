@@ -112,6 +112,8 @@ def test_defaults_are_filled():
     (["--data-path", "0.5", "a", "b"], 1, "weight prefix"),
     (["--attention-backend", "triton", "--hidden-size", "96", "--num-attention-heads", "4"], 1,
      "--attention-backend triton supports head dimensions 64 and 128; this model's is 24"),
+    (["--lr", "-1"], 1, "--lr must not be negative, got -1.0"),
+    (["--data-path", "data/processed/sample_text_document", "--split", "a,b,c"], 1, "--split 'a,b,c'"),
 ])
 def test_impossible_configurations_are_one_line(argv, world, message):
     argv = [*argv, "--train-iters", "2"] + ([] if "--data-path" in argv else ["--mock-data"])
@@ -186,3 +188,31 @@ def test_resuming_a_checkpoint_of_another_model_shape_is_one_line(tmp_path):
     assert last.startswith(f"error: --load {save}: its checkpoint does not fit this model (size mismatch for ")
     assert last.endswith("use the model flags of the run that saved it") and len(last) < 400
     assert not (tmp_path / "ckpt" / "global_step3").exists()
+
+
+def test_broken_data_files_and_misplaced_directories_are_one_line_at_start(tmp_path):
+    """A truncated .idx (e.g. a copy cut short) fails validation, not dataset building after the model is
+    made; so does a --tensorboard-dir or --data-cache-path that names a file."""
+    src = "data/processed/sample_text_document"
+    (tmp_path / "cut.bin").write_bytes(open(src + ".bin", "rb").read())
+    (tmp_path / "cut.idx").write_bytes(open(src + ".idx", "rb").read()[:100])
+    with pytest.raises(ConfigError, match="cut.idx: truncated index"):
+        validate(parse_args(["--data-path", str(tmp_path / "cut"), "--train-iters", "2"]), world_size=1)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for flag in ("--tensorboard-dir", "--data-cache-path"):
+        with pytest.raises(ConfigError, match=f"{flag} .*notes.txt is a file, not a directory"):
+            validate(parse_args([*MINIMAL, flag, str(a_file)]), world_size=1)
+    assert a_file.read_text() == "mine"
+
+
+def test_data_tokenized_for_another_vocabulary_is_one_line(tmp_path):
+    """Token ids past the embedding (here: the sample corpus, sentencepiece ids up to ~8k, read with a
+    10-token vocabulary) stop the run with one line, not an IndexError (a device-side assert on GPU)."""
+    out = subprocess.run([sys.executable, "pretrain_gpt.py", *TINY_RUN[len(MINIMAL):], "--train-iters", "2",
+                          "--data-path", "data/processed/sample_text_document", "--tokenizer-type", "NullTokenizer",
+                          "--vocab-size", "10", "--data-cache-path", str(tmp_path / "cache")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the data holds token id ") and "outside this model's vocabulary of 128" in last

@@ -95,7 +95,7 @@ def build(cfg: RunConfig, tokenizer) -> Setup:
     engine, scheduler, ds_config, notes = ds_engine.initialize(make_model, cfg, ps, self_group)
     n_params = sum(math.prod(ds_engine.full_shape(q)) for q in engine.module.parameters())
     ctx = StepContext(ps.sequence_layout(), ps.sp_rank, ps.world_size, tokenizer.eod,
-                      d.reset_position_ids, d.eod_mask_loss, device)
+                      d.reset_position_ids, d.eod_mask_loss, device, cfg.padded_vocab_size)
     return Setup(device, ps, engine, scheduler, ds_config, notes, n_params, ctx)
 
 
