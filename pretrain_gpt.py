@@ -58,22 +58,23 @@ def dry_run_lines(cfg, world: int, gpus_per_node: int | None = None) -> list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("RANK", "0")
     try:
         cfg, tokenizer = configure(argv, world)
     except (ConfigError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if rank == "0":  # every rank reads the same flags and files: one of them says it
+            print(f"error: {err}", file=sys.stderr)
         return 2
     if cfg.training.dry_run:
         print("\n".join(dry_run_lines(cfg, world)))
         return 0
-    if cfg.sp_choice and os.environ.get("RANK", "0") == "0":
+    if cfg.sp_choice and rank == "0":
         print("\n".join(cfg.sp_choice), flush=True)
     from megatron_sp.training.trainer import run
     try:
         run(cfg, tokenizer)
-    except ConfigError as err:  # found once the device is known (e.g. a kernel it lacks)
-        print(f"error: {err}", file=sys.stderr)
+    except ConfigError as err:  # found once the device or the data is known; may differ between ranks
+        print(f"error: {err}" if world == 1 else f"error: rank {rank}: {err}", file=sys.stderr)
         return 2
     return 0
 
