@@ -216,3 +216,28 @@ def test_data_tokenized_for_another_vocabulary_is_one_line(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the data holds token id ") and "outside this model's vocabulary of 128" in last
+
+
+def test_a_train_split_without_documents_is_one_line(tmp_path):
+    """--split 0,100,0 leaves training nothing (as does an empty corpus): one line, not a TypeError."""
+    out = subprocess.run([sys.executable, "pretrain_gpt.py", *TINY_RUN[len(MINIMAL):], "--train-iters", "2",
+                          "--data-path", "data/processed/sample_text_document", "--split", "0,100,0",
+                          "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "data/processed/sample.model",
+                          "--data-cache-path", str(tmp_path / "cache")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == ("error: no training data: the train split of "
+                                                    "data/processed/sample_text_document holds no documents "
+                                                    "(--split 0,100,0)")
+
+
+def test_a_config_error_of_a_multi_rank_run_is_said_once():
+    """Every rank of a launch reads the same flags: rank 0 says what is wrong, the others just exit 2."""
+    import os
+    said = {}
+    for rank in ("0", "1"):
+        env = {**os.environ, "RANK": rank, "WORLD_SIZE": "2"}
+        out = subprocess.run([sys.executable, "pretrain_gpt.py", "--num-attention-heads", "3", *MINIMAL],
+                             capture_output=True, text=True, env=env)
+        assert out.returncode == 2
+        said[rank] = out.stderr.strip()
+    assert said["0"].startswith("error: ") and "\n" not in said["0"] and said["1"] == ""

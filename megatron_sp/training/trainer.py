@@ -130,13 +130,19 @@ def run(cfg: RunConfig, tokenizer) -> dict:
 
     eval_runs = t.train_iters // t.eval_interval + 1 if t.eval_interval else 0  # 0: no evaluation
     d = cfg.data
-    train_ds, valid_ds, _ = build_gpt_datasets(
-        data_path=d.data_path, split=d.split, seq_length=m.seq_length, seed=t.seed,
-        num_samples=(t.train_iters * t.global_batch_size, eval_runs * t.eval_iters * t.global_batch_size,
-                     t.eval_iters * t.global_batch_size),
-        data_cache_path=d.data_cache_path, train_data_path=d.train_data_path, valid_data_path=d.valid_data_path,
-        test_data_path=d.test_data_path, mock=d.mock_data, vocab_size=tokenizer.vocab_size,
-        is_rank_zero=rank == 0, barrier=dist.barrier)
+    try:  # every rank checks the options and files before rank 0 builds: a mistake is the same everywhere
+        train_ds, valid_ds, _ = build_gpt_datasets(
+            data_path=d.data_path, split=d.split, seq_length=m.seq_length, seed=t.seed,
+            num_samples=(t.train_iters * t.global_batch_size, eval_runs * t.eval_iters * t.global_batch_size,
+                         t.eval_iters * t.global_batch_size),
+            data_cache_path=d.data_cache_path, train_data_path=d.train_data_path, valid_data_path=d.valid_data_path,
+            test_data_path=d.test_data_path, mock=d.mock_data, vocab_size=tokenizer.vocab_size,
+            is_rank_zero=rank == 0, barrier=dist.barrier)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if train_ds is None:
+        raise ConfigError(f"no training data: the train split of {' '.join(d.train_data_path or d.data_path)} "
+                          f"holds no documents (--split {d.split})")
     train_iter = build_data_iterator(train_ds, consumed, t.micro_batch_size, ps.dp_rank, ps.dp_size)
 
     first_iteration = iteration
