@@ -90,3 +90,16 @@ def test_multi_node_launch_commands(tmp_path):
     assert "srun --nodes 4 --ntasks-per-node 8" in out.stdout and "MASTER_ADDR=node-a" in out.stdout
     cfg = parse_args(pretrain_flags(out.stdout))
     assert cfg.training.zero_stage == 3 and cfg.model.num_layers == 64
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"PRECISION": "fp8"}, "error: PRECISION must be bf16 or fp32, got 'fp8'"),
+    ({"OFFLOAD_OPTIMIZER": "nvme"}, "error: OFFLOAD_OPTIMIZER must be none or cpu, got 'nvme'"),
+    ({"SEQ_LEN": "64k"}, "error: SEQ_LEN must be a whole number, got '64k'"),
+    ({"SP_SIZE": "x"}, "error: SP_SIZE must be a positive whole number or auto, got 'x'"),
+    ({"ACTIVATION_CHECKPOINT": "maybe"}, "error: ACTIVATION_CHECKPOINT must be true, selective or false, got 'maybe'"),
+])
+def test_a_bad_recipe_setting_is_one_line_before_anything_is_written(env, message, tmp_path):
+    out = recipe("1.3B", tmp_path, DRY_RUN="1", NUM_GPUS="8", GPUS_PER_NODE="8", **env)
+    assert out.returncode == 2 and out.stderr.strip() == message
+    assert not (tmp_path / "1.3B").exists()

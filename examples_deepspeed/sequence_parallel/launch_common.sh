@@ -15,6 +15,19 @@ if [ "${TINY:-0}" = 1 ]; then
   tensorboard_path=${TENSORBOARD_DIR:-$output_dir/tensorboard}
 fi
 
+## The recipe's settings, checked before anything is written or launched: one error line each
+bad_setting() { echo "error: $1 must be $2, got '$3'" >&2; exit 2; }
+for name in num_layers hidden_size num_attn_heads seq_len global_batch_size micro_batch_size zero_stage \
+            train_tokens log_interval eval_interval eval_iters save_interval ${train_iters:+train_iters}; do
+  [[ "${!name}" =~ ^[0-9]+$ ]] || bad_setting "${name^^}" "a whole number" "${!name}"
+done
+[[ "$sp_size" =~ ^([1-9][0-9]*|auto)$ ]] || bad_setting SP_SIZE "a positive whole number or auto" "$sp_size"
+[[ -z "${NUM_GPUS:-}" || "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]] || bad_setting NUM_GPUS "a positive whole number" "$NUM_GPUS"
+case "$precision" in bf16|fp32) ;; *) bad_setting PRECISION "bf16 or fp32" "$precision" ;; esac
+case "$offload_optimizer" in none|cpu) ;; *) bad_setting OFFLOAD_OPTIMIZER "none or cpu" "$offload_optimizer" ;; esac
+case "$activation_checkpoint" in true|selective|false) ;;
+  *) bad_setting ACTIVATION_CHECKPOINT "true, selective or false" "$activation_checkpoint" ;; esac
+
 ## GPUs: NUM_GPUS, else nodes x GPUs per node (hostfile lines, SLURM, or this machine's nvidia-smi)
 if [ -z "${num_gpus_per_node:-}" ]; then
   num_gpus_per_node=${GPUS_PER_NODE:-$( (nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true) | wc -l)}
@@ -84,8 +97,6 @@ args=(
 case "$activation_checkpoint" in
   true) args+=(--checkpoint-activations) ;;
   selective) args+=(--recompute-granularity selective) ;;  # recompute only the MLPs (docs/benchmarks.md)
-  false) ;;
-  *) echo "error: ACTIVATION_CHECKPOINT must be true, selective or false, got '$activation_checkpoint'" >&2; exit 2 ;;
 esac
 [ -n "${GPU_MEMORY_GB:-}" ] && args+=(--gpu-memory-gb "$GPU_MEMORY_GB")
 args+=(${EXTRA_ARGS:-})  # anything else, word-split on purpose: EXTRA_ARGS="--use-rotary-position-embeddings"
