@@ -241,3 +241,17 @@ def test_a_config_error_of_a_multi_rank_run_is_said_once():
         assert out.returncode == 2
         said[rank] = out.stderr.strip()
     assert said["0"].startswith("error: ") and "\n" not in said["0"] and said["1"] == ""
+
+
+def test_a_latest_that_names_a_missing_step_is_one_line(tmp_path):
+    save = tmp_path / "ckpt"
+    first = subprocess.run([sys.executable, "pretrain_gpt.py", *TINY_RUN, "--save", str(save)],
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    (save / "latest").write_text("global_step9")  # e.g. a step directory deleted to free space
+    again = subprocess.run([sys.executable, "pretrain_gpt.py", *TINY_RUN, "--save", str(save), "--load", str(save)],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr
+    assert again.stderr.strip().splitlines()[-1] == (
+        f"error: --load {save}: its 'latest' names 'global_step9', which is not there (step directories: "
+        "global_step2); point 'latest' at one of them")

@@ -61,7 +61,15 @@ def has_checkpoint(load_dir: str | None) -> bool:
 
 def load(engine, load_dir: str, rank: int, load_optimizer: bool = True, load_rng: bool = True) -> tuple[int, int]:
     """Resume from the latest tag in load_dir -> (iteration, consumed_samples). A checkpoint of another
-    model shape is a one-line ConfigError naming the first parameter that does not fit."""
+    model shape is a one-line ConfigError naming the first parameter that does not fit; so is a `latest`
+    that names a step directory which is not there."""
+    with open(os.path.join(load_dir, "latest")) as f:
+        tag = f.read().strip()
+    tag_dir = os.path.join(load_dir, tag)
+    if not tag or not os.path.isdir(tag_dir):
+        found = sorted(n for n in os.listdir(load_dir) if os.path.isdir(os.path.join(load_dir, n)))
+        raise ConfigError(f"--load {load_dir}: its 'latest' names {tag!r}, which is not there "
+                          f"(step directories: {', '.join(found) or 'none'}); point 'latest' at one of them")
     try:
         path, client = engine.load_checkpoint(load_dir, load_optimizer_states=load_optimizer,
                                               load_lr_scheduler_states=load_optimizer)
@@ -74,10 +82,11 @@ def load(engine, load_dir: str, rank: int, load_optimizer: bool = True, load_rng
         raise ConfigError(f"--load {load_dir}: its checkpoint does not fit this model ({misfit.rstrip('.')}); "
                           "use the model flags of the run that saved it") from None
     if path is None:
-        raise RuntimeError(f"DeepSpeed found no loadable checkpoint in {load_dir}")
-    with open(os.path.join(load_dir, "latest")) as f:
-        tag_dir = os.path.join(load_dir, f.read().strip())
+        raise ConfigError(f"--load {load_dir}: DeepSpeed found no loadable checkpoint in {tag_dir}")
     rng_file = os.path.join(tag_dir, RNG_FILE.format(rank=rank))
     if load_rng and os.path.isfile(rng_file):
         _set_rng_state(torch.load(rng_file, weights_only=False))
+    elif load_rng:
+        print(f"note: rank {rank}: {rng_file} is missing; the random state is not restored "
+              "(--no-load-rng says that is intended)", flush=True)
     return client["iteration"], client["consumed_samples"]
