@@ -56,9 +56,9 @@ def resolve_auto(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
     lines = [f"--sequence-parallel-size auto over {world} GPUs ({gpus_per_node} per node, {gib:.1f} GiB each, "
              f"fit = under {MEMORY_RESERVE:.0%}; s/iter at global batch "
              f"{cfg.training.global_batch_size or cfg.training.micro_batch_size * world}):",
-             f"  {'candidate':<40}{'memory GiB':>11}{'SP GB/iter':>11}{'s/iter':>9}  fits"]
+             f"  {'candidate':<40} {'memory GiB':>10} {'SP GB/iter':>10} {'s/iter':>8}  fits"]
     for c in cands:
-        lines.append(f"  {c.name:<40}{c.memory.total / GIB:>11.1f}{c.comm_bytes / 1e9:>11.2f}{c.seconds:>9.2f}  "
+        lines.append(f"  {c.name:<40} {c.memory.total / GIB:>10.1f} {c.comm_bytes / 1e9:>10.2f} {c.seconds:>8.2f}  "
                      f"{'yes' if c.fits else 'no'}{'   <- picked' if c is pick else ''}")
     lines.append(f"  picked {pick.name}: {why}")
     return lines
