@@ -157,6 +157,13 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"{_flag(name)} must be positive, got {value}")
+    for name, value in dict(ffn_hidden_size=m.ffn_hidden_size, kv_channels=m.kv_channels).items():
+        if value is not None and value < 1:  # 0 would silently mean "the default" or an empty MLP
+            raise ConfigError(f"{_flag(name)} must be positive, got {value}")
+    for name, value in dict(lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, clip_grad=t.clip_grad,
+                            eval_iters=t.eval_iters).items():
+        if value < 0:
+            raise ConfigError(f"{_flag(name)} must not be negative, got {value}")
     if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
         raise ConfigError(f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads {m.num_attention_heads}")
     if m.num_attention_heads % m.num_key_value_heads:
@@ -212,9 +219,6 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         t.train_iters = t.train_samples // t.global_batch_size
     if t.train_tokens is not None:
         t.train_iters = min(t.train_iters, -(-t.train_tokens // (t.global_batch_size * m.seq_length)))
-    for flag, value in (("--lr", t.lr), ("--min-lr", t.min_lr)):
-        if value < 0:
-            raise ConfigError(f"{flag} must not be negative, got {value}")
     if not d.mock_data and not (d.data_path or d.train_data_path):
         raise ConfigError("no data: give --data-path (or --train-data-path), or --mock-data")
     if d.data_path and not d.mock_data:

@@ -113,6 +113,10 @@ def test_defaults_are_filled():
     (["--attention-backend", "triton", "--hidden-size", "96", "--num-attention-heads", "4"], 1,
      "--attention-backend triton supports head dimensions 64 and 128; this model's is 24"),
     (["--lr", "-1"], 1, "--lr must not be negative, got -1.0"),
+    (["--weight-decay", "-0.1"], 1, "--weight-decay must not be negative"),
+    (["--clip-grad", "-1"], 1, "--clip-grad must not be negative"),
+    (["--eval-iters", "-1"], 1, "--eval-iters must not be negative"),
+    (["--ffn-hidden-size", "0"], 1, "--ffn-hidden-size must be positive, got 0"),
     (["--data-path", "data/processed/sample_text_document", "--split", "a,b,c"], 1, "--split 'a,b,c'"),
 ])
 def test_impossible_configurations_are_one_line(argv, world, message):
