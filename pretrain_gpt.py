@@ -2,13 +2,14 @@
 
     deepspeed --num_gpus 2 pretrain_gpt.py --sequence-parallel-size 2 --num-layers 24 ... (Megatron flags)
 
-Configuration errors are reported as one line before any process group or memory is touched.
+Configuration errors are reported as one line (by rank 0 of a launch) before any process group or memory is
+touched; what is found later (the device's kernels, the checkpoint, the data) is one line too.
 """
 import copy
 import os
 import sys
 
-from megatron_sp.arguments import ConfigError, fill_defaults, parse_args, validate
+from megatron_sp.arguments import ConfigError, RankError, fill_defaults, parse_args, validate
 
 
 def build_tokenizer_for(cfg):
@@ -73,8 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_sp.training.trainer import run
     try:
         run(cfg, tokenizer)
-    except ConfigError as err:  # found once the device or the data is known; may differ between ranks
+    except RankError as err:  # found in this rank's share of the data: other ranks may not see it
         print(f"error: {err}" if world == 1 else f"error: rank {rank}: {err}", file=sys.stderr)
+        return 2
+    except ConfigError as err:  # found once the device, files or checkpoint are known: the same everywhere
+        if rank == "0":
+            print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 

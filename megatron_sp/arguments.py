@@ -14,7 +14,12 @@ from megatron_sp.config import SECTIONS, RunConfig
 
 
 class ConfigError(ValueError):
-    """An impossible configuration; its message is one line for the user."""
+    """An impossible configuration; its message is one line for the user. Every rank of a launch finds
+    the same one, so rank 0 alone says it."""
+
+
+class RankError(ConfigError):
+    """A problem one rank may find and others not (e.g. in the samples it reads): that rank says it."""
 
 
 # Megatron-DeepSpeed switches that change nothing here: (flag, takes a value, why).

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_sp.arguments import ConfigError
+from megatron_sp.arguments import RankError
 from megatron_sp.data.loader import get_batch
 from megatron_sp.parallel.sharding import SequenceLayout
 
@@ -31,12 +31,12 @@ class StepContext:
     def batch(self, micro_batch: dict) -> dict:
         """A loader micro batch {"text": [b, s+1]} -> this rank's tokens/labels/mask/positions on device.
         A token id the embedding has no row for (data tokenized for another vocabulary) is a one-line
-        ConfigError here, on the host, instead of an index error (a device-side assert on GPU) later."""
+        RankError here, on the host, instead of an index error (a device-side assert on GPU) later."""
         text = micro_batch["text"]
         if (bad := int(text.max())) >= self.vocab_size or (bad := int(text.min())) < 0:
-            raise ConfigError(f"the data holds token id {bad}, outside this model's vocabulary of {self.vocab_size} "
-                              "(padded); tokenize it with this run's tokenizer, or set --tokenizer-type/"
-                              "--tokenizer-model/--vocab-size to the ones it was made with")
+            raise RankError(f"the data holds token id {bad}, outside this model's vocabulary of {self.vocab_size} "
+                            "(padded); tokenize it with this run's tokenizer, or set --tokenizer-type/"
+                            "--tokenizer-model/--vocab-size to the ones it was made with")
         parts = get_batch(micro_batch["text"], eod=self.eod, layout=self.layout, sp_rank=self.sp_rank,
                           reset_position_ids=self.reset_position_ids, eod_mask_loss=self.eod_mask_loss)
         return {k: v.to(self.device, non_blocking=True) for k, v in parts.items()}
