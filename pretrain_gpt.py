@@ -2,8 +2,8 @@
 
     deepspeed --num_gpus 2 pretrain_gpt.py --sequence-parallel-size 2 --num-layers 24 ... (Megatron flags)
 
-Configuration errors are reported as one line (by rank 0 of a launch) before any process group or memory is
-touched; what is found later (the device's kernels, the checkpoint, the data) is one line too.
+Configuration errors are reported as one line (by the first rank of each node) before any process group or
+memory is touched; what is found later (the device's kernels, the checkpoint, the data) is one line too.
 """
 import copy
 import os
@@ -60,10 +60,13 @@ def dry_run_lines(cfg, world: int, gpus_per_node: int | None = None) -> list[str
 
 def main(argv: list[str] | None = None) -> int:
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("RANK", "0")
+    # the ranks of a node read the same flags, files and devices: its first rank says what is wrong (once
+    # per node, so a file or device that one node lacks is still reported)
+    says = os.environ.get("LOCAL_RANK", "0") == "0"
     try:
         cfg, tokenizer = configure(argv, world)
     except (ConfigError, ValueError, OSError) as err:
-        if rank == "0":  # every rank reads the same flags and files: one of them says it
+        if says:
             print(f"error: {err}", file=sys.stderr)
         return 2
     if cfg.training.dry_run:
@@ -77,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     except RankError as err:  # found in this rank's share of the data: other ranks may not see it
         print(f"error: {err}" if world == 1 else f"error: rank {rank}: {err}", file=sys.stderr)
         return 2
-    except ConfigError as err:  # found once the device, files or checkpoint are known: the same everywhere
-        if rank == "0":
+    except ConfigError as err:  # found once the device, files or checkpoint are known
+        if says:
             print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -14,8 +14,8 @@ from megatron_sp.config import SECTIONS, RunConfig
 
 
 class ConfigError(ValueError):
-    """An impossible configuration; its message is one line for the user. Every rank of a launch finds
-    the same one, so rank 0 alone says it."""
+    """An impossible configuration; its message is one line for the user. The ranks of a node find the
+    same one, so the node's first rank says it."""
 
 
 class RankError(ConfigError):

@@ -234,12 +234,13 @@ def test_a_train_split_without_documents_is_one_line(tmp_path):
                                                     "(--split 0,100,0)")
 
 
-def test_a_config_error_of_a_multi_rank_run_is_said_once():
-    """Every rank of a launch reads the same flags: rank 0 says what is wrong, the others just exit 2."""
+def test_a_config_error_of_a_multi_rank_run_is_said_once_per_node():
+    """The ranks of a node read the same flags and files: its first rank says what is wrong, the others
+    just exit 2 (each node's first rank says it, in case only that node lacks a file)."""
     import os
     said = {}
     for rank in ("0", "1"):
-        env = {**os.environ, "RANK": rank, "WORLD_SIZE": "2"}
+        env = {**os.environ, "RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": "2"}
         out = subprocess.run([sys.executable, "pretrain_gpt.py", "--num-attention-heads", "3", *MINIMAL],
                              capture_output=True, text=True, env=env)
         assert out.returncode == 2
