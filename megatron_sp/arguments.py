@@ -229,7 +229,7 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     if d.data_path and not d.mock_data:
         from megatron_sp.data.blended import split_ranges
         try:
-            split_ranges(d.split, 1)
+            split_ranges(d.split, 1)  # parsed as the dataset will parse it
         except ValueError as err:
             raise ConfigError(str(err)) from None
     from megatron_sp.data.indexed import IndexedDataError, IndexedDataset, data_file_path, index_file_path
@@ -238,7 +238,7 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             if not os.path.isfile(path):
                 raise ConfigError(f"data file not found: {path}")
         try:
-            IndexedDataset(prefix)  # header and sizes only: the files stay mapped, nothing is read
+            IndexedDataset(prefix)  # reads the index header and checks both sizes; no token is read
         except IndexedDataError as err:
             raise ConfigError(str(err)) from None
     for flag, path in (("--tensorboard-dir", cfg.logging.tensorboard_dir), ("--data-cache-path", d.data_cache_path)):
