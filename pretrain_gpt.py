@@ -77,12 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_sp.training.trainer import run
     try:
         run(cfg, tokenizer)
-    except RankError as err:  # found in this rank's share of the data: other ranks may not see it
-        print(f"error: {err}" if world == 1 else f"error: rank {rank}: {err}", file=sys.stderr)
-        return 2
-    except ConfigError as err:  # found once the device, files or checkpoint are known
-        if says:
-            print(f"error: {err}", file=sys.stderr)
+    except ConfigError as err:  # found once the device, files, checkpoint or data are known
+        alone = isinstance(err, RankError) and world > 1  # in this rank's samples: others may not see it
+        if alone or says:
+            print(f"error: rank {rank}: {err}" if alone else f"error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -12,9 +12,9 @@ sequence-parallel run divides by N GPUs and a single-GPU kernel does not. Perfec
 the single-GPU kernel's rate. Timing, two ways: each call alone (CUDA events around every call, which waits
 for the last before the next starts; the median of --iters), and back to back (--iters calls issued without
 waiting, as a training step issues its layers, so CPU launch time hidden behind earlier GPU work does not
-count; the mean). For multi-rank runs the slowest rank counts. Every measurement is guarded: a failure (OOM, an API this torch lacks) becomes a
-row with an error and the rest go on. Failures must be symmetric across ranks (same shapes, same code), else a
-rank left inside a collective would wait for its peer.
+count; the mean). For multi-rank runs the slowest rank counts. Every measurement is guarded: a failure
+(OOM, an API this torch lacks) becomes a row with an error and the rest go on. Failures must be symmetric
+across ranks (same shapes, same code), else a rank left inside a collective would wait for its peer.
 """
 import argparse
 import datetime

@@ -8,6 +8,7 @@ import torch
 from megatron_sp.arguments import ConfigError
 
 RNG_FILE = "rng_state_rank{rank}.pt"
+LATEST = "latest"  # DeepSpeed's file naming the newest step directory
 
 
 def _rng_state() -> dict:
@@ -40,9 +41,7 @@ def prepare_save_dir(save_dir: str, load_dir: str | None) -> str | None:
         return "not writable"
     resuming_here = bool(load_dir) and os.path.realpath(load_dir) == os.path.realpath(save_dir)
     if has_checkpoint(save_dir) and not resuming_here:
-        with open(os.path.join(save_dir, "latest")) as fh:
-            latest = fh.read().strip()
-        return (f"already holds checkpoints (latest {latest}) that this run would overwrite; "
+        return (f"already holds checkpoints (latest {latest_tag(save_dir)}) that this run would overwrite; "
                 f"resume with --load {save_dir}, or choose an empty --save directory")
     return None
 
@@ -56,15 +55,20 @@ def save(engine, save_dir: str, iteration: int, consumed_samples: int, rank: int
 
 
 def has_checkpoint(load_dir: str | None) -> bool:
-    return bool(load_dir) and os.path.isfile(os.path.join(load_dir, "latest"))
+    return bool(load_dir) and os.path.isfile(os.path.join(load_dir, LATEST))
+
+
+def latest_tag(checkpoint_dir: str) -> str:
+    """The step directory name that checkpoint_dir's `latest` file holds."""
+    with open(os.path.join(checkpoint_dir, LATEST)) as f:
+        return f.read().strip()
 
 
 def load(engine, load_dir: str, rank: int, load_optimizer: bool = True, load_rng: bool = True) -> tuple[int, int]:
     """Resume from the latest tag in load_dir -> (iteration, consumed_samples). A checkpoint of another
     model shape is a one-line ConfigError naming the first parameter that does not fit; so is a `latest`
     that names a step directory which is not there."""
-    with open(os.path.join(load_dir, "latest")) as f:
-        tag = f.read().strip()
+    tag = latest_tag(load_dir)
     tag_dir = os.path.join(load_dir, tag)
     if not tag or not os.path.isdir(tag_dir):
         found = sorted(n for n in os.listdir(load_dir) if os.path.isdir(os.path.join(load_dir, n)))

@@ -33,7 +33,9 @@ class StepContext:
         A token id the embedding has no row for (data tokenized for another vocabulary) is a one-line
         RankError here, on the host, instead of an index error (a device-side assert on GPU) later."""
         text = micro_batch["text"]
-        if (bad := int(text.max())) >= self.vocab_size or (bad := int(text.min())) < 0:
+        low, high = (int(x) for x in torch.aminmax(text))  # one pass over [b, s+1] on the host
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
             raise RankError(f"the data holds token id {bad}, outside this model's vocabulary of {self.vocab_size} "
                             "(padded); tokenize it with this run's tokenizer, or set --tokenizer-type/"
                             "--tokenizer-model/--vocab-size to the ones it was made with")
