@@ -2,9 +2,11 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from megatron_sp.arguments import ConfigError, build_parser, parse_args, validate
+from megatron_sp.data.indexed import IndexedDatasetWriter
 
 # Changing this set breaks users' recipes: add flags deliberately, never drop or rename one.
 FROZEN_FLAGS = """
@@ -117,7 +119,7 @@ def test_defaults_are_filled():
     (["--clip-grad", "-1"], 1, "--clip-grad must not be negative"),
     (["--eval-iters", "-1"], 1, "--eval-iters must not be negative"),
     (["--ffn-hidden-size", "0"], 1, "--ffn-hidden-size must be positive, got 0"),
-    (["--data-path", "data/processed/sample_text_document", "--split", "a,b,c"], 1, "--split 'a,b,c'"),
+    (["--data-path", "any/corpus_text_document", "--split", "a,b,c"], 1, "--split 'a,b,c'"),
 ])
 def test_impossible_configurations_are_one_line(argv, world, message):
     argv = [*argv, "--train-iters", "2"] + ([] if "--data-path" in argv else ["--mock-data"])
@@ -194,12 +196,23 @@ def test_resuming_a_checkpoint_of_another_model_shape_is_one_line(tmp_path):
     assert not (tmp_path / "ckpt" / "global_step3").exists()
 
 
-def test_broken_data_files_and_misplaced_directories_are_one_line_at_start(tmp_path):
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    """A small indexed dataset written here, so these tests need no prepared sample data (CI has none):
+    200 documents of token ids 0..999, the prefix returned."""
+    prefix = str(tmp_path_factory.mktemp("corpus") / "ids_text_document")
+    rng = np.random.default_rng(0)
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        for _ in range(200):
+            writer.add_document(rng.integers(0, 1000, rng.integers(50, 150)))
+    return prefix
+
+
+def test_broken_data_files_and_misplaced_directories_are_one_line_at_start(corpus, tmp_path):
     """A truncated .idx (e.g. a copy cut short) fails validation, not dataset building after the model is
     made; so does a --tensorboard-dir or --data-cache-path that names a file."""
-    src = "data/processed/sample_text_document"
-    (tmp_path / "cut.bin").write_bytes(open(src + ".bin", "rb").read())
-    (tmp_path / "cut.idx").write_bytes(open(src + ".idx", "rb").read()[:100])
+    (tmp_path / "cut.bin").write_bytes(open(corpus + ".bin", "rb").read())
+    (tmp_path / "cut.idx").write_bytes(open(corpus + ".idx", "rb").read()[:100])
     with pytest.raises(ConfigError, match="cut.idx: truncated index"):
         validate(parse_args(["--data-path", str(tmp_path / "cut"), "--train-iters", "2"]), world_size=1)
     a_file = tmp_path / "notes.txt"
@@ -210,28 +223,24 @@ def test_broken_data_files_and_misplaced_directories_are_one_line_at_start(tmp_p
     assert a_file.read_text() == "mine"
 
 
-def test_data_tokenized_for_another_vocabulary_is_one_line(tmp_path):
-    """Token ids past the embedding (here: the sample corpus, sentencepiece ids up to ~8k, read with a
-    10-token vocabulary) stop the run with one line, not an IndexError (a device-side assert on GPU)."""
+def test_data_tokenized_for_another_vocabulary_is_one_line(corpus, tmp_path):
+    """Token ids past the embedding (here: ids up to 999 read with a 10-token vocabulary, padded to 128) stop the run with one line, not an IndexError (a device-side assert on GPU)."""
     out = subprocess.run([sys.executable, "pretrain_gpt.py", *TINY_RUN[len(MINIMAL):], "--train-iters", "2",
-                          "--data-path", "data/processed/sample_text_document", "--tokenizer-type", "NullTokenizer",
-                          "--vocab-size", "10", "--data-cache-path", str(tmp_path / "cache")],
+                          "--data-path", corpus, "--tokenizer-type", "NullTokenizer", "--vocab-size", "10", "--data-cache-path", str(tmp_path / "cache")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the data holds token id ") and "outside this model's vocabulary of 128" in last
 
 
-def test_a_train_split_without_documents_is_one_line(tmp_path):
+def test_a_train_split_without_documents_is_one_line(corpus, tmp_path):
     """--split 0,100,0 leaves training nothing (as does an empty corpus): one line, not a TypeError."""
     out = subprocess.run([sys.executable, "pretrain_gpt.py", *TINY_RUN[len(MINIMAL):], "--train-iters", "2",
-                          "--data-path", "data/processed/sample_text_document", "--split", "0,100,0",
-                          "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "data/processed/sample.model",
-                          "--data-cache-path", str(tmp_path / "cache")], capture_output=True, text=True, timeout=300)
+                          "--data-path", corpus, "--split", "0,100,0", "--tokenizer-type", "NullTokenizer",
+                          "--vocab-size", "1000", "--data-cache-path", str(tmp_path / "cache")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert out.stderr.strip().splitlines()[-1] == ("error: no training data: the train split of "
-                                                    "data/processed/sample_text_document holds no documents "
-                                                    "(--split 0,100,0)")
+    assert out.stderr.strip().splitlines()[-1] == (f"error: no training data: the train split of {corpus} "
+                                                    "holds no documents (--split 0,100,0)")
 
 
 def test_a_config_error_of_a_multi_rank_run_is_said_once_per_node():
