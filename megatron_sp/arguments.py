@@ -51,9 +51,7 @@ IGNORED_FLAGS = [
     ("--data-impl", True, "data is always memory-mapped"),
     ("--tensorboard-queue-size", True, "not needed"),
     ("--tensorboard-log-interval", True, "TensorBoard scalars are written at every --log-interval"),
-    ("--exit-duration-in-mins", True, "use --exit-interval"),
     ("--DDP-impl", True, "DeepSpeed reduces gradients"),
-    ("--distributed-timeout-minutes", True, "default timeout"),
     ("--empty-unused-memory-level", True, "not needed"),
     ("--timing-log-level", True, "not needed"),
     ("--recompute-method", True, "every layer is checkpointed"),
@@ -154,16 +152,17 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     if p.sequence_parallel_size == "auto":
         raise ConfigError("--sequence-parallel-size auto is resolved by the planner before validation "
                           "(megatron_sp.plan.resolve_auto, as pretrain_gpt.py does)")
-    if t.gpu_memory_gb is not None and t.gpu_memory_gb <= 0:
-        raise ConfigError(f"--gpu-memory-gb must be positive, got {t.gpu_memory_gb}")
     positive = dict(num_layers=m.num_layers, hidden_size=m.hidden_size, seq_length=m.seq_length,
                     num_attention_heads=m.num_attention_heads, micro_batch_size=t.micro_batch_size,
                     sequence_parallel_size=p.sequence_parallel_size)
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"{_flag(name)} must be positive, got {value}")
-    for name, value in dict(ffn_hidden_size=m.ffn_hidden_size, kv_channels=m.kv_channels).items():
-        if value is not None and value < 1:  # 0 would silently mean "the default" or an empty MLP
+    optional = dict(ffn_hidden_size=m.ffn_hidden_size, kv_channels=m.kv_channels, gpu_memory_gb=t.gpu_memory_gb,
+                    exit_duration_in_mins=t.exit_duration_in_mins,
+                    distributed_timeout_minutes=p.distributed_timeout_minutes)
+    for name, value in optional.items():
+        if value is not None and value <= 0:  # 0 would silently mean "the default", an empty MLP, or no time
             raise ConfigError(f"{_flag(name)} must be positive, got {value}")
     for name, value in dict(lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, clip_grad=t.clip_grad,
                             eval_iters=t.eval_iters).items():

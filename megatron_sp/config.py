@@ -77,6 +77,10 @@ class ParallelConfig:
     no_pipeline_parallel: bool = arg(False, "Megatron-DeepSpeed's switch to disable pipelining (always disabled here).")
     distributed_backend: str = arg("auto", "torch.distributed backend: auto = nccl with GPUs, gloo on CPU.",
                                    choices=("auto", "nccl", "gloo"))
+    distributed_timeout_minutes: float | None = arg(None, "How long a collective waits for the other ranks "
+                                                    "before failing; default DeepSpeed's ($DEEPSPEED_TIMEOUT, "
+                                                    "else 10). Raise it when a rank may wait long, e.g. while "
+                                                    "another saves a checkpoint to slow storage.")
     local_rank: int | None = arg(None, "Set by the deepspeed launcher.", flags=("--local_rank",))
 
 
@@ -143,6 +147,11 @@ class TrainingConfig:
     eval_interval: int = arg(1000, "Evaluate every this many steps.")
     eval_iters: int = arg(10, "Micro batches per evaluation.")
     exit_interval: int | None = arg(None, "Stop after this many steps (saving first if --save is set).")
+    exit_duration_in_mins: float | None = arg(None, "Stop once the run has lasted this many minutes, setup "
+                                              "included: finish the step, save if --save is set, exit 0 "
+                                              "(for jobs with a wall-clock limit; rerun to resume).")
+    exit_signal_handler: bool = arg(False, "On SIGTERM (sent by SLURM, torchrun and the deepspeed launcher "
+                                    "before they kill), finish the step, save if --save is set, exit 0.")
     dry_run: bool = arg(False, "Check the configuration, print the parallel layout, a per-GPU memory estimate "
                         "and FLOPs per iteration, and exit (nothing is allocated).")
     gpu_memory_gb: float | None = arg(None, "GPU memory per device in GiB for the planner (--dry-run, "

@@ -18,7 +18,7 @@ FROZEN_FLAGS = """
     --dry-run --ds-sequence-parallel-fpdt --ds-sequence-parallel-fpdt-chunk-size
     --ds-sequence-parallel-fpdt-offloading --ds-sequence-parallel-size
     --empty-unused-memory-level --eod-mask-loss --eval-interval --eval-iters
-    --exit-duration-in-mins --exit-interval --ffn-hidden-size --fp16 --fp16-lm-cross-entropy
+    --exit-duration-in-mins --exit-interval --exit-signal-handler --ffn-hidden-size --fp16 --fp16-lm-cross-entropy
     --global-batch-size --gpu-memory-gb --group-query-attention --help --hidden-dropout --hidden-size
     --hysteresis --init-method-std --initial-loss-scale --kv-channels --layernorm-epsilon --load
     --local-rank --local_rank --log-batch-size-to-tensorboard --log-interval
@@ -119,6 +119,8 @@ def test_defaults_are_filled():
     (["--clip-grad", "-1"], 1, "--clip-grad must not be negative"),
     (["--eval-iters", "-1"], 1, "--eval-iters must not be negative"),
     (["--ffn-hidden-size", "0"], 1, "--ffn-hidden-size must be positive, got 0"),
+    (["--exit-duration-in-mins", "0"], 1, "--exit-duration-in-mins must be positive, got 0.0"),
+    (["--distributed-timeout-minutes", "-5"], 1, "--distributed-timeout-minutes must be positive, got -5.0"),
     (["--data-path", "any/corpus_text_document", "--split", "a,b,c"], 1, "--split 'a,b,c'"),
 ])
 def test_impossible_configurations_are_one_line(argv, world, message):
@@ -269,3 +271,33 @@ def test_a_latest_that_names_a_missing_step_is_one_line(tmp_path):
     assert again.stderr.strip().splitlines()[-1] == (
         f"error: --load {save}: its 'latest' names 'global_step9', which is not there (step directories: "
         "global_step2); point 'latest' at one of them")
+
+
+def test_sigterm_with_the_exit_signal_handler_saves_and_exits_0(tmp_path):
+    """What a SLURM job sees at its time limit: the run finishes its step, saves, says why, exits 0."""
+    import signal
+    save = str(tmp_path / "ckpt")
+    proc = subprocess.Popen([sys.executable, "pretrain_gpt.py", *TINY_RUN, "--train-iters", "100000",
+                             "--log-interval", "1", "--exit-signal-handler", "--save", save],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith(" iteration "):  # training has begun
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    saved = [int(p.name.removeprefix("global_step")) for p in (tmp_path / "ckpt").glob("global_step*")]
+    assert len(saved) == 1 and f"saved checkpoint at iteration {saved[0]} to " in rest
+    assert rest.strip().splitlines()[-1] == (f"exiting at iteration {saved[0]} of 100000: "
+                                             "a rank received SIGTERM (--exit-signal-handler)")
+
+
+def test_distributed_timeout_minutes_reaches_the_process_group():
+    """Megatron's flag sets how long a collective waits (it was accepted and ignored before)."""
+    code = ("import torch, torch.distributed as dist; from pretrain_gpt import configure; "
+            "from megatron_sp.training.trainer import init_distributed; "
+            "cfg, _ = configure(['--mock-data', '--train-iters', '1', '--distributed-timeout-minutes', '42'], 1); "
+            "init_distributed(cfg); print(dist.group.WORLD._get_backend(torch.device('cpu')).options._timeout)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "0:42:00"

@@ -147,3 +147,35 @@ def test_zero3_never_materialises_the_whole_model(corpus):
 def test_eval_interval_zero_means_no_evaluation(corpus):
     """--eval-interval 0 turns evaluation off (it divided by zero while sizing the validation set)."""
     assert train(1, flags(corpus, "--eval-interval", "0", iters=3)) == train(1, flags(corpus, iters=3))
+
+
+def _train_until_rank1_gets_sigterm(rank, world, argv, at_step):
+    """Rank 1 alone receives SIGTERM during its step `at_step`, as when a launcher signals ranks one by one."""
+    import os
+    import signal
+    from megatron_sp.training import trainer
+    real_step, steps = trainer.train_step, []
+
+    def step_then_signal(*args):
+        steps.append(None)
+        if rank == 1 and len(steps) == at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args)
+
+    trainer.train_step = step_then_signal  # this forked rank's copy of the module only
+    return _train(rank, world, argv)
+
+
+def test_early_exits_save_and_resume_exactly(corpus, tmp_path):
+    """--exit-duration-in-mins and --exit-signal-handler (a job's time limit) stop every rank after the same step,
+    with a checkpoint; rerunning the command resumes as if never stopped."""
+    common = flags(corpus, "--sequence-parallel-size", "2", "--zero-stage", "1", "--global-batch-size", "4", iters=6)
+    uninterrupted = train(2, common)
+    ckpt = str(tmp_path / "ckpt")
+    by_time = train(2, [*common, "--save", ckpt, "--exit-duration-in-mins", "1e-9"])  # out of time after one step
+    assert by_time == uninterrupted[:1]
+    per_rank = run_ranks(2, _train_until_rank1_gets_sigterm, [*common, "--save", ckpt, "--load", ckpt,
+                                                               "--exit-signal-handler"], at_step=2)
+    assert per_rank[0] == per_rank[1] == uninterrupted[1:3]
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("global_step*")) == ["global_step1", "global_step3"]
+    assert train(2, [*common, "--save", ckpt, "--load", ckpt]) == uninterrupted[3:]

@@ -4,6 +4,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from megatron_sp.parallel.sharding import effective_strategy, ulysses_degree_of
 from megatron_sp.parallel.state import ParallelState
 from megatron_sp.plan import gpus_per_node_from_env, layout_lines
 from megatron_sp.training import checkpoint, engine as ds_engine
+from megatron_sp.training.early_exit import EarlyExit
 from megatron_sp.training.flops import flops_per_token
 from megatron_sp.training.logger import Logger, iteration_line, max_memory_gib
 from megatron_sp.training.loop import StepContext, evaluate, train_step
@@ -39,7 +41,9 @@ def init_distributed(cfg: RunConfig) -> torch.device:
     backend = cfg.parallel.distributed_backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    minutes = cfg.parallel.distributed_timeout_minutes
+    deepspeed.init_distributed(dist_backend=backend,
+                               **({"timeout": timedelta(minutes=minutes)} if minutes is not None else {}))
     if torch.cuda.is_available():
         local_rank = int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local_rank)
@@ -104,6 +108,11 @@ def run(cfg: RunConfig, tokenizer) -> dict:
     t = cfg.training
     if t.save and (problem := checkpoint.prepare_save_dir(t.save, t.load)):
         raise ConfigError(f"--save {t.save}: {problem}")
+    with EarlyExit(t.exit_duration_in_mins, t.exit_signal_handler) as early_exit:
+        return _run(cfg, tokenizer, early_exit)
+
+
+def _run(cfg: RunConfig, tokenizer, early_exit: EarlyExit) -> dict:
     s = build(cfg, tokenizer)
     device, ps, engine, scheduler, ds_config, ctx = s.device, s.ps, s.engine, s.scheduler, s.ds_config, s.ctx
     world, rank = ps.world_size, ps.rank
@@ -150,13 +159,16 @@ def run(cfg: RunConfig, tokenizer) -> dict:
     # per-step losses stay on the device (no host sync per step); read once at the end
     losses = torch.zeros(last_iteration - first_iteration, dtype=torch.float64, device=device)
     window = LogWindow(cfg, world)
-    while iteration < last_iteration:
+    stop_reason = None
+    while iteration < last_iteration and stop_reason is None:
         loss_sum, count, step_grad_norm = train_step(engine, micro_batches_of(train_iter, grad_acc), ctx)
         losses[iteration - first_iteration] = loss_sum / count
         iteration += 1
         consumed += t.global_batch_size
         window.add(loss_sum, count)
-        if cfg.logging.log_interval and iteration % cfg.logging.log_interval == 0 or iteration == last_iteration:
+        stop_reason = early_exit.reason(device, dist.group.WORLD)
+        last = iteration == last_iteration or stop_reason is not None
+        if cfg.logging.log_interval and iteration % cfg.logging.log_interval == 0 or last:
             grad_norm = engine.get_global_grad_norm() if step_grad_norm is None else step_grad_norm
             stats = window.close(consumed, scheduler.get_lr()[0], grad_norm, device)
             if t.fp16:
@@ -166,13 +178,16 @@ def run(cfg: RunConfig, tokenizer) -> dict:
                                     "grad-norm": stats["grad_norm"], "tokens-per-sec": stats["tokens_per_sec"],
                                     "model-tflops": stats["model_tflops"], "batch-size": t.global_batch_size,
                                     "memory-gib": stats["memory_gib"]})
-        if valid_ds is not None and t.eval_interval and iteration % t.eval_interval == 0 and t.eval_iters:
+        if (valid_ds is not None and t.eval_interval and iteration % t.eval_interval == 0 and t.eval_iters
+                and stop_reason is None):  # a job near its time limit saves first
             run_eval(engine, valid_ds, iteration, t, ps, ctx, log)
-        if t.save and (t.save_interval and iteration % t.save_interval == 0 or iteration == last_iteration):
+        if t.save and (t.save_interval and iteration % t.save_interval == 0 or last):
             path = checkpoint.save(engine, t.save, iteration, consumed, rank)
             log.print(f"saved checkpoint at iteration {iteration} to {path}")
+    if stop_reason is not None:
+        log.print(f"exiting at iteration {iteration} of {t.train_iters}: {stop_reason}")
     log.close()
-    return {"losses": losses.tolist(), "iteration": iteration}
+    return {"losses": losses[:iteration - first_iteration].tolist(), "iteration": iteration}
 
 
 class LogWindow:
