@@ -146,7 +146,8 @@ class TrainingConfig:
     no_load_rng: bool = arg(False, "Do not restore RNG states on resume.")
     eval_interval: int = arg(1000, "Evaluate every this many steps.")
     eval_iters: int = arg(10, "Micro batches per evaluation.")
-    exit_interval: int | None = arg(None, "Stop after this many steps (saving first if --save is set).")
+    exit_interval: int | None = arg(None, "Stop at the next iteration that is a multiple of this, saving first "
+                                          "if --save is set (as Megatron: a resumed run stops there too).")
     exit_duration_in_mins: float | None = arg(None, "Stop once the run has lasted this many minutes, setup "
                                               "included: finish the step, save if --save is set, exit 0 "
                                               "(for jobs with a wall-clock limit; rerun to resume).")

@@ -155,7 +155,8 @@ def _run(cfg: RunConfig, tokenizer, early_exit: EarlyExit) -> dict:
     train_iter = build_data_iterator(train_ds, consumed, t.micro_batch_size, ps.dp_rank, ps.dp_size)
 
     first_iteration = iteration
-    last_iteration = min(t.train_iters, iteration + t.exit_interval) if t.exit_interval else t.train_iters
+    last_iteration = (min(t.train_iters, (iteration // t.exit_interval + 1) * t.exit_interval) if t.exit_interval
+                      else t.train_iters)
     # per-step losses stay on the device (no host sync per step); read once at the end
     losses = torch.zeros(last_iteration - first_iteration, dtype=torch.float64, device=device)
     window = LogWindow(cfg, world)
