@@ -145,7 +145,7 @@ class TrainingConfig:
     no_load_optim: bool = arg(False, "Resume weights only, not optimizer state.")
     no_load_rng: bool = arg(False, "Do not restore RNG states on resume.")
     eval_interval: int = arg(1000, "Evaluate every this many steps.")
-    eval_iters: int = arg(10, "Micro batches per evaluation.")
+    eval_iters: int = arg(10, "Global batches per evaluation (of validation data, and of test data at the end).")
     exit_interval: int | None = arg(None, "Stop at the next iteration that is a multiple of this, saving first "
                                           "if --save is set (as Megatron: a resumed run stops there too).")
     exit_duration_in_mins: float | None = arg(None, "Stop once the run has lasted this many minutes, setup "

@@ -181,3 +181,20 @@ def test_early_exits_save_and_resume_exactly(corpus, tmp_path):
     assert per_rank[0] == per_rank[1] == uninterrupted[1:3]
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("global_step*")) == ["global_step1", "global_step3"]
     assert train(2, [*common, "--save", ckpt, "--load", ckpt]) == uninterrupted[3:]
+
+
+def test_the_end_of_training_evaluates_validation_and_test_data(corpus, tmp_path):
+    """As Megatron: after the last step, one more evaluation of the validation split (fresh samples) and one
+    of the test split; none when a run stops early."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    common = flags(corpus, "--split", "80,10,10", "--eval-interval", "2", "--eval-iters", "2", iters=4)
+    train(1, [*common, "--tensorboard-dir", str(tmp_path / "done")])
+    events = EventAccumulator(str(tmp_path / "done")).Reload()
+    assert [e.step for e in events.Scalars("validation/lm-loss")] == [2, 4, 4]
+    assert [e.step for e in events.Scalars("test/lm-loss")] == [4]
+    periodic, final = [e.value for e in events.Scalars("validation/lm-loss")][1:]
+    assert periodic != final  # another block of validation samples
+    train(1, [*common, "--tensorboard-dir", str(tmp_path / "stopped"), "--exit-interval", "3"])
+    events = EventAccumulator(str(tmp_path / "stopped")).Reload()
+    assert [e.step for e in events.Scalars("validation/lm-loss")] == [2]
+    assert "test/lm-loss" not in events.Tags()["scalars"]

@@ -140,7 +140,7 @@ def _run(cfg: RunConfig, tokenizer, early_exit: EarlyExit) -> dict:
     eval_runs = t.train_iters // t.eval_interval + 1 if t.eval_interval else 0  # 0: no evaluation
     d = cfg.data
     try:  # every rank checks the options and files before rank 0 builds: a mistake is the same everywhere
-        train_ds, valid_ds, _ = build_gpt_datasets(
+        train_ds, valid_ds, test_ds = build_gpt_datasets(
             data_path=d.data_path, split=d.split, seq_length=m.seq_length, seed=t.seed,
             num_samples=(t.train_iters * t.global_batch_size, eval_runs * t.eval_iters * t.global_batch_size,
                          t.eval_iters * t.global_batch_size),
@@ -181,12 +181,19 @@ def _run(cfg: RunConfig, tokenizer, early_exit: EarlyExit) -> dict:
                                     "memory-gib": stats["memory_gib"]})
         if (valid_ds is not None and t.eval_interval and iteration % t.eval_interval == 0 and t.eval_iters
                 and stop_reason is None):  # a job near its time limit saves first
-            run_eval(engine, valid_ds, iteration, t, ps, ctx, log)
+            run_eval(engine, valid_ds, "validation", iteration // t.eval_interval - 1, f"iteration {iteration}",
+                     iteration, t, ps, ctx, log)
         if t.save and (t.save_interval and iteration % t.save_interval == 0 or last):
             path = checkpoint.save(engine, t.save, iteration, consumed, rank)
             log.print(f"saved checkpoint at iteration {iteration} to {path}")
     if stop_reason is not None:
         log.print(f"exiting at iteration {iteration} of {t.train_iters}: {stop_reason}")
+    elif iteration == t.train_iters and t.eval_interval and t.eval_iters:  # as Megatron, after the last step
+        for dataset, split, block, label in ((valid_ds, "validation", eval_runs - 1, "val"),
+                                             (test_ds, "test", 0, "test")):
+            if dataset is not None:
+                run_eval(engine, dataset, split, block, f"the end of training for {label} data", iteration,
+                         t, ps, ctx, log)
     log.close()
     return {"losses": losses[:iteration - first_iteration].tolist(), "iteration": iteration}
 
@@ -223,12 +230,14 @@ class LogWindow:
         return stats
 
 
-def run_eval(engine, valid_ds, iteration, t, ps, ctx, log) -> None:
-    """The k-th evaluation reads the k-th block of validation samples (fresh ones each time)."""
-    start = (iteration // t.eval_interval - 1) * t.eval_iters * t.global_batch_size
-    valid_iter = build_data_iterator(valid_ds, start, t.micro_batch_size, ps.dp_rank, ps.dp_size)
-    loss = evaluate(engine, micro_batches_of(valid_iter, t.eval_iters * t.global_batch_size
-                                                     // (t.micro_batch_size * ps.dp_size)), ctx)
+def run_eval(engine, dataset, split: str, block: int, label: str, iteration: int, t, ps, ctx, log) -> None:
+    """Loss over the block-th run of --eval-iters global batches of `dataset`: each evaluation of the
+    validation split reads fresh samples (the k-th periodic one block k-1, the final one the last block).
+    Printed as Megatron does ("validation loss at <label>", also for the test split)."""
+    start = block * t.eval_iters * t.global_batch_size
+    data = build_data_iterator(dataset, start, t.micro_batch_size, ps.dp_rank, ps.dp_size)
+    loss = evaluate(engine, micro_batches_of(data, t.eval_iters * t.global_batch_size
+                                             // (t.micro_batch_size * ps.dp_size)), ctx)
     ppl = math.exp(min(20.0, loss))
-    log.print(f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |")
-    log.scalars(iteration, {"validation/lm-loss": loss, "validation/lm-loss-ppl": ppl})
+    log.print(f" validation loss at {label} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |")
+    log.scalars(iteration, {f"{split}/lm-loss": loss, f"{split}/lm-loss-ppl": ppl})
