@@ -144,6 +144,9 @@ class TrainingConfig:
     save_interval: int | None = arg(None, "Save every this many steps (and at the end).")
     no_load_optim: bool = arg(False, "Resume weights only, not optimizer state.")
     no_load_rng: bool = arg(False, "Do not restore RNG states on resume.")
+    finetune: bool = arg(False, "Start a new run from --load's weights alone: iteration 0, fresh optimizer, "
+                         "schedule and data order (as Megatron), e.g. to extend a trained model's context "
+                         "(--seq-length, --rotary-base). --save must be another directory.")
     eval_interval: int = arg(1000, "Evaluate every this many steps.")
     eval_iters: int = arg(10, "Global batches per evaluation (of validation data, and of test data at the end).")
     exit_interval: int | None = arg(None, "Stop at the next iteration that is a multiple of this, saving first "

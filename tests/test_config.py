@@ -18,7 +18,8 @@ FROZEN_FLAGS = """
     --dry-run --ds-sequence-parallel-fpdt --ds-sequence-parallel-fpdt-chunk-size
     --ds-sequence-parallel-fpdt-offloading --ds-sequence-parallel-size
     --empty-unused-memory-level --eod-mask-loss --eval-interval --eval-iters
-    --exit-duration-in-mins --exit-interval --exit-signal-handler --ffn-hidden-size --fp16 --fp16-lm-cross-entropy
+    --exit-duration-in-mins --exit-interval --exit-signal-handler --ffn-hidden-size --finetune --fp16
+    --fp16-lm-cross-entropy
     --global-batch-size --gpu-memory-gb --group-query-attention --help --hidden-dropout --hidden-size
     --hysteresis --init-method-std --initial-loss-scale --kv-channels --layernorm-epsilon --load
     --local-rank --local_rank --log-batch-size-to-tensorboard --log-interval

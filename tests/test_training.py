@@ -198,3 +198,56 @@ def test_the_end_of_training_evaluates_validation_and_test_data(corpus, tmp_path
     events = EventAccumulator(str(tmp_path / "stopped")).Reload()
     assert [e.step for e in events.Scalars("validation/lm-loss")] == [2]
     assert "test/lm-loss" not in events.Tags()["scalars"]
+
+
+def _module_weights(step_dir) -> dict:
+    import torch
+    return torch.load(step_dir / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+def test_finetune_starts_a_new_run_from_the_weights_alone(corpus, tmp_path):
+    """Context extension: a model trained at 32 tokens continues at 64 tokens on 2 SP ranks, from its
+    weights only (iteration 0, fresh optimizer and schedule), into another --save directory."""
+    from pretrain_gpt import configure
+    from megatron_sp.arguments import ConfigError
+    from megatron_sp.training.trainer import run
+    base, extended = str(tmp_path / "base"), str(tmp_path / "extended")
+    train(1, flags(corpus, "--zero-stage", "1", "--save", base, iters=4, seq=32))
+
+    def longer(load, save):  # lr 0: the new run's weights stay those it loaded
+        return flags(corpus, "--zero-stage", "1", "--sequence-parallel-size", "2", "--finetune", "--load", load,
+                     "--save", save, "--lr", "0", "--lr-warmup-iters", "0", "--min-lr", "0", iters=1, seq=64)
+    train(2, longer(base, extended))
+    assert sorted(p.name for p in tmp_path.glob("extended/global_step*")) == ["global_step1"]  # counted from 0
+    trained = _module_weights(tmp_path / "base" / "global_step4")
+    carried = _module_weights(tmp_path / "extended" / "global_step1")
+    assert trained.keys() == carried.keys() and all(trained[k].equal(carried[k]) for k in trained)
+    for argv, message in ((longer(base, base), "a --finetune run starts again at iteration 0"),
+                          (longer(str(tmp_path / "none"), str(tmp_path / "new")), "holds no checkpoint to start from"),
+                          (longer(base, extended), f"resume with --load {extended} without --finetune")):
+        with pytest.raises(ConfigError, match=message):
+            run(*configure(argv, 2))
+
+
+def test_checkpoints_deepspeed_cannot_load_are_one_line(corpus, tmp_path):
+    """Another ZeRO stage or DP size at resume: what DeepSpeed loads works, the rest is one line naming the
+    way out (DeepSpeed failed with an AssertionError, FileNotFoundError or AttributeError)."""
+    ckpt = {stage: str(tmp_path / f"zero{stage}") for stage in "013"}
+    for stage, path in ckpt.items():
+        train(2, flags(corpus, "--zero-stage", stage, "--save", path, iters=2))
+
+    def resume(world, stage, load, *extra):
+        return train(world, flags(corpus, "--zero-stage", stage, "--load", load, *extra, iters=3))
+    assert len(resume(2, "2", ckpt["1"])) == 1  # the optimizer state of stage 1 loads under stage 2
+    assert len(resume(1, "0", ckpt["1"], "--no-load-optim")) == 1  # weights alone: any stage 0-2, any DP size
+    for world, stage, load, extra, message in (
+            (2, "1", ckpt["3"], ["--finetune", "--save", str(tmp_path / "new")],
+             "saved under ZeRO stage 3, and DeepSpeed loads a stage-3 checkpoint only under stage 3 and others only "
+             "under stages 0-2 (this run: 1); use --zero-stage 3"),
+            (2, "1", ckpt["0"], [], "saved under ZeRO stage 0, whose optimizer state does not load under stage 1; "
+                                    "resume with --zero-stage 0, or add --no-load-optim"),
+            (1, "1", ckpt["1"], [], "saved under ZeRO stage 1 by 2 data-parallel ranks; its optimizer state is "
+                                    "split 2 ways and DeepSpeed cannot re-split it for this run's 1")):
+        with pytest.raises(AssertionError) as failed:
+            resume(world, stage, load, *extra)
+        assert f"ConfigError: --load {load}: {message}" in str(failed.value)

@@ -26,23 +26,27 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def prepare_save_dir(save_dir: str, load_dir: str | None) -> str | None:
+def prepare_save_dir(save_dir: str, load_dir: str | None, finetune: bool = False) -> str | None:
     """Check --save at start -> None, or the one-line reason it cannot be used.
 
     Creates the directory now, so that a path that cannot hold checkpoints fails before training,
     not at the first save. A directory that already holds another run's checkpoints is refused
     unless this run resumes from it (--load the same directory): a fresh run would overwrite that
-    run's step tags and its `latest`."""
+    run's step tags and its `latest`. A --finetune run starts afresh, so it never saves where it loads."""
     try:
         os.makedirs(save_dir, exist_ok=True)
     except OSError as err:
         return err.strerror or str(err)
     if not os.access(save_dir, os.W_OK | os.X_OK):
         return "not writable"
-    resuming_here = bool(load_dir) and os.path.realpath(load_dir) == os.path.realpath(save_dir)
-    if has_checkpoint(save_dir) and not resuming_here:
+    loads_here = bool(load_dir) and os.path.realpath(load_dir) == os.path.realpath(save_dir)
+    if finetune and loads_here:
+        return ("is also --load: a --finetune run starts again at iteration 0 and would overwrite the "
+                "checkpoints it starts from; choose another --save directory")
+    if has_checkpoint(save_dir) and not loads_here:
         return (f"already holds checkpoints (latest {latest_tag(save_dir)}) that this run would overwrite; "
-                f"resume with --load {save_dir}, or choose an empty --save directory")
+                f"resume with --load {save_dir}{' without --finetune' if finetune else ''}, "
+                "or choose an empty --save directory")
     return None
 
 
@@ -64,16 +68,55 @@ def latest_tag(checkpoint_dir: str) -> str:
         return f.read().strip()
 
 
+def _saved_layout(tag_dir: str) -> tuple[int, int, bool] | None:
+    """(ZeRO stage, data-parallel ranks, bf16) of the run that saved tag_dir, from DeepSpeed's model states,
+    memory-mapped so that the weights in that file are not read; None when the file is not there."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):  # stages 0-2, 3
+        path = os.path.join(tag_dir, name)
+        if os.path.isfile(path):
+            states = torch.load(path, mmap=True, weights_only=False, map_location="cpu")
+            config = states.get("ds_config") or {}
+            return (config.get("zero_optimization", {}).get("stage", 0), states.get("dp_world_size", 0),
+                    bool(config.get("bf16", {}).get("enabled")))
+    return None
+
+
+def _check_layout(load_dir: str, tag_dir: str, engine, load_optimizer: bool) -> None:
+    """What DeepSpeed cannot load, as one line before it fails with a traceback (found by loading every pair
+    of stages on CPU): a stage-3 checkpoint outside stage 3 or another one inside it, even weights only; and
+    with the optimizer, stage 0 <-> 1/2, or ZeRO partitions (stages 1-3, or bf16) split for another number of
+    DP ranks. Weights alone load across stages 0-2 and DP sizes; the optimizer across stages 1 and 2."""
+    layout = _saved_layout(tag_dir)
+    if layout is None:
+        return
+    stage, dp, bf16 = layout
+    run_stage, run_dp = engine.zero_optimization_stage(), engine.seq_dp_world_size
+    where = f"--load {load_dir}: saved under ZeRO stage {stage}"
+    if (stage == 3) != (run_stage == 3):
+        raise ConfigError(f"{where}, and DeepSpeed loads a stage-3 checkpoint only under stage 3 and others only "
+                          f"under stages 0-2 (this run: {run_stage}); use --zero-stage {stage}")
+    if not load_optimizer:
+        return
+    fresh = "or add --no-load-optim to keep weights, iteration and data position with a fresh optimizer"
+    if stage != run_stage and 0 in (stage, run_stage):
+        raise ConfigError(f"{where}, whose optimizer state does not load under stage {run_stage}; "
+                          f"resume with --zero-stage {stage}, {fresh}")
+    if (stage > 0 or bf16) and dp != run_dp:
+        raise ConfigError(f"{where} by {dp} data-parallel ranks; its optimizer state is split {dp} ways and "
+                          f"DeepSpeed cannot re-split it for this run's {run_dp}: resume on as many, {fresh}")
+
+
 def load(engine, load_dir: str, rank: int, load_optimizer: bool = True, load_rng: bool = True) -> tuple[int, int]:
     """Resume from the latest tag in load_dir -> (iteration, consumed_samples). A checkpoint of another
     model shape is a one-line ConfigError naming the first parameter that does not fit; so is a `latest`
-    that names a step directory which is not there."""
+    that names a step directory which is not there, and a ZeRO layout DeepSpeed cannot load (_check_layout)."""
     tag = latest_tag(load_dir)
     tag_dir = os.path.join(load_dir, tag)
     if not tag or not os.path.isdir(tag_dir):
         found = sorted(n for n in os.listdir(load_dir) if os.path.isdir(os.path.join(load_dir, n)))
         raise ConfigError(f"--load {load_dir}: its 'latest' names {tag!r}, which is not there "
                           f"(step directories: {', '.join(found) or 'none'}); point 'latest' at one of them")
+    _check_layout(load_dir, tag_dir, engine, load_optimizer)
     try:
         path, client = engine.load_checkpoint(load_dir, load_optimizer_states=load_optimizer,
                                               load_lr_scheduler_states=load_optimizer)

@@ -106,7 +106,10 @@ def build(cfg: RunConfig, tokenizer) -> Setup:
 def run(cfg: RunConfig, tokenizer) -> dict:
     """Train as configured; returns {"losses": [per-step loss], "iteration": last step} for tests."""
     t = cfg.training
-    if t.save and (problem := checkpoint.prepare_save_dir(t.save, t.load)):
+    if t.finetune and not checkpoint.has_checkpoint(t.load):
+        raise ConfigError(f"--finetune: --load {t.load} holds no checkpoint to start from" if t.load else
+                          "--finetune needs --load: the checkpoint whose weights the run starts from")
+    if t.save and (problem := checkpoint.prepare_save_dir(t.save, t.load, t.finetune)):
         raise ConfigError(f"--save {t.save}: {problem}")
     with EarlyExit(t.exit_duration_in_mins, t.exit_signal_handler) as early_exit:
         return _run(cfg, tokenizer, early_exit)
@@ -131,7 +134,11 @@ def _run(cfg: RunConfig, tokenizer, early_exit: EarlyExit) -> dict:
         log.print(line)
 
     iteration, consumed = 0, 0
-    if checkpoint.has_checkpoint(t.load):
+    if t.finetune:
+        trained, _ = checkpoint.load(engine, t.load, rank, load_optimizer=False, load_rng=False)
+        log.print(f"loaded the weights of {t.load} (iteration {trained} there); --finetune: training starts "
+                  "at iteration 0 with a fresh optimizer")
+    elif checkpoint.has_checkpoint(t.load):
         iteration, consumed = checkpoint.load(engine, t.load, rank, not t.no_load_optim, not t.no_load_rng)
         log.print(f"resumed from {t.load} at iteration {iteration} ({consumed} samples consumed)")
     elif t.load:
