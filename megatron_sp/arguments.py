@@ -98,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                 group.add_argument(*names, type=meta["type"] or kind, choices=meta["choices"],
                                    nargs=meta["nargs"], metavar=None if meta["choices"] else f.name.upper(), **common)
     group = parser.add_argument_group("compatibility (accepted, reported once at start)")
-    group.add_argument("--position-embedding-type", choices=("learned_absolute", "rope"), default=None,
-                       help="Megatron-core spelling: rope = --use-rotary-position-embeddings.")
+    group.add_argument("--position-embedding-type", choices=("learned_absolute", "rope", "none"), default=None,
+                       help="Megatron-core spelling: rope = --use-rotary-position-embeddings, "
+                            "none = --no-position-embedding.")
     for flag, (_, _, _, note) in MAPPED_FLAGS.items():
         group.add_argument(flag, action="store_true", dest=f"mapped.{flag}", help=f"Mapped: {note}.")
     for flag, takes_value, why in IGNORED_FLAGS:
@@ -126,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
             ignored.append(f"{flag} -> {_flag(name)} {value} ({note})")
     if ns["position_embedding_type"] == "rope":
         values["model"]["use_rotary_position_embeddings"] = True
+    elif ns["position_embedding_type"] == "none":
+        values["model"]["position_embedding"] = False
     sections = {s: cls(**values[s]) for s, cls in SECTIONS.items()}
     return RunConfig(**sections, ignored=ignored)
 
@@ -180,7 +183,7 @@ def validate(cfg: RunConfig, world_size: int) -> None:
                               f"this model's is {cfg.head_dim} (--hidden-size / --num-attention-heads, or --kv-channels)")
     if cfg.head_dim % 2 and m.use_rotary_position_embeddings:
         raise ConfigError(f"rotary embeddings need an even head dimension, got {cfg.head_dim}")
-    if not m.use_rotary_position_embeddings and m.max_position_embeddings < m.seq_length:
+    if m.learned_positions and m.max_position_embeddings < m.seq_length:
         raise ConfigError(f"--max-position-embeddings {m.max_position_embeddings} is smaller than --seq-length {m.seq_length}")
     if m.attention_dropout:
         raise ConfigError(f"--attention-dropout {m.attention_dropout} is not supported (attention runs in fused "

@@ -32,7 +32,11 @@ class ModelConfig:
     normalization: str = arg("layernorm", "Normalization layer.", choices=("layernorm", "rmsnorm"))
     layernorm_epsilon: float = arg(1e-5, "Epsilon of LayerNorm / RMSNorm.", flags=("--norm-epsilon",))
     swiglu: bool = arg(False, "SwiGLU MLP instead of GELU.")
-    use_rotary_position_embeddings: bool = arg(False, "Rotary position embeddings instead of learned absolute ones.")
+    use_rotary_position_embeddings: bool = arg(False, "Rotary position embeddings instead of the learned position "
+                                               "table (Megatron-DeepSpeed adds both unless --no-position-embedding).")
+    position_embedding: bool = arg(True, "Learned position table, unless rotary replaces it; "
+                                   "--no-position-embedding drops it as Megatron does (without rotary the model "
+                                   "then has no position signal).")
     rotary_percent: float = arg(1.0, "Fraction of each head's dimensions that rotary embeddings rotate.")
     rotary_position_embeddings_theta: float = arg(10000.0, "Rotary base (theta).", flags=("--rotary-base",))
     disable_bias_linear: bool = arg(False, "No bias in the attention and MLP linear layers.")
@@ -53,6 +57,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def learned_positions(self) -> bool:
+        """Whether the model has a learned absolute position table [max_position_embeddings, h]."""
+        return self.position_embedding and not self.use_rotary_position_embeddings
 
 
 @dataclass

@@ -27,7 +27,7 @@ FROZEN_FLAGS = """
     --log-validation-ppl-to-tensorboard --loss-scale --loss-scale-window --lr --lr-decay-iters
     --lr-decay-samples --lr-decay-style --lr-decay-tokens --lr-warmup-fraction --lr-warmup-iters
     --lr-warmup-samples --lr-warmup-tokens --make-vocab-size-divisible-by
-    --max-position-embeddings --merge-file --micro-batch-size --min-loss-scale --min-lr
+    --max-position-embeddings --merge-file --micro-batch-size --min-loss-scale --min-lr --no-position-embedding
     --mock-data --no-async-tensor-model-parallel-allreduce --no-bias-dropout-fusion
     --no-bias-gelu-fusion --no-fused-elementwise --no-gradient-accumulation-fusion --no-load-optim --no-load-rng
     --no-masked-softmax-fusion --no-pipeline-parallel --no-query-key-layer-scaling

@@ -50,6 +50,26 @@ def test_causal_model_output_at_a_token_ignores_later_tokens():
     assert torch.equal(a[:, :10], b[:, :10]) and not torch.allclose(a[:, 10:], b[:, 10:])
 
 
+@pytest.mark.parametrize("rotary", [False, True])
+def test_no_position_embedding_drops_the_learned_table(rotary):
+    """--no-position-embedding (Megatron's): without rotary the model sees no position at all; with rotary
+    it is what rotary alone gives (no table either way)."""
+    tokens = torch.randint(0, 64, (1, 16))
+    positions = torch.arange(16).view(1, 16)
+
+    def logits(model, shift):
+        return model.logits(tokens, positions + shift)
+    plain = build(tiny(use_rotary_position_embeddings=rotary, max_position_embeddings=32))
+    none = build(tiny(use_rotary_position_embeddings=rotary, max_position_embeddings=32, position_embedding=False))
+    assert (plain.position_embeddings is None) == rotary and none.position_embeddings is None
+    if rotary:  # the same model: same parameters, same outputs
+        assert all(a.equal(b) for a, b in zip(plain.state_dict().values(), none.state_dict().values()))
+        assert torch.equal(logits(plain, 0), logits(none, 0))
+    else:  # positions reach the model through the learned table only
+        assert not torch.allclose(logits(plain, 0), logits(plain, 1))
+        assert torch.equal(logits(none, 0), logits(none, 1))
+
+
 def test_megatron_init():
     model = build(tiny(num_layers=8, hidden_size=256, ffn_hidden_size=512), vocab=128)
     std = 0.02

@@ -15,7 +15,8 @@ from pretrain_gpt import configure, dry_run_lines
 TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "128",
         "--mock-data", "--train-iters", "1", "--tokenizer-type", "NullTokenizer", "--vocab-size", "300"]
 SHAPES = [[], ["--swiglu", "--normalization", "rmsnorm", "--use-rotary-position-embeddings", "--disable-bias-linear",
-               "--num-key-value-heads", "2"], ["--untie-embeddings-and-output-weights", "--ffn-hidden-size", "100"]]
+               "--num-key-value-heads", "2"], ["--untie-embeddings-and-output-weights", "--ffn-hidden-size", "100"],
+          ["--no-position-embedding"]]
 BIG = ["--num-layers", "24", "--hidden-size", "2048", "--num-attention-heads", "16", "--seq-length", "65536",
        "--bf16", "--mock-data", "--train-iters", "1", "--tokenizer-type", "NullTokenizer", "--vocab-size", "32000",
        "--hidden-dropout", "0"]

@@ -105,8 +105,8 @@ class GPTModel(nn.Module):
         self.cfg = cfg
         self.head_dim = cfg.head_dim
         self.word_embeddings = nn.Embedding(padded_vocab_size, cfg.hidden_size)
-        self.position_embeddings = (None if cfg.use_rotary_position_embeddings
-                                    else nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size))
+        self.position_embeddings = (nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+                                    if cfg.learned_positions else None)
         self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
         self.layers = nn.ModuleList(TransformerLayer(cfg, self.head_dim, make_inner_attention())
                                     for _ in range(cfg.num_layers))
@@ -140,7 +140,7 @@ class GPTModel(nn.Module):
         rotary = None
         if self.position_embeddings is not None:
             x = x + self.position_embeddings(position_ids)
-        else:
+        if self.cfg.use_rotary_position_embeddings:
             rotary = rotary_cos_sin(position_ids, self.head_dim, self.cfg.rotary_percent,
                                     self.cfg.rotary_position_embeddings_theta, x.dtype)
         x = self.embedding_dropout(x)

@@ -46,8 +46,7 @@ def norm_parameters(cfg: RunConfig) -> int:
 def count_parameters(cfg: RunConfig) -> int:
     """Exactly sum(p.numel() for p in GPTModel(...).parameters()) for these flags."""
     m, vocab = cfg.model, cfg.padded_vocab_size
-    embeddings = vocab * m.hidden_size + (0 if m.use_rotary_position_embeddings
-                                          else m.max_position_embeddings * m.hidden_size)
+    embeddings = vocab * m.hidden_size + (m.max_position_embeddings * m.hidden_size if m.learned_positions else 0)
     output = vocab * m.hidden_size if m.untie_embeddings_and_output_weights else 0
     return embeddings + m.num_layers * layer_parameters(cfg) + norm_parameters(cfg) + output
 
