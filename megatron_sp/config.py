@@ -130,6 +130,8 @@ class TrainingConfig:
     lr_decay_iters: int | None = arg(None, "Steps over which lr decays; default --train-iters.")
     lr_decay_samples: int | None = arg(None, "Samples over which lr decays.")
     lr_decay_tokens: int | None = arg(None, "Tokens over which lr decays (overrides iteration-based decay).")
+    optimizer: str = arg("adam", "Optimizer. Megatron's adam is AdamW (decoupled weight decay); sgd is not "
+                         "offered.", choices=("adam",))
     weight_decay: float = arg(0.01, "AdamW weight decay (not applied to biases and norms).")
     clip_grad: float = arg(1.0, "Clip the global gradient norm to this (0 = off).")
     adam_beta1: float = arg(0.9, "AdamW beta1.")

@@ -32,7 +32,7 @@ FROZEN_FLAGS = """
     --no-bias-gelu-fusion --no-fused-elementwise --no-gradient-accumulation-fusion --no-load-optim --no-load-rng
     --no-masked-softmax-fusion --no-pipeline-parallel --no-query-key-layer-scaling
     --norm-epsilon --normalization --num-attention-heads --num-key-value-heads --num-layers
-    --num-query-groups --num-workers --override-opt_param-scheduler --partition-activations
+    --num-query-groups --num-workers --optimizer --override-opt_param-scheduler --partition-activations
     --pipeline-model-parallel-size --position-embedding-type --recompute-activations
     --recompute-granularity --recompute-method --reset-attention-mask --reset-position-ids
     --rotary-base --rotary-percent --rotary-position-embeddings-theta --save --save-interval
@@ -89,6 +89,29 @@ def test_megatron_deepspeed_recipe_flags_are_accepted():
     assert cfg.parallel.attention_backend == "auto"  # --use-flash-attn-v2 came last
     assert any(note.startswith("--data-impl") for note in cfg.ignored)
     assert any(note.startswith("--use-flash-attn-triton") for note in cfg.ignored)
+
+
+# The flag lines of Megatron-DeepSpeed's Llama 2 recipe (examples_deepspeed/pretrain_llama2_distributed.sh).
+MEGATRON_DS_LLAMA_RECIPE = """
+--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --num-layers 2 --hidden-size 64
+--ffn-hidden-size 172 --num-attention-heads 4 --micro-batch-size 1 --global-batch-size 2 --seq-length 128
+--max-position-embeddings 128 --train-iters 10 --data-impl mmap --split 949,50,1 --distributed-backend nccl
+--lr 3e-4 --lr-decay-style cosine --min-lr 3e-5 --weight-decay 0.1 --clip-grad 1 --lr-warmup-iters 2
+--optimizer adam --adam-beta1 0.9 --adam-beta2 0.95 --log-interval 1 --save-interval 100 --eval-interval 100
+--eval-iters 10 --bf16 --no-query-key-layer-scaling --attention-dropout 0 --hidden-dropout 0
+--use-rotary-position-embeddings --untie-embeddings-and-output-weights --swiglu --normalization rmsnorm
+--disable-bias-linear --num-key-value-heads 2 --deepspeed --zero-stage 1 --deepspeed-activation-checkpointing
+--no-position-embedding --use-flash-attn-v2 --mock-data
+""".split()
+
+
+def test_megatron_deepspeed_llama_recipe_flags_are_accepted():
+    cfg = parse_args(MEGATRON_DS_LLAMA_RECIPE)
+    validate(cfg, world_size=2)
+    m = cfg.model
+    assert m.use_rotary_position_embeddings and not m.learned_positions and m.num_key_value_heads == 2
+    assert m.swiglu and m.normalization == "rmsnorm" and m.untie_embeddings_and_output_weights
+    assert cfg.training.optimizer == "adam" and cfg.training.train_iters == 10
 
 
 def test_defaults_are_filled():
