@@ -55,6 +55,11 @@ IGNORED_FLAGS = [
     ("--empty-unused-memory-level", True, "not needed"),
     ("--timing-log-level", True, "not needed"),
     ("--recompute-method", True, "every layer is checkpointed"),
+    ("--recompute-num-layers", True, "every layer is checkpointed"),
+    ("--log-params-norm", False, "not logged"),
+    ("--log-num-zeros-in-grad", False, "not logged"),
+    ("--log-memory-to-tensorboard", False, "peak memory is always logged"),
+    ("--log-world-size-to-tensorboard", False, "the layout is printed at start"),
     ("--group-query-attention", False, "implied by --num-query-groups / --num-key-value-heads"),
 ]
 

@@ -23,7 +23,8 @@ FROZEN_FLAGS = """
     --global-batch-size --gpu-memory-gb --group-query-attention --help --hidden-dropout --hidden-size
     --hysteresis --init-method-std --initial-loss-scale --kv-channels --layernorm-epsilon --load
     --local-rank --local_rank --log-batch-size-to-tensorboard --log-interval
-    --log-optimizer-states-to-tensorboard --log-timers-to-tensorboard
+    --log-memory-to-tensorboard --log-num-zeros-in-grad --log-optimizer-states-to-tensorboard --log-params-norm
+    --log-timers-to-tensorboard --log-world-size-to-tensorboard
     --log-validation-ppl-to-tensorboard --loss-scale --loss-scale-window --lr --lr-decay-iters
     --lr-decay-samples --lr-decay-style --lr-decay-tokens --lr-warmup-fraction --lr-warmup-iters
     --lr-warmup-samples --lr-warmup-tokens --make-vocab-size-divisible-by
@@ -34,7 +35,7 @@ FROZEN_FLAGS = """
     --norm-epsilon --normalization --num-attention-heads --num-key-value-heads --num-layers
     --num-query-groups --num-workers --optimizer --override-opt_param-scheduler --partition-activations
     --pipeline-model-parallel-size --position-embedding-type --recompute-activations
-    --recompute-granularity --recompute-method --reset-attention-mask --reset-position-ids
+    --recompute-granularity --recompute-method --recompute-num-layers --reset-attention-mask --reset-position-ids
     --rotary-base --rotary-percent --rotary-position-embeddings-theta --save --save-interval
     --seed --seq-length --sequence-parallel --sequence-parallel-size
     --sequence-parallel-strategy --split --swiglu --synchronize-each-layer
