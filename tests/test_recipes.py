@@ -36,6 +36,10 @@ def test_tiny_recipe_trains_two_iterations_on_cpu(name, tmp_path):
         again = recipe(name, tmp_path, TINY="1", TRAIN_ITERS="3")
         assert again.returncode == 0, again.stderr[-3000:]
         assert "resumed from" in again.stdout and "iteration        3/       3" in again.stdout
+        base = str(tmp_path / name / "checkpoint")  # FINETUNE_FROM: a new run from those weights, then resumed
+        for expected in ("--finetune: training starts at iteration 0", "resumed from"):
+            longer = recipe(name, tmp_path / "longer", TINY="1", FINETUNE_FROM=base)
+            assert longer.returncode == 0 and expected in longer.stdout, longer.stderr[-3000:]
 
 
 @pytest.mark.parametrize("name", RECIPES)

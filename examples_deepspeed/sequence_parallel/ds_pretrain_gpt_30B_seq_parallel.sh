@@ -6,6 +6,7 @@
 #   LAUNCHER=srun bash ...           inside a SLURM allocation (sbatch/salloc), one task per GPU
 #   DRY_RUN=1 NUM_GPUS=32 bash ...   print layout, memory per GPU and FLOPs (tools/plan.py); no training
 #   TINY=1 bash ...                  2-layer model, 2 iterations on 2 CPU ranks (gloo); what the tests run
+#   FINETUNE_FROM=dir SEQ_LEN=... bash ...   start from another run's weights (--finetune), e.g. a longer context
 # Rerunning resumes from the latest checkpoint in $CHECKPOINT_PATH (--load = --save).
 set -euo pipefail
 dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -69,6 +69,13 @@ sed -e "s/GBSIZE/${global_batch_size}/" -e "s/MBSIZE/${micro_batch_size}/" -e "s
     -e "s/OFFLOAD_DEVICE/${offload_optimizer}/" -e "s/BF16_ENABLED/${bf16_enabled}/" \
     "$dir/ds_config_gpt_TEMPLATE.json" > "$config_json"
 
+## Checkpoints: rerunning resumes from $checkpoint_path; FINETUNE_FROM=<another run's checkpoint directory>
+## starts the first run from those weights alone (--finetune: iteration 0, fresh optimizer), e.g. a longer SEQ_LEN
+load_options=(--load "$checkpoint_path")
+if [ -n "${FINETUNE_FROM:-}" ] && [ ! -f "$checkpoint_path/latest" ]; then
+  load_options=(--finetune --load "$FINETUNE_FROM")
+fi
+
 ## pretrain_gpt.py flags
 if [ -n "${train_iters:-}" ]; then
   duration=(--train-iters "$train_iters")
@@ -87,7 +94,7 @@ args=(
   --attention-dropout 0.0 --hidden-dropout 0.0 --seed "${SEED:-1234}"
   --data-path "$data_path" --split 949,50,1 "${tokenizer_options[@]}"
   --log-interval "$log_interval" --eval-interval "$eval_interval" --eval-iters "$eval_iters"
-  --save "$checkpoint_path" --load "$checkpoint_path" --save-interval "$save_interval"
+  --save "$checkpoint_path" "${load_options[@]}" --save-interval "$save_interval"
   --tensorboard-dir "$tensorboard_path"
   --deepspeed --deepspeed_config "$config_json" --zero-stage "$zero_stage"
   --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --no-pipeline-parallel
