@@ -251,3 +251,18 @@ def test_checkpoints_deepspeed_cannot_load_are_one_line(corpus, tmp_path):
         with pytest.raises(AssertionError) as failed:
             resume(world, stage, load, *extra)
         assert f"ConfigError: --load {load}: {message}" in str(failed.value)
+
+
+def test_a_damaged_checkpoint_is_one_line(corpus, tmp_path):
+    """A model-states file cut short (a copy or a save interrupted after `latest` was written) is named, with
+    the way out, before DeepSpeed's own load fails with a traceback."""
+    ckpt = tmp_path / "ckpt"
+    argv = flags(corpus, "--zero-stage", "1", "--save", str(ckpt), "--load", str(ckpt), iters=1)
+    train(1, argv)
+    states = ckpt / "global_step1" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:1000])
+    with pytest.raises(AssertionError) as failed:
+        train(1, [*argv, "--train-iters", "2"])
+    said = str(failed.value)
+    assert f"ConfigError: {states} cannot be read (" in said
+    assert f"this checkpoint is damaged; point {ckpt / 'latest'} at an earlier step directory" in said

@@ -1,5 +1,6 @@
 """Checkpoints through DeepSpeed, plus what an exact resume needs: data position and RNG states."""
 import os
+import pickle
 import random
 
 import numpy as np
@@ -69,15 +70,25 @@ def latest_tag(checkpoint_dir: str) -> str:
 
 
 def _saved_layout(tag_dir: str) -> tuple[int, int, bool] | None:
-    """(ZeRO stage, data-parallel ranks, bf16) of the run that saved tag_dir, from DeepSpeed's model states,
-    memory-mapped so that the weights in that file are not read; None when the file is not there."""
+    """(ZeRO stage, data-parallel ranks, bf16) of the run that saved tag_dir, from DeepSpeed's model states
+    (memory-mapped, so that the weights in that file are not read); None when the file is not there."""
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):  # stages 0-2, 3
         path = os.path.join(tag_dir, name)
-        if os.path.isfile(path):
-            states = torch.load(path, mmap=True, weights_only=False, map_location="cpu")
-            config = states.get("ds_config") or {}
-            return (config.get("zero_optimization", {}).get("stage", 0), states.get("dp_world_size", 0),
-                    bool(config.get("bf16", {}).get("enabled")))
+        if not os.path.isfile(path):
+            continue
+        try:
+            try:
+                states = torch.load(path, mmap=True, weights_only=False, map_location="cpu")
+            except RuntimeError:  # torch's legacy format cannot be memory-mapped: read it whole
+                states = torch.load(path, weights_only=False, map_location="cpu")
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+            reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+            latest = os.path.join(os.path.dirname(tag_dir), LATEST)
+            raise ConfigError(f"{path} cannot be read ({reason}): this checkpoint is damaged; "
+                              f"point {latest} at an earlier step directory") from None
+        config = states.get("ds_config") or {}
+        return (config.get("zero_optimization", {}).get("stage", 0), states.get("dp_world_size", 0),
+                bool(config.get("bf16", {}).get("enabled")))
     return None
 
 
