@@ -103,8 +103,9 @@ class DataConfig:
     data_cache_path: str | None = arg(None, "Where the sample index arrays are cached (default: beside the data).")
     mock_data: bool = arg(False, "Random tokens instead of a dataset (for smoke tests and benchmarks).")
     tokenizer_type: str = arg("GPT2BPETokenizer", "Tokenizer.", choices=(
-        "GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "NullTokenizer"))
-    tokenizer_model: str | None = arg(None, "SentencePiece model file.")
+        "GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HFTokenizer", "NullTokenizer"))
+    tokenizer_model: str | None = arg(None, "SentencePiece model file, or for HFTokenizer a local Hugging Face "
+                                      "tokenizer directory (tokenizer.json and tokenizer_config.json).")
     vocab_file: str | None = arg(None, "GPT-2 BPE vocab.json.")
     merge_file: str | None = arg(None, "GPT-2 BPE merges.txt.")
     reset_position_ids: bool = arg(False, "Restart position ids after every end-of-document token.")

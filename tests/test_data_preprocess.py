@@ -71,6 +71,51 @@ def test_gpt2_bpe_round_trip(tmp_path):
     assert tok.tokenize(" the") != tok.tokenize("the")  # GPT-2: no prefix space added
 
 
+@pytest.fixture(scope="module")
+def hf_tokenizer_dir(tmp_path_factory):
+    """A Llama-3-shaped Hugging Face tokenizer directory: byte-level BPE, special tokens added after the base
+    vocabulary, a post-processor that puts <|begin_of_text|> first, the eos named in tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    d = tmp_path_factory.mktemp("hf")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([" ".join(WORDS)] * 20, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|end_of_text|>"}}))
+    return d
+
+
+def test_hf_tokenizer_directory(hf_tokenizer_dir, tmp_path):
+    tok = build_tokenizer("HFTokenizer", tokenizer_model=str(hf_tokenizer_dir))
+    text = "Emma and Anne, at the house!  Ünïcode ✓"
+    ids = tok.tokenize(text)
+    base = json.load(open(hf_tokenizer_dir / "tokenizer.json"))["model"]["vocab"]
+    assert ids[0] == len(base) and tok.eod == len(base) + 1  # <|begin_of_text|>, <|end_of_text|> after the base
+    assert tok.vocab_size == len(base) + 2 > max(ids)  # the embedding must hold the special ids
+    assert tok.detokenize(ids[1:]) == text
+    write_jsonl(tmp_path / "in.jsonl", 50, words_per_doc=(1, 40))
+    r = _run("preprocess_data.py", "--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "hf"),
+             "--tokenizer-type", "HFTokenizer", "--tokenizer-model", str(hf_tokenizer_dir), "--append-eod",
+             "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    docs = [json.loads(line)["text"] for line in open(tmp_path / "in.jsonl")]
+    ds = IndexedDataset(str(tmp_path / "hf_text_document"))
+    assert [ds[i].tolist() for i in range(len(ds))] == [tok.tokenize(t) + [tok.eod] for t in docs]
+
+
+def test_hf_tokenizer_errors(hf_tokenizer_dir, tmp_path):
+    with pytest.raises(TokenizerError, match="no tokenizer.json .*nothing is downloaded"):
+        build_tokenizer("HFTokenizer", tokenizer_model="meta-llama/Meta-Llama-3-8B")
+    (tmp_path / "tokenizer.json").write_bytes((hf_tokenizer_dir / "tokenizer.json").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    with pytest.raises(TokenizerError, match="names no eos_token of the tokenizer .*got '</s>'"):
+        build_tokenizer("HFTokenizer", tokenizer_model=str(tmp_path))
+
+
 def test_null_tokenizer():
     tok = build_tokenizer("NullTokenizer", vocab_size=1000)
     assert tok.vocab_size == 1001 and tok.eod == 1000  # Megatron: eod one past the given ids

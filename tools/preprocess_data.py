@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--json-keys", nargs="+", default=["text"], help="keys of each line to tokenize")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    g.add_argument("--tokenizer-model", help="sentencepiece model (SentencePiece/GPTSentencePiece)")
+    g.add_argument("--tokenizer-model", help="sentencepiece model (SentencePiece/GPTSentencePiece), or a "
+                                             "Hugging Face tokenizer directory (HFTokenizer)")
     g.add_argument("--vocab-file", help="GPT-2 vocab.json")
     g.add_argument("--merge-file", help="GPT-2 merges.txt")
     g.add_argument("--vocab-size", type=int, help="NullTokenizer: ids are < this; eod = this")

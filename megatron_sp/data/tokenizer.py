@@ -4,11 +4,16 @@
                                and pad/bos/eos pieces) appended after the model's pieces when missing
     GPTSentencePieceTokenizer  sentencepiece model as is; eod is the model's eos id
     GPT2BPETokenizer           GPT-2 byte-level BPE from vocab.json + merges.txt (HF tokenizers); eod <|endoftext|>
+    HFTokenizer                a Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json), e.g.
+                               Llama 3's; ids as transformers' fast tokenizer encodes (its bos included); eod
+                               its eos token; vocab_size counts the added special tokens
     NullTokenizer              text is whitespace-separated ids; vocab_size = --vocab-size + 1, eod = --vocab-size
 """
+import json
 import os
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "GPT2BPETokenizer", "HFTokenizer",
+                   "NullTokenizer")
 
 
 class TokenizerError(ValueError):
@@ -98,7 +103,23 @@ class _SentencePieceWithSpecials(_SentencePiece):
         return " ".join(out + [self._sp.decode_ids(run)]) if out else self._sp.decode_ids(run)
 
 
-class _GPT2BPE:
+class _TokenizersLibrary:
+    """What the tokenizers library's Tokenizer (self._tok) gives every tokenizer built on it; self._eod is set
+    by the subclass. vocab_size counts added tokens (such as <|endoftext|>) with the base vocabulary."""
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+class _GPT2BPE(_TokenizersLibrary):
     """GPT-2 byte-level BPE (what Megatron's GPT2Tokenizer implements), through HF tokenizers."""
 
     def __init__(self, vocab_file: str, merge_file: str):
@@ -116,19 +137,40 @@ class _GPT2BPE:
             raise TokenizerError(f"{vocab_file}: GPT-2 vocab has no <|endoftext|> token")
         self._eod = eod
 
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size()
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
     def tokenize(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def detokenize(self, ids: list[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+class _HuggingFace(_TokenizersLibrary):
+    """HFTokenizer through the tokenizers library (no transformers, nothing downloaded): tokenize() applies the
+    tokenizer's post-processor as transformers' encode() does, so Llama 3's <|begin_of_text|> starts every
+    document. vocab_size includes the added special tokens: Megatron-DeepSpeed counts the base vocabulary
+    only, which leaves e.g. Llama 3's special ids (128000 and up) outside its embedding."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise TokenizerError(f"--tokenizer-model {path}: no tokenizer.json (HFTokenizer reads a local "
+                                 "tokenizer directory or its tokenizer.json; nothing is downloaded)")
+        try:
+            self._tok = Tokenizer.from_file(file)
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise TokenizerError(f"{file}: not a Hugging Face tokenizer.json ({str(e)[:120]})") from None
+        config_file = os.path.join(os.path.dirname(file), "tokenizer_config.json")
+        eos = None
+        if os.path.isfile(config_file):
+            with open(config_file) as f:
+                eos = json.load(f).get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos  # a plain string or an AddedToken dict
+        if eos is None or self._tok.token_to_id(eos) is None:
+            raise TokenizerError(f"{config_file}: names no eos_token of the tokenizer (HFTokenizer's "
+                                 f"end-of-document id), got {eos!r}")
+        self._eod = self._tok.token_to_id(eos)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
 
 
 class _Null:
@@ -162,6 +204,10 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None, voc
     if tokenizer_type == "GPT2BPETokenizer":
         return _GPT2BPE(_need_file("--vocab-file", vocab_file, tokenizer_type),
                         _need_file("--merge-file", merge_file, tokenizer_type))
+    if tokenizer_type == "HFTokenizer":
+        if not tokenizer_model:
+            raise TokenizerError("--tokenizer-type HFTokenizer needs --tokenizer-model (a tokenizer directory)")
+        return _HuggingFace(tokenizer_model)
     if tokenizer_type == "NullTokenizer":
         if vocab_size is None or int(vocab_size) < 1:
             raise TokenizerError("--tokenizer-type NullTokenizer needs --vocab-size (a positive integer)")
