@@ -71,6 +71,20 @@ def test_30b_dry_run_on_32_gpus(tmp_path):
     assert "total" in out.stdout and "FLOPs per iteration" in out.stdout
 
 
+@pytest.mark.parametrize("env, expected", [
+    ({"HF_TOKENIZER": "/tok/llama3"}, ["--tokenizer-type", "HFTokenizer", "--tokenizer-model", "/tok/llama3"]),
+    ({"VOCAB_FILE": "v.json", "MERGE_FILE": "m.txt"},
+     ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "v.json", "--merge-file", "m.txt"]),
+    ({"TOKENIZER_MODEL": "/tok/l2.model", "TOKENIZER_TYPE": "GPTSentencePieceTokenizer"},
+     ["--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", "/tok/l2.model"]),
+])
+def test_your_corpus_with_the_tokenizer_that_made_it(env, expected, tmp_path):
+    out = recipe("1.3B", tmp_path, DEEPSPEED="echo", GPUS_PER_NODE="8", DATA_PATH="/data/c_text_document", **env)
+    assert out.returncode == 0, out.stderr
+    flags = pretrain_flags(out.stdout)
+    assert " ".join(expected) in " ".join(flags) and "/data/c_text_document" in flags
+
+
 def test_multi_node_launch_commands(tmp_path):
     """HOSTFILE -> deepspeed --hostfile/--num_nodes/--num_gpus; LAUNCHER=srun under SLURM -> srun."""
     hostfile = tmp_path / "hosts"
@@ -102,6 +116,12 @@ def test_multi_node_launch_commands(tmp_path):
     ({"SEQ_LEN": "64k"}, "error: SEQ_LEN must be a whole number, got '64k'"),
     ({"SP_SIZE": "x"}, "error: SP_SIZE must be a positive whole number or auto, got 'x'"),
     ({"ACTIVATION_CHECKPOINT": "maybe"}, "error: ACTIVATION_CHECKPOINT must be true, selective or false, got 'maybe'"),
+    ({"DATA_PATH": "/data/c_text_document"}, "error: DATA_PATH needs the tokenizer that made it: VOCAB_FILE and "
+     "MERGE_FILE (GPT-2 BPE), TOKENIZER_MODEL (SentencePiece) or HF_TOKENIZER (a Hugging Face tokenizer directory)"),
+    ({"VOCAB_FILE": "gpt2-vocab.json", "MERGE_FILE": "gpt2-merges.txt"}, "error: VOCAB_FILE, TOKENIZER_MODEL and "
+     "HF_TOKENIZER need DATA_PATH, a corpus they tokenized (the shipped sample is tokenized with its own "
+     "SentencePiece model)"),
+    ({"DATA_PATH": "/data/c_text_document", "VOCAB_FILE": "v.json"}, "error: VOCAB_FILE needs MERGE_FILE (GPT-2 BPE)"),
 ])
 def test_a_bad_recipe_setting_is_one_line_before_anything_is_written(env, message, tmp_path):
     out = recipe("1.3B", tmp_path, DRY_RUN="1", NUM_GPUS="8", GPUS_PER_NODE="8", **env)

@@ -50,10 +50,11 @@ eval_interval=${EVAL_INTERVAL:-100}
 eval_iters=${EVAL_ITERS:-10}
 save_interval=${SAVE_INTERVAL:-100}
 
-### Data: the shipped sample (built by data/prepare_sample.sh on first use), or a GPT-2 BPE corpus
+### Data: the shipped sample (built by data/prepare_sample.sh on first use), or DATA_PATH with its tokenizer:
+### VOCAB_FILE + MERGE_FILE (GPT-2 BPE), TOKENIZER_MODEL (SentencePiece; TOKENIZER_TYPE) or HF_TOKENIZER (a dir)
 data_path=${DATA_PATH:-$root/data/processed/sample_text_document}
-tokenizer_model=${TOKENIZER_MODEL:-$root/data/processed/sample.model}  # SentencePiece (the sample)
-vocab_file=${VOCAB_FILE:-}                   # GPT-2 BPE instead: VOCAB_FILE + MERGE_FILE
+tokenizer_model=${TOKENIZER_MODEL:-$root/data/processed/sample.model}  # SentencePiece (the sample's)
+vocab_file=${VOCAB_FILE:-}
 merge_file=${MERGE_FILE:-}
 
 ### Output: --load = --save, so rerunning resumes from $checkpoint_path/latest

@@ -46,11 +46,23 @@ if [ "$sp_size" != auto ] && (( num_gpus % sp_size )); then
 fi
 dp_size=$([ "$sp_size" = auto ] && echo auto || echo $(( num_gpus / sp_size )))
 
-## Tokenizer: GPT-2 BPE when vocab_file is set, else the SentencePiece model (the sample's by default)
-if [ -n "$vocab_file" ]; then
-  tokenizer_options=(--tokenizer-type GPT2BPETokenizer --vocab-file "$vocab_file" --merge-file "${merge_file:?set MERGE_FILE with VOCAB_FILE}")
-else
-  tokenizer_options=(--tokenizer-type SentencePieceTokenizer --tokenizer-model "$tokenizer_model")
+## Data and tokenizer: the shipped sample with its SentencePiece model, or DATA_PATH with the tokenizer that
+## made it. One without the other would train on ids that mean other tokens, with no error anywhere.
+own_tokenizer=${VOCAB_FILE:-}${TOKENIZER_MODEL:-}${HF_TOKENIZER:-}
+if [ -n "${DATA_PATH:-}" ] && [ -z "$own_tokenizer" ]; then
+  echo "error: DATA_PATH needs the tokenizer that made it: VOCAB_FILE and MERGE_FILE (GPT-2 BPE)," \
+       "TOKENIZER_MODEL (SentencePiece) or HF_TOKENIZER (a Hugging Face tokenizer directory)" >&2; exit 2
+elif [ -z "${DATA_PATH:-}" ] && [ -n "$own_tokenizer" ]; then
+  echo "error: VOCAB_FILE, TOKENIZER_MODEL and HF_TOKENIZER need DATA_PATH, a corpus they tokenized" \
+       "(the shipped sample is tokenized with its own SentencePiece model)" >&2; exit 2
+fi
+if [ -n "${HF_TOKENIZER:-}" ]; then
+  tokenizer_options=(--tokenizer-type HFTokenizer --tokenizer-model "$HF_TOKENIZER")
+elif [ -n "$vocab_file" ]; then
+  [ -n "$merge_file" ] || { echo "error: VOCAB_FILE needs MERGE_FILE (GPT-2 BPE)" >&2; exit 2; }
+  tokenizer_options=(--tokenizer-type GPT2BPETokenizer --vocab-file "$vocab_file" --merge-file "$merge_file")
+else  # TOKENIZER_TYPE=GPTSentencePieceTokenizer for a model used as is (eod = its eos), e.g. Llama 2's
+  tokenizer_options=(--tokenizer-type "${TOKENIZER_TYPE:-SentencePieceTokenizer}" --tokenizer-model "$tokenizer_model")
   if [ -z "${DATA_PATH:-}" ] && [ ! -f "$data_path.idx" ]; then
     (cd "$root" && PYTHON="$PYTHON" bash data/prepare_sample.sh)  # builds the sample corpus once
   fi
