@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg, tokenizer)
     except ConfigError as err:  # found once the device, files, checkpoint or data are known
         alone = isinstance(err, RankError) and world > 1  # in this rank's samples: others may not see it
-        if alone or says:
+        if alone and not err.echoed or not alone and says:
             print(f"error: rank {rank}: {err}" if alone else f"error: {err}", file=sys.stderr)
         return 2
     return 0

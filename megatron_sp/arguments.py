@@ -19,7 +19,12 @@ class ConfigError(ValueError):
 
 
 class RankError(ConfigError):
-    """A problem one rank may find and others not (e.g. in the samples it reads): that rank says it."""
+    """A problem one rank may find and others not (e.g. in the samples it reads): that rank says it, unless
+    `echoed` (the same sample read by another rank of its sequence-parallel group, which says it)."""
+
+    def __init__(self, message: str, echoed: bool = False):
+        super().__init__(message)
+        self.echoed = echoed
 
 
 # Megatron-DeepSpeed switches that change nothing here: (flag, takes a value, why).

@@ -326,3 +326,15 @@ def test_distributed_timeout_minutes_reaches_the_process_group():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "0:42:00"
+
+
+def test_a_bad_sample_is_said_once_per_sequence_parallel_group(corpus, tmp_path):
+    """Both ranks of an SP group read the sample with the bad token id; the group's first rank says so."""
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "pretrain_gpt.py",
+                          *TINY_RUN[len(MINIMAL):], "--train-iters", "2", "--sequence-parallel-size", "2",
+                          "--data-path", corpus, "--tokenizer-type", "NullTokenizer", "--vocab-size", "10",
+                          "--data-cache-path", str(tmp_path / "cache")],
+                         capture_output=True, text=True, timeout=300)
+    said = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert out.returncode != 0 and len(said) == 1 and said[0].startswith("error: rank 0: the data holds token id "), \
+        out.stderr[-3000:]

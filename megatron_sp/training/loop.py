@@ -38,7 +38,7 @@ class StepContext:
             bad = low if low < 0 else high
             raise RankError(f"the data holds token id {bad}, outside this model's vocabulary of {self.vocab_size} "
                             "(padded); tokenize it with this run's tokenizer, or set --tokenizer-type/"
-                            "--tokenizer-model/--vocab-size to the ones it was made with")
+                            "--tokenizer-model/--vocab-size to the ones it was made with", echoed=self.sp_rank > 0)
         parts = get_batch(text, eod=self.eod, layout=self.layout, sp_rank=self.sp_rank,
                           reset_position_ids=self.reset_position_ids, eod_mask_loss=self.eod_mask_loss)
         return {k: v.to(self.device, non_blocking=True) for k, v in parts.items()}
