@@ -111,6 +111,8 @@ def test_hf_tokenizer_errors(hf_tokenizer_dir, tmp_path):
     with pytest.raises(TokenizerError, match="no tokenizer.json .*nothing is downloaded"):
         build_tokenizer("HFTokenizer", tokenizer_model="meta-llama/Meta-Llama-3-8B")
     (tmp_path / "tokenizer.json").write_bytes((hf_tokenizer_dir / "tokenizer.json").read_bytes())
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: not there; HFTokenizer reads the eos token"):
+        build_tokenizer("HFTokenizer", tokenizer_model=str(tmp_path))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     with pytest.raises(TokenizerError, match="names no eos_token of the tokenizer .*got '</s>'"):
         build_tokenizer("HFTokenizer", tokenizer_model=str(tmp_path))

@@ -253,7 +253,7 @@ def test_checkpoints_deepspeed_cannot_load_are_one_line(corpus, tmp_path):
         assert f"ConfigError: --load {load}: {message}" in str(failed.value)
 
 
-def test_a_damaged_checkpoint_is_one_line(corpus, tmp_path):
+def test_a_damaged_or_incomplete_checkpoint_is_one_line(corpus, tmp_path):
     """A model-states file cut short (a copy or a save interrupted after `latest` was written) is named, with
     the way out, before DeepSpeed's own load fails with a traceback."""
     ckpt = tmp_path / "ckpt"
@@ -266,3 +266,8 @@ def test_a_damaged_checkpoint_is_one_line(corpus, tmp_path):
     said = str(failed.value)
     assert f"ConfigError: {states} cannot be read (" in said
     assert f"this checkpoint is damaged; point {ckpt / 'latest'} at an earlier step directory" in said
+    states.unlink()  # a copy that left the file out
+    with pytest.raises(AssertionError) as failed:
+        train(1, [*argv, "--train-iters", "2"])
+    assert (f"ConfigError: {ckpt / 'global_step1'} holds no DeepSpeed model states (mp_rank_00_model_states.pt or "
+            f"zero_pp_rank_0_mp_rank_00_model_states.pt): this checkpoint is incomplete") in str(failed.value)

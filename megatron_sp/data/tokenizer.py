@@ -159,10 +159,14 @@ class _HuggingFace(_TokenizersLibrary):
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise TokenizerError(f"{file}: not a Hugging Face tokenizer.json ({str(e)[:120]})") from None
         config_file = os.path.join(os.path.dirname(file), "tokenizer_config.json")
-        eos = None
-        if os.path.isfile(config_file):
+        if not os.path.isfile(config_file):
+            raise TokenizerError(f"{config_file}: not there; HFTokenizer reads the eos token (its "
+                                 "end-of-document id) from it")
+        try:
             with open(config_file) as f:
                 eos = json.load(f).get("eos_token")
+        except (ValueError, AttributeError) as e:
+            raise TokenizerError(f"{config_file}: not a tokenizer config ({str(e)[:80]})") from None
         eos = eos.get("content") if isinstance(eos, dict) else eos  # a plain string or an AddedToken dict
         if eos is None or self._tok.token_to_id(eos) is None:
             raise TokenizerError(f"{config_file}: names no eos_token of the tokenizer (HFTokenizer's "

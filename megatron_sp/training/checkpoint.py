@@ -69,10 +69,12 @@ def latest_tag(checkpoint_dir: str) -> str:
         return f.read().strip()
 
 
-def _saved_layout(tag_dir: str) -> tuple[int, int, bool] | None:
+def _saved_layout(tag_dir: str) -> tuple[int, int, bool]:
     """(ZeRO stage, data-parallel ranks, bf16) of the run that saved tag_dir, from DeepSpeed's model states
-    (memory-mapped, so that the weights in that file are not read); None when the file is not there."""
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):  # stages 0-2, 3
+    (memory-mapped, so that the weights in that file are not read)."""
+    latest = os.path.join(os.path.dirname(tag_dir), LATEST)
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # stages 0-2, stage 3
+    for name in names:
         path = os.path.join(tag_dir, name)
         if not os.path.isfile(path):
             continue
@@ -83,13 +85,13 @@ def _saved_layout(tag_dir: str) -> tuple[int, int, bool] | None:
                 states = torch.load(path, weights_only=False, map_location="cpu")
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
             reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
-            latest = os.path.join(os.path.dirname(tag_dir), LATEST)
             raise ConfigError(f"{path} cannot be read ({reason}): this checkpoint is damaged; "
                               f"point {latest} at an earlier step directory") from None
         config = states.get("ds_config") or {}
         return (config.get("zero_optimization", {}).get("stage", 0), states.get("dp_world_size", 0),
                 bool(config.get("bf16", {}).get("enabled")))
-    return None
+    raise ConfigError(f"{tag_dir} holds no DeepSpeed model states ({' or '.join(names)}): this checkpoint is "
+                      f"incomplete; point {latest} at an earlier step directory")
 
 
 def _check_layout(load_dir: str, tag_dir: str, engine, load_optimizer: bool) -> None:
@@ -97,10 +99,7 @@ def _check_layout(load_dir: str, tag_dir: str, engine, load_optimizer: bool) -> 
     of stages on CPU): a stage-3 checkpoint outside stage 3 or another one inside it, even weights only; and
     with the optimizer, stage 0 <-> 1/2, or ZeRO partitions (stages 1-3, or bf16) split for another number of
     DP ranks. Weights alone load across stages 0-2 and DP sizes; the optimizer across stages 1 and 2."""
-    layout = _saved_layout(tag_dir)
-    if layout is None:
-        return
-    stage, dp, bf16 = layout
+    stage, dp, bf16 = _saved_layout(tag_dir)
     run_stage, run_dp = engine.zero_optimization_stage(), engine.seq_dp_world_size
     where = f"--load {load_dir}: saved under ZeRO stage {stage}"
     if (stage == 3) != (run_stage == 3):
