@@ -224,7 +224,7 @@ def test_resuming_a_checkpoint_of_another_model_shape_is_one_line(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
+def ids_corpus(tmp_path_factory) -> str:
     """A small indexed dataset written here, so these tests need no prepared sample data (CI has none):
     200 documents of token ids 0..999, the prefix returned."""
     prefix = str(tmp_path_factory.mktemp("corpus") / "ids_text_document")
@@ -235,11 +235,11 @@ def corpus(tmp_path_factory) -> str:
     return prefix
 
 
-def test_broken_data_files_and_misplaced_directories_are_one_line_at_start(corpus, tmp_path):
+def test_broken_data_files_and_misplaced_directories_are_one_line_at_start(ids_corpus, tmp_path):
     """A truncated .idx (e.g. a copy cut short) fails validation, not dataset building after the model is
     made; so does a --tensorboard-dir or --data-cache-path that names a file."""
-    (tmp_path / "cut.bin").write_bytes(open(corpus + ".bin", "rb").read())
-    (tmp_path / "cut.idx").write_bytes(open(corpus + ".idx", "rb").read()[:100])
+    (tmp_path / "cut.bin").write_bytes(open(ids_corpus + ".bin", "rb").read())
+    (tmp_path / "cut.idx").write_bytes(open(ids_corpus + ".idx", "rb").read()[:100])
     with pytest.raises(ConfigError, match="cut.idx: truncated index"):
         validate(parse_args(["--data-path", str(tmp_path / "cut"), "--train-iters", "2"]), world_size=1)
     a_file = tmp_path / "notes.txt"
@@ -250,23 +250,25 @@ def test_broken_data_files_and_misplaced_directories_are_one_line_at_start(corpu
     assert a_file.read_text() == "mine"
 
 
-def test_data_tokenized_for_another_vocabulary_is_one_line(corpus, tmp_path):
-    """Token ids past the embedding (here: ids up to 999 read with a 10-token vocabulary, padded to 128) stop the run with one line, not an IndexError (a device-side assert on GPU)."""
+def test_data_tokenized_for_another_vocabulary_is_one_line(ids_corpus, tmp_path):
+    """Token ids past the embedding (here: ids up to 999 read with a 10-token vocabulary, padded to 128)
+    stop the run with one line, not an IndexError (a device-side assert on GPU)."""
     out = subprocess.run([sys.executable, "pretrain_gpt.py", *TINY_RUN[len(MINIMAL):], "--train-iters", "2",
-                          "--data-path", corpus, "--tokenizer-type", "NullTokenizer", "--vocab-size", "10", "--data-cache-path", str(tmp_path / "cache")],
-                         capture_output=True, text=True, timeout=300)
+                          "--data-path", ids_corpus, "--tokenizer-type", "NullTokenizer", "--vocab-size", "10",
+                          "--data-cache-path", str(tmp_path / "cache")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the data holds token id ") and "outside this model's vocabulary of 128" in last
 
 
-def test_a_train_split_without_documents_is_one_line(corpus, tmp_path):
+def test_a_train_split_without_documents_is_one_line(ids_corpus, tmp_path):
     """--split 0,100,0 leaves training nothing (as does an empty corpus): one line, not a TypeError."""
     out = subprocess.run([sys.executable, "pretrain_gpt.py", *TINY_RUN[len(MINIMAL):], "--train-iters", "2",
-                          "--data-path", corpus, "--split", "0,100,0", "--tokenizer-type", "NullTokenizer",
-                          "--vocab-size", "1000", "--data-cache-path", str(tmp_path / "cache")], capture_output=True, text=True, timeout=300)
+                          "--data-path", ids_corpus, "--split", "0,100,0", "--tokenizer-type", "NullTokenizer",
+                          "--vocab-size", "1000", "--data-cache-path", str(tmp_path / "cache")],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert out.stderr.strip().splitlines()[-1] == (f"error: no training data: the train split of {corpus} "
+    assert out.stderr.strip().splitlines()[-1] == (f"error: no training data: the train split of {ids_corpus} "
                                                     "holds no documents (--split 0,100,0)")
 
 
@@ -328,11 +330,11 @@ def test_distributed_timeout_minutes_reaches_the_process_group():
     assert out.stdout.strip().splitlines()[-1] == "0:42:00"
 
 
-def test_a_bad_sample_is_said_once_per_sequence_parallel_group(corpus, tmp_path):
+def test_a_bad_sample_is_said_once_per_sequence_parallel_group(ids_corpus, tmp_path):
     """Both ranks of an SP group read the sample with the bad token id; the group's first rank says so."""
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "pretrain_gpt.py",
                           *TINY_RUN[len(MINIMAL):], "--train-iters", "2", "--sequence-parallel-size", "2",
-                          "--data-path", corpus, "--tokenizer-type", "NullTokenizer", "--vocab-size", "10",
+                          "--data-path", ids_corpus, "--tokenizer-type", "NullTokenizer", "--vocab-size", "10",
                           "--data-cache-path", str(tmp_path / "cache")],
                          capture_output=True, text=True, timeout=300)
     said = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
