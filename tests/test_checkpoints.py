@@ -18,6 +18,18 @@ def test_resume_is_bit_exact(corpus, tmp_path):
     assert third == uninterrupted[6:]
 
 
+def test_a_resume_with_more_iterations_follows_this_runs_schedule(corpus, tmp_path):
+    """Extending a run (--train-iters 3, then 6) trains steps 4-6 as an uninterrupted 6-step run: the lr
+    comes from this run's flags, not from the optimizer state saved by the shorter run (whose last lr,
+    --min-lr, DeepSpeed restored after the schedule had been applied). The two schedules agree on steps
+    1-3 (2 warmup steps, then the peak)."""
+    common = flags(corpus, "--zero-stage", "1", "--global-batch-size", "4", iters=6)
+    uninterrupted = train(2, common)
+    ckpt = str(tmp_path / "ckpt")
+    train(2, [*common, "--save", ckpt, "--train-iters", "3"])
+    assert train(2, [*common, "--save", ckpt, "--load", ckpt]) == uninterrupted[3:]
+
+
 def _train_until_rank1_gets_sigterm(rank, world, argv, at_step):
     """Rank 1 alone receives SIGTERM during its step `at_step`, as when a launcher signals ranks one by one."""
     import os

@@ -33,7 +33,7 @@ class LRSchedule:
             self.warmup_tokens = t.lr_warmup_iters * tokens_per_step
         self.tokens_per_step = tokens_per_step
         self.steps_done = 0
-        self._apply()
+        self.apply()
 
     def lr_at(self, tokens: int) -> float:
         if self.warmup_tokens and tokens <= self.warmup_tokens:
@@ -52,17 +52,19 @@ class LRSchedule:
     def get_lr(self) -> list[float]:
         return [self.lr_at(self.steps_done * self.tokens_per_step)] * len(self.optimizer.param_groups)
 
-    def _apply(self) -> None:
+    def apply(self) -> None:
+        """Set every param group's lr from this run's flags (also after loading an optimizer state, whose
+        param groups carry the lr of the run that saved it)."""
         for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
             group["lr"] = lr
 
     def step(self) -> None:
         self.steps_done += 1
-        self._apply()
+        self.apply()
 
     def state_dict(self) -> dict:
         return {"steps_done": self.steps_done}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps_done = state["steps_done"]
-        self._apply()
+        self.apply()
