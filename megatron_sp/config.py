@@ -156,6 +156,9 @@ class TrainingConfig:
     save_interval: int | None = arg(None, "Save every this many steps (and at the end).")
     no_load_optim: bool = arg(False, "Resume weights only, not optimizer state.")
     no_load_rng: bool = arg(False, "Do not restore RNG states on resume.")
+    universal_checkpoint: bool = arg(False, "Resume from --load's DeepSpeed universal checkpoint (made by "
+                                     "tools/universal_checkpoint.py), which loads on any number of ranks with its "
+                                     "optimizer state: how a ZeRO-1/2 run changes its GPU count.")
     finetune: bool = arg(False, "Start a new run from --load's weights alone: iteration 0, fresh optimizer, "
                          "schedule and data order (as Megatron), e.g. to extend a trained model's context "
                          "(--seq-length, --rotary-base). --save must be another directory.")

@@ -1,5 +1,7 @@
-"""Checkpoints on forked CPU ranks: exact resume, early exits for time limits, --finetune, and every
-checkpoint DeepSpeed cannot load reported as one line."""
+"""Checkpoints on forked CPU ranks: exact resume (also with more iterations, or on another number of ranks
+through a universal checkpoint), early exits for time limits, --finetune, and every checkpoint DeepSpeed
+cannot load reported as one line."""
+import numpy as np
 import pytest
 
 from tests.distributed import run_ranks
@@ -108,8 +110,9 @@ def test_checkpoints_deepspeed_cannot_load_are_one_line(corpus, tmp_path):
              "under stages 0-2 (this run: 1); use --zero-stage 3"),
             (2, "1", ckpt["0"], [], "saved under ZeRO stage 0, whose optimizer state does not load under stage 1; "
                                     "resume with --zero-stage 0, or add --no-load-optim"),
-            (1, "1", ckpt["1"], [], "saved under ZeRO stage 1 by 2 data-parallel ranks; its optimizer state is "
-                                    "split 2 ways and DeepSpeed cannot re-split it for this run's 1")):
+            (1, "1", ckpt["1"], [], "saved under ZeRO stage 1 by 2 ranks; its optimizer state is split 2 ways and "
+                                    "DeepSpeed cannot re-split it for this run's 1: resume on as many (any DP x SP), "
+                                    "convert it with tools/universal_checkpoint.py and add --universal-checkpoint")):
         with pytest.raises(AssertionError) as failed:
             resume(world, stage, load, *extra)
         assert f"ConfigError: --load {load}: {message}" in str(failed.value)
@@ -133,3 +136,32 @@ def test_a_damaged_or_incomplete_checkpoint_is_one_line(corpus, tmp_path):
         train(1, [*argv, "--train-iters", "2"])
     assert (f"ConfigError: {ckpt / 'global_step1'} holds no DeepSpeed model states (mp_rank_00_model_states.pt or "
             f"zero_pp_rank_0_mp_rank_00_model_states.pt): this checkpoint is incomplete") in str(failed.value)
+
+
+def test_a_universal_checkpoint_resumes_on_another_number_of_ranks(corpus, tmp_path):
+    """2 ranks save at step 3; tools/universal_checkpoint.py converts; 1 rank resumes with --universal-checkpoint
+    and trains on as if never stopped (same global batch). Keeping the flag once newer checkpoints exist, or
+    asking it of ZeRO-3, is one line."""
+    import subprocess
+    import sys
+    common = flags(corpus, "--zero-stage", "1", "--global-batch-size", "4", iters=6)
+    uninterrupted = train(2, common)
+    ckpt = str(tmp_path / "ckpt")
+    train(2, [*common, "--save", ckpt, "--exit-interval", "3"])
+
+    def tool(*args):
+        return subprocess.run([sys.executable, "tools/universal_checkpoint.py", *args], capture_output=True, text=True)
+    converted = tool("--load", ckpt, "--workers", "2")
+    assert converted.returncode == 0, converted.stderr
+    assert tool("--load", ckpt).stderr.strip() == (f"error: {ckpt}/global_step3_universal exists already; remove it "
+                                                   "to convert global_step3 again")
+    assert tool("--load", str(tmp_path / "none")).stderr.startswith("error: --load ")
+    with pytest.raises(AssertionError, match="cannot re-split it for this run's 1: resume on as many"):
+        train(1, [*common, "--save", ckpt, "--load", ckpt])
+    with pytest.raises(AssertionError, match="--universal-checkpoint is supported for ZeRO stages 1 and 2"):
+        train(1, [*common, "--load", ckpt, "--universal-checkpoint", "--zero-stage", "3"])
+    resumed = train(1, [*common, "--save", ckpt, "--load", ckpt, "--universal-checkpoint", "--exit-interval", "5"])
+    np.testing.assert_allclose(resumed, uninterrupted[3:5], rtol=1e-6)
+    with pytest.raises(AssertionError, match="latest_universal names global_step3_universal, older than global_step5"):
+        train(1, [*common, "--save", ckpt, "--load", ckpt, "--universal-checkpoint"])
+    np.testing.assert_allclose(train(1, [*common, "--save", ckpt, "--load", ckpt]), uninterrupted[5:], rtol=1e-6)

@@ -42,7 +42,8 @@ FROZEN_FLAGS = """
     --tensor-model-parallel-size --tensorboard-dir --tensorboard-log-interval
     --tensorboard-queue-size --test-data-path --timing-log-level --tokenizer-model
     --tokenizer-type --train-data-path --train-iters --train-samples --train-tokens
-    --ulysses-degree --ulysses-head-groups --untie-embeddings-and-output-weights --use-cpu-initialization
+    --ulysses-degree --ulysses-head-groups --universal-checkpoint --untie-embeddings-and-output-weights
+    --use-cpu-initialization
     --use-distributed-optimizer --use-flash-attn --use-flash-attn-triton --use-flash-attn-v1
     --use-flash-attn-v2 --use-rotary-position-embeddings --valid-data-path --vocab-file
     --vocab-size --weight-decay --zero-stage -h

@@ -10,6 +10,9 @@ from megatron_sp.arguments import ConfigError
 
 RNG_FILE = "rng_state_rank{rank}.pt"
 LATEST = "latest"  # DeepSpeed's file naming the newest step directory
+LATEST_UNIVERSAL = "latest_universal"  # and the universal checkpoint to load with "load_universal"
+# What DeepSpeed's ds_to_universal needs in a checkpoint to convert it: no tensor or pipeline parallel patterns.
+UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
 
 
 def _rng_state() -> dict:
@@ -54,7 +57,8 @@ def prepare_save_dir(save_dir: str, load_dir: str | None, finetune: bool = False
 def save(engine, save_dir: str, iteration: int, consumed_samples: int, rank: int) -> str:
     """Write global_step{iteration}/ (model, optimizer, schedule via DeepSpeed) and this rank's RNG."""
     tag = f"global_step{iteration}"
-    engine.save_checkpoint(save_dir, tag=tag, client_state={"iteration": iteration, "consumed_samples": consumed_samples})
+    engine.save_checkpoint(save_dir, tag=tag, client_state={"iteration": iteration, "consumed_samples": consumed_samples,
+                                                            **UNIVERSAL_INFO})
     torch.save(_rng_state(), os.path.join(save_dir, tag, RNG_FILE.format(rank=rank)))
     return os.path.join(save_dir, tag)
 
@@ -63,10 +67,32 @@ def has_checkpoint(load_dir: str | None) -> bool:
     return bool(load_dir) and os.path.isfile(os.path.join(load_dir, LATEST))
 
 
-def latest_tag(checkpoint_dir: str) -> str:
-    """The step directory name that checkpoint_dir's `latest` file holds."""
-    with open(os.path.join(checkpoint_dir, LATEST)) as f:
+def latest_tag(checkpoint_dir: str, name: str = LATEST) -> str:
+    """The step directory name that checkpoint_dir's `latest` (or `latest_universal`) file holds."""
+    with open(os.path.join(checkpoint_dir, name)) as f:
         return f.read().strip()
+
+
+def step_of(tag: str) -> int | None:
+    """global_step12 and global_step12_universal -> 12; None for another name."""
+    head = tag.removesuffix("_universal")
+    return int(head.removeprefix("global_step")) if head.startswith("global_step") and head[11:].isdigit() else None
+
+
+def _universal_tag(load_dir: str, run_stage: int) -> str:
+    """The tag a --universal-checkpoint run loads, checked: there, for ZeRO 1/2 (where the CPU tests show it
+    exact), and not older than `latest` (a rerun that kept the flag would silently lose the newer steps)."""
+    convert = f"make one with: python tools/universal_checkpoint.py --load {load_dir}"
+    if not os.path.isfile(os.path.join(load_dir, LATEST_UNIVERSAL)):
+        raise ConfigError(f"--universal-checkpoint: {load_dir} has no {LATEST_UNIVERSAL}; {convert}")
+    if run_stage not in (1, 2):
+        raise ConfigError(f"--universal-checkpoint is supported for ZeRO stages 1 and 2 (this run: {run_stage}); "
+                          "DeepSpeed's stage-3 load does not reproduce the saved run exactly")
+    tag, newest = latest_tag(load_dir, LATEST_UNIVERSAL), latest_tag(load_dir)
+    if (step_of(newest) or 0) > (step_of(tag) or 0):
+        raise ConfigError(f"--universal-checkpoint: {LATEST_UNIVERSAL} names {tag}, older than {newest}; drop the "
+                          f"flag to resume from {newest} on its own number of ranks, or {convert}")
+    return tag
 
 
 def _saved_layout(tag_dir: str) -> tuple[int, int, bool]:
@@ -112,23 +138,27 @@ def _check_layout(load_dir: str, tag_dir: str, engine, load_optimizer: bool) -> 
         raise ConfigError(f"{where}, whose optimizer state does not load under stage {run_stage}; "
                           f"resume with --zero-stage {stage}, {fresh}")
     if (stage > 0 or bf16) and dp != run_dp:
-        raise ConfigError(f"{where} by {dp} data-parallel ranks; its optimizer state is split {dp} ways and "
-                          f"DeepSpeed cannot re-split it for this run's {run_dp}: resume on as many, {fresh}")
+        raise ConfigError(f"{where} by {dp} ranks; its optimizer state is split {dp} ways and DeepSpeed cannot "
+                          f"re-split it for this run's {run_dp}: resume on as many (any DP x SP), convert it with "
+                          f"tools/universal_checkpoint.py and add --universal-checkpoint, {fresh}")
 
 
 def load(engine, load_dir: str, rank: int, load_optimizer: bool = True, load_rng: bool = True) -> tuple[int, int]:
     """Resume from the latest tag in load_dir -> (iteration, consumed_samples). A checkpoint of another
     model shape is a one-line ConfigError naming the first parameter that does not fit; so is a `latest`
     that names a step directory which is not there, and a ZeRO layout DeepSpeed cannot load (_check_layout)."""
-    tag = latest_tag(load_dir)
+    universal = engine.load_universal_checkpoint()
+    tag = _universal_tag(load_dir, engine.zero_optimization_stage()) if universal else latest_tag(load_dir)
     tag_dir = os.path.join(load_dir, tag)
     if not tag or not os.path.isdir(tag_dir):
         found = sorted(n for n in os.listdir(load_dir) if os.path.isdir(os.path.join(load_dir, n)))
-        raise ConfigError(f"--load {load_dir}: its 'latest' names {tag!r}, which is not there "
-                          f"(step directories: {', '.join(found) or 'none'}); point 'latest' at one of them")
-    _check_layout(load_dir, tag_dir, engine, load_optimizer)
+        name = LATEST_UNIVERSAL if universal else LATEST
+        raise ConfigError(f"--load {load_dir}: its '{name}' names {tag!r}, which is not there "
+                          f"(step directories: {', '.join(found) or 'none'}); point '{name}' at one of them")
+    if not universal:  # a universal checkpoint loads on any number of ranks
+        _check_layout(load_dir, tag_dir, engine, load_optimizer)
     try:
-        path, client = engine.load_checkpoint(load_dir, load_optimizer_states=load_optimizer,
+        path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optimizer,
                                               load_lr_scheduler_states=load_optimizer)
     except RuntimeError as err:  # torch's load_state_dict: "size mismatch for ...", "Missing key(s) ..."
         misfit = next((line.strip() for line in str(err).splitlines()

@@ -63,6 +63,8 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> tuple[dict, list[str]]:
     for section in ("optimizer", "scheduler"):
         if ds.pop(section, None) is not None:
             notes.append(f"the {section} section of {t.deepspeed_config} is ignored (the Megatron flags set it)")
+    if t.universal_checkpoint:  # DeepSpeed then reads the tag named in latest_universal
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     zero = ds.setdefault("zero_optimization", {})
     if t.zero_stage is not None:
         zero["stage"] = t.zero_stage
