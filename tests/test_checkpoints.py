@@ -32,6 +32,16 @@ def test_a_resume_with_more_iterations_follows_this_runs_schedule(corpus, tmp_pa
     assert train(2, [*common, "--save", ckpt, "--load", ckpt]) == uninterrupted[3:]
 
 
+def test_a_checkpoint_resumes_under_another_dp_x_sp_split(corpus, tmp_path):
+    """DeepSpeed splits ZeRO state over all ranks, so DP 2 x SP 1 resumes as DP 1 x SP 2 (same 2 ranks)."""
+    common = flags(corpus, "--zero-stage", "1", "--global-batch-size", "4", iters=6)
+    uninterrupted = train(2, common)
+    ckpt = str(tmp_path / "ckpt")
+    train(2, [*common, "--save", ckpt, "--exit-interval", "3"])
+    resumed = train(2, [*common, "--load", ckpt, "--sequence-parallel-size", "2"])
+    np.testing.assert_allclose(resumed, uninterrupted[3:], rtol=1e-5)
+
+
 def _train_until_rank1_gets_sigterm(rank, world, argv, at_step):
     """Rank 1 alone receives SIGTERM during its step `at_step`, as when a launcher signals ranks one by one."""
     import os

@@ -57,8 +57,8 @@ def prepare_save_dir(save_dir: str, load_dir: str | None, finetune: bool = False
 def save(engine, save_dir: str, iteration: int, consumed_samples: int, rank: int) -> str:
     """Write global_step{iteration}/ (model, optimizer, schedule via DeepSpeed) and this rank's RNG."""
     tag = f"global_step{iteration}"
-    engine.save_checkpoint(save_dir, tag=tag, client_state={"iteration": iteration, "consumed_samples": consumed_samples,
-                                                            **UNIVERSAL_INFO})
+    client_state = {"iteration": iteration, "consumed_samples": consumed_samples, **UNIVERSAL_INFO}
+    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state)
     torch.save(_rng_state(), os.path.join(save_dir, tag, RNG_FILE.format(rank=rank)))
     return os.path.join(save_dir, tag)
 
@@ -75,8 +75,8 @@ def latest_tag(checkpoint_dir: str, name: str = LATEST) -> str:
 
 def step_of(tag: str) -> int | None:
     """global_step12 and global_step12_universal -> 12; None for another name."""
-    head = tag.removesuffix("_universal")
-    return int(head.removeprefix("global_step")) if head.startswith("global_step") and head[11:].isdigit() else None
+    number = tag.removesuffix("_universal").removeprefix("global_step")
+    return int(number) if tag.startswith("global_step") and number.isdigit() else None
 
 
 def _universal_tag(load_dir: str, run_stage: int) -> str:
@@ -96,8 +96,8 @@ def _universal_tag(load_dir: str, run_stage: int) -> str:
 
 
 def _saved_layout(tag_dir: str) -> tuple[int, int, bool]:
-    """(ZeRO stage, data-parallel ranks, bf16) of the run that saved tag_dir, from DeepSpeed's model states
-    (memory-mapped, so that the weights in that file are not read)."""
+    """(ZeRO stage, ranks, bf16) of the run that saved tag_dir, from DeepSpeed's model states (memory-mapped,
+    so that the weights in that file are not read). DeepSpeed counts every rank (DP x SP) as data-parallel."""
     latest = os.path.join(os.path.dirname(tag_dir), LATEST)
     names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # stages 0-2, stage 3
     for name in names:
@@ -124,7 +124,8 @@ def _check_layout(load_dir: str, tag_dir: str, engine, load_optimizer: bool) -> 
     """What DeepSpeed cannot load, as one line before it fails with a traceback (found by loading every pair
     of stages on CPU): a stage-3 checkpoint outside stage 3 or another one inside it, even weights only; and
     with the optimizer, stage 0 <-> 1/2, or ZeRO partitions (stages 1-3, or bf16) split for another number of
-    DP ranks. Weights alone load across stages 0-2 and DP sizes; the optimizer across stages 1 and 2."""
+    ranks. Weights alone load across stages 0-2 and rank counts; the optimizer across stages 1 and 2, and across
+    DP x SP splits of the same number of ranks."""
     stage, dp, bf16 = _saved_layout(tag_dir)
     run_stage, run_dp = engine.zero_optimization_stage(), engine.seq_dp_world_size
     where = f"--load {load_dir}: saved under ZeRO stage {stage}"
