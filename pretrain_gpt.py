@@ -79,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg, tokenizer)
     except ConfigError as err:  # found once the device, files, checkpoint or data are known
         alone = isinstance(err, RankError) and world > 1  # in this rank's samples: others may not see it
-        if alone and not err.echoed or not alone and says:
-            print(f"error: rank {rank}: {err}" if alone else f"error: {err}", file=sys.stderr)
+        if alone and not err.echoed:  # said by the first rank of the sequence-parallel group that read it
+            print(f"error: rank {rank}: {err}", file=sys.stderr)
+        elif not alone and says:
+            print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -5,13 +5,18 @@ import time
 import torch
 
 
-def time_ms(fn, warmup: int, iters: int, cuda: bool) -> float:
-    """Median milliseconds of fn() over `iters` calls after `warmup` calls. cuda: each call timed by its own
-    pair of CUDA events, waiting for the end event before the next call; else wall-clock time.perf_counter."""
+def _warm_up(fn, warmup: int, cuda: bool) -> None:
+    """`warmup` calls (compilation, autotuning, allocator), then an idle GPU to start timing on."""
     for _ in range(warmup):
         fn()
     if cuda:
         torch.cuda.synchronize()
+
+
+def time_ms(fn, warmup: int, iters: int, cuda: bool) -> float:
+    """Median milliseconds of fn() over `iters` calls after `warmup` calls. cuda: each call timed by its own
+    pair of CUDA events, waiting for the end event before the next call; else wall-clock time.perf_counter."""
+    _warm_up(fn, warmup, cuda)
     times = []
     for _ in range(iters):
         if cuda:
@@ -33,14 +38,12 @@ def back_to_back_ms(fn, warmup: int, iters: int, cuda: bool) -> float:
     the CPU runs ahead of the GPU, so launch time that overlaps earlier calls' GPU work does not count,
     as it does in time_ms, whose every call starts on an idle GPU. cuda: one pair of CUDA events around
     all calls; else wall-clock time.perf_counter."""
-    for _ in range(warmup):
-        fn()
+    _warm_up(fn, warmup, cuda)
     if not cuda:
         t0 = time.perf_counter()
         for _ in range(iters):
             fn()
         return (time.perf_counter() - t0) * 1e3 / iters
-    torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):

@@ -73,7 +73,7 @@ def latest_tag(checkpoint_dir: str, name: str = LATEST) -> str:
         return f.read().strip()
 
 
-def step_of(tag: str) -> int | None:
+def _step_of(tag: str) -> int | None:
     """global_step12 and global_step12_universal -> 12; None for another name."""
     number = tag.removesuffix("_universal").removeprefix("global_step")
     return int(number) if tag.startswith("global_step") and number.isdigit() else None
@@ -89,7 +89,7 @@ def _universal_tag(load_dir: str, run_stage: int) -> str:
         raise ConfigError(f"--universal-checkpoint is supported for ZeRO stages 1 and 2 (this run: {run_stage}); "
                           "DeepSpeed's stage-3 load does not reproduce the saved run exactly")
     tag, newest = latest_tag(load_dir, LATEST_UNIVERSAL), latest_tag(load_dir)
-    if (step_of(newest) or 0) > (step_of(tag) or 0):
+    if (_step_of(newest) or 0) > (_step_of(tag) or 0):
         raise ConfigError(f"--universal-checkpoint: {LATEST_UNIVERSAL} names {tag}, older than {newest}; drop the "
                           f"flag to resume from {newest} on its own number of ranks, or {convert}")
     return tag
@@ -171,6 +171,9 @@ def load(engine, load_dir: str, rank: int, load_optimizer: bool = True, load_rng
                           "use the model flags of the run that saved it") from None
     if path is None:
         raise ConfigError(f"--load {load_dir}: DeepSpeed found no loadable checkpoint in {tag_dir}")
+    # DeepSpeed restores the optimizer's param groups, with the saved run's lr, after the schedule: set the
+    # lr again from this run's schedule (it differs when e.g. --train-iters changed)
+    engine.lr_scheduler.apply()
     rng_file = os.path.join(tag_dir, RNG_FILE.format(rank=rank))
     if load_rng and os.path.isfile(rng_file):
         _set_rng_state(torch.load(rng_file, weights_only=False))

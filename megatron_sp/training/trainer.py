@@ -140,7 +140,6 @@ def _run(cfg: RunConfig, tokenizer, early_exit: EarlyExit) -> dict:
                   "at iteration 0 with a fresh optimizer")
     elif checkpoint.has_checkpoint(t.load):
         iteration, consumed = checkpoint.load(engine, t.load, rank, not t.no_load_optim, not t.no_load_rng)
-        scheduler.apply()  # DeepSpeed loads the optimizer state after the schedule, and with it the saved lr
         log.print(f"resumed from {t.load} at iteration {iteration} ({consumed} samples consumed)")
     elif t.load:
         log.print(f"no checkpoint in {t.load}: starting from scratch")
