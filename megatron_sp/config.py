@@ -3,7 +3,10 @@
 Every field's ``help`` is its documentation and its ``--help`` text; ``megatron_sp/arguments.py``
 turns these fields into the Megatron-DeepSpeed command line (``num_layers`` -> ``--num-layers``).
 """
+import json
 from dataclasses import dataclass, field
+
+from megatron_sp.errors import ConfigError
 
 
 def int_or_auto(text: str):
@@ -83,14 +86,12 @@ class ParallelConfig:
                                  choices=("auto", "cudnn", "sdpa_flash", "flash_attn", "triton", "torch"))
     tensor_model_parallel_size: int = arg(1, "Tensor parallelism: accepted for compatibility, only 1 is supported.")
     pipeline_model_parallel_size: int = arg(1, "Pipeline parallelism: accepted for compatibility, only 1 is supported.")
-    no_pipeline_parallel: bool = arg(False, "Megatron-DeepSpeed's switch to disable pipelining (always disabled here).")
     distributed_backend: str = arg("auto", "torch.distributed backend: auto = nccl with GPUs, gloo on CPU.",
                                    choices=("auto", "nccl", "gloo"))
     distributed_timeout_minutes: float | None = arg(None, "How long a collective waits for the other ranks "
                                                     "before failing; default DeepSpeed's ($DEEPSPEED_TIMEOUT, "
                                                     "else 10). Raise it when a rank may wait long, e.g. while "
                                                     "another saves a checkpoint to slow storage.")
-    local_rank: int | None = arg(None, "Set by the deepspeed launcher.", flags=("--local_rank",))
 
 
 @dataclass
@@ -111,7 +112,6 @@ class DataConfig:
     reset_position_ids: bool = arg(False, "Restart position ids after every end-of-document token.")
     reset_attention_mask: bool = arg(False, "Block attention across documents (not supported: one error line).")
     eod_mask_loss: bool = arg(False, "No loss on end-of-document tokens.")
-    num_workers: int = arg(0, "Data loader worker processes (accepted; loading is in-process, it is memory-mapped).")
 
 
 @dataclass
@@ -147,7 +147,6 @@ class TrainingConfig:
     loss_scale_window: int = arg(1000, "Steps without overflow before the fp16 loss scale grows.")
     hysteresis: int = arg(2, "Overflows tolerated before the fp16 loss scale shrinks.")
     zero_stage: int | None = arg(None, "ZeRO stage 0-3; overrides the DeepSpeed JSON.", choices=(0, 1, 2, 3))
-    deepspeed: bool = arg(False, "Accepted for compatibility: training always runs on DeepSpeed.")
     deepspeed_config: str | None = arg(None, "DeepSpeed JSON; batch sizes and ZeRO stage are filled in or checked.",
                                       flags=("--deepspeed_config",))
     save: str | None = arg(None, "Checkpoint directory to save to; created at start. One that already holds "
@@ -213,3 +212,27 @@ class RunConfig:
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig,
             "training": TrainingConfig, "logging": LoggingConfig}
+
+
+def fill_defaults(cfg: RunConfig) -> None:
+    """Model values that default from other flags, filled in place (kept explicit so --dry-run shows them)."""
+    m = cfg.model
+    if m.recompute_granularity == "full":
+        m.checkpoint_activations = True
+    if m.num_key_value_heads is None:
+        m.num_key_value_heads = m.num_attention_heads
+    if m.ffn_hidden_size is None:
+        m.ffn_hidden_size = (-(-(8 * m.hidden_size // 3) // 64) * 64) if m.swiglu else 4 * m.hidden_size
+    if m.max_position_embeddings is None:
+        m.max_position_embeddings = m.seq_length
+
+
+def read_deepspeed_json(path: str) -> dict:
+    """The user's DeepSpeed JSON, or a one-line ConfigError (the engine and the planner both read it)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read the DeepSpeed config {path}: {err}") from None

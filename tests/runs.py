@@ -1,5 +1,5 @@
 """Small training runs on forked CPU ranks, shared by the training and checkpoint tests: a learnable corpus,
-the flags of a tiny model over it, and train() that runs pretrain_gpt's configure + trainer.run on N ranks."""
+the flags of a tiny model over it, and train() that runs megatron_sp.configure + trainer.run on N ranks."""
 import numpy as np
 
 from megatron_sp.data.indexed import IndexedDatasetWriter
@@ -37,7 +37,7 @@ def flags(corpus, *extra, name="arith", iters=20, seq=32):
 
 
 def _train(rank, world, argv):
-    from pretrain_gpt import configure
+    from megatron_sp.configure import configure
     from megatron_sp.training.trainer import run
     cfg, tokenizer = configure(argv, world)
     return run(cfg, tokenizer)["losses"]

@@ -82,8 +82,8 @@ def _module_weights(step_dir) -> dict:
 def test_finetune_starts_a_new_run_from_the_weights_alone(corpus, tmp_path):
     """Context extension: a model trained at 32 tokens continues at 64 tokens on 2 SP ranks, from its
     weights only (iteration 0, fresh optimizer and schedule), into another --save directory."""
-    from pretrain_gpt import configure
-    from megatron_sp.arguments import ConfigError
+    from megatron_sp.configure import configure
+    from megatron_sp.errors import ConfigError
     from megatron_sp.training.trainer import run
     base, extended = str(tmp_path / "base"), str(tmp_path / "extended")
     train(1, flags(corpus, "--zero-stage", "1", "--save", base, iters=4, seq=32))

@@ -5,7 +5,9 @@ import sys
 import numpy as np
 import pytest
 
-from megatron_sp.arguments import ConfigError, build_parser, parse_args, validate
+from megatron_sp.arguments import build_parser, parse_args
+from megatron_sp.errors import ConfigError
+from megatron_sp.validation import validate
 from megatron_sp.data.indexed import IndexedDatasetWriter
 
 # Changing this set breaks users' recipes: add flags deliberately, never drop or rename one.
@@ -165,6 +167,23 @@ def test_cli_reports_one_line_and_exit_code_2():
     assert "Traceback" not in out.stderr
 
 
+def test_an_unknown_flag_is_one_line_pointing_at_help():
+    out = subprocess.run([sys.executable, "pretrain_gpt.py", "--num-layerz", "2", *MINIMAL],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("error: unrecognized arguments: --num-layerz 2 "
+                                  "(see pretrain_gpt.py --help)")
+
+
+def test_compatibility_flags_are_one_mechanism():
+    """Every accepted-and-ignored flag is in IGNORED_FLAGS (no config field that nothing reads), and each is
+    reported at start unless a launcher sets it."""
+    cfg = parse_args(["--deepspeed", "--no-pipeline-parallel", "--num-workers", "4", "--local_rank=1", *MINIMAL])
+    assert sorted(note.split()[0] for note in cfg.ignored) == ["--deepspeed", "--no-pipeline-parallel", "--num-workers"]
+    fields = {f for section in (cfg.model, cfg.parallel, cfg.data, cfg.training, cfg.logging) for f in vars(section)}
+    assert not fields & {"deepspeed", "no_pipeline_parallel", "num_workers", "local_rank"}
+
+
 def test_a_kernel_the_device_lacks_is_one_line_and_exit_code_2():
     """Checked once the device is known, before the model is built: not a traceback at the first step."""
     out = subprocess.run([sys.executable, "pretrain_gpt.py", *MINIMAL, "--attention-backend", "cudnn"],
@@ -322,7 +341,7 @@ def test_sigterm_with_the_exit_signal_handler_saves_and_exits_0(tmp_path):
 
 def test_distributed_timeout_minutes_reaches_the_process_group():
     """Megatron's flag sets how long a collective waits (it was accepted and ignored before)."""
-    code = ("import torch, torch.distributed as dist; from pretrain_gpt import configure; "
+    code = ("import torch, torch.distributed as dist; from megatron_sp.configure import configure; "
             "from megatron_sp.training.trainer import init_distributed; "
             "cfg, _ = configure(['--mock-data', '--train-iters', '1', '--distributed-timeout-minutes', '42'], 1); "
             "init_distributed(cfg); print(dist.group.WORLD._get_backend(torch.device('cpu')).options._timeout)")

@@ -3,7 +3,9 @@ import json
 
 import pytest
 
-from megatron_sp.arguments import ConfigError, parse_args, validate
+from megatron_sp.arguments import parse_args
+from megatron_sp.errors import ConfigError
+from megatron_sp.validation import validate
 from megatron_sp.training.engine import deepspeed_config
 
 BASE = ["--mock-data", "--train-iters", "2", "--micro-batch-size", "2", "--global-batch-size", "8"]

@@ -5,12 +5,14 @@ import sys
 import pytest
 import torch
 
-from megatron_sp.arguments import ConfigError, parse_args, validate
+from megatron_sp.arguments import parse_args
+from megatron_sp.errors import ConfigError
+from megatron_sp.validation import validate
 from megatron_sp.attention import LocalAttention
 from megatron_sp.model.gpt import GPTModel
 from megatron_sp.plan import ZeroSetup, count_parameters, estimate_memory
 from megatron_sp.plan.memory import model_state_bytes
-from pretrain_gpt import configure, dry_run_lines
+from megatron_sp.configure import configure, dry_run_lines
 
 TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "128",
         "--mock-data", "--train-iters", "1", "--tokenizer-type", "NullTokenizer", "--vocab-size", "300"]

@@ -55,7 +55,7 @@ def _zero3_build(rank, world, argv):
     """ZeRO-3 construction: what each rank holds right after build_model, before deepspeed.initialize."""
     import deepspeed
     import torch.distributed as dist
-    from pretrain_gpt import configure
+    from megatron_sp.configure import configure
     from megatron_sp.attention import LocalAttention
     from megatron_sp.model.gpt import GPTModel
     from megatron_sp.parallel.state import ParallelState

@@ -1,14 +1,14 @@
-"""End-to-end training benchmark of issue 7's reference model (Llama-style 1.3B, SP=2) through our real training stack.
+"""End-to-end training benchmark of the 1.3B Llama-style benchmark model (SP=2 by default) through our real training stack.
 
     torchrun --nproc_per_node 2 tools/bench_e2e.py --seq-length 32768 --zero-stage 3 --out e2e.json
     torchrun --nproc_per_node 2 tools/bench_e2e.py --seq-length 65536 --zero-stage 3 --checkpoint-activations
     torchrun --nproc_per_node 2 tools/bench_e2e.py --model tiny --device cpu --seq-length 256 --steps 2   # CI
 
-The model is built by pretrain_gpt.configure from the same Megatron flags a user types, and each step is
+The model is built by megatron_sp.configure.configure from the same Megatron flags a user types, and each step is
 megatron_sp.training.loop.train_step on a DeepSpeed engine (ZeRO 0-3) with --mock-data batches: only the
 logging/eval/checkpoint parts of trainer.run are left out. Reported: median ms/step over --steps after
---warmup steps, tokens/s, model TFLOP/s per GPU by issue 7's formula 3*(L*(8h^2 + 6hf + 2hs) + 2hV) per token
-(recompute not counted), and the peak of torch.cuda.max_memory_allocated over the whole run and all ranks.
+--warmup steps, tokens/s, model TFLOP/s per GPU (megatron_sp/flops.py: causal attention at half, recompute
+not counted; 3*(L*(8h^2 + 6hf + 2hs) + 2hV) per token for this shape), and the peak of torch.cuda.max_memory_allocated over the whole run and all ranks.
 --profile adds one profiled step and splits its GPU kernel time into attention, matmul, communication, other.
 """
 import argparse
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-# issue 7's reference model: 24 layers, hidden 2048, 16 heads, SwiGLU FFN 5504, RMSNorm, rotary, no biases,
+# the 1.3B Llama-style benchmark model: 24 layers, hidden 2048, 16 heads, SwiGLU FFN 5504, RMSNorm, rotary, no biases,
 # untied output layer, vocab 32000 (NullTokenizer adds eod to --vocab-size, so 31999 ids + eod = 32000)
 MODELS = {
     "1.3b": ["--num-layers", "24", "--hidden-size", "2048", "--num-attention-heads", "16",
@@ -58,13 +58,6 @@ def flags(args, world: int) -> list[str]:
     if args.checkpoint_activations:
         argv.append("--checkpoint-activations")
     return argv + args.extra
-
-
-def issue7_flops_per_token(cfg) -> float:
-    """3 * (L * (8h^2 + 6hf + 2hs) + 2hV): issue 7's count for this model shape (MHA, SwiGLU, causal)."""
-    m = cfg.model
-    h, f, s, v = m.hidden_size, m.ffn_hidden_size, m.seq_length, cfg.padded_vocab_size
-    return 3 * (m.num_layers * (8 * h * h + 6 * h * f + 2 * h * s) + 2 * h * v)
 
 
 def categorize(name: str) -> str:
@@ -126,10 +119,10 @@ def profile_step(step, device_is_cuda: bool, trace_path: str | None = None) -> d
 
 def run(args) -> dict:
     """Build the stack from the flags, train warmup + steps, return the measurements (identical on every rank)."""
-    from pretrain_gpt import configure
+    from megatron_sp.configure import configure
     from megatron_sp.data.gpt_dataset import build_gpt_datasets
     from megatron_sp.data.loader import build_data_iterator
-    from megatron_sp.training.flops import flops_per_token
+    from megatron_sp.flops import flops_per_token
     from megatron_sp.training.loop import train_step
     from megatron_sp.training.trainer import build, micro_batches_of
 
@@ -169,7 +162,7 @@ def run(args) -> dict:
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     ms = ms.item()
     tokens = t.global_batch_size * m.seq_length
-    per_token = issue7_flops_per_token(cfg)
+    per_token = flops_per_token(cfg, with_recompute=False)
     result = {
         "seq_length": m.seq_length, "zero_stage": ds_config["zero_optimization"]["stage"],
         "checkpoint_activations": m.checkpoint_activations, "strategy": p.sequence_parallel_strategy,
@@ -177,7 +170,7 @@ def run(args) -> dict:
         "parameters": n_params, "warmup": args.warmup, "steps": args.steps, "step_ms": [round(x, 2) for x in times],
         "ms_per_step": ms, "tokens_per_s": tokens / ms * 1e3,
         "model_tflops_per_gpu": tokens * per_token / (ms / 1e3) / world / 1e12,
-        "flops_per_token": per_token, "trainer_flops_per_token": flops_per_token(cfg, False),
+        "flops_per_token": per_token,
         "peak_memory_gib": peak.item(), "losses": losses,
         "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
         "date": datetime.date.today().isoformat(), "argv": sys.argv}
@@ -232,7 +225,7 @@ def main(argv=None) -> dict:
     previous_results(args.out)  # refuse a bad --out before the run, not after it
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from megatron_sp.arguments import ConfigError
+    from megatron_sp.errors import ConfigError
     try:
         result = run(args)
     except ConfigError as err:  # flags, or a kernel this device lacks

@@ -12,8 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sp.arguments import ConfigError  # noqa: E402
-from pretrain_gpt import configure, dry_run_lines  # noqa: E402
+from megatron_sp.configure import configure, dry_run_lines  # noqa: E402
+from megatron_sp.errors import ConfigError  # noqa: E402
 
 
 def parse_machine(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

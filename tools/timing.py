@@ -1,8 +1,10 @@
-"""Timing and FLOP counting shared by the benchmarks (tools/bench_attention.py, tools/bench_flash_attn.py)."""
+"""Timing shared by the benchmarks (tools/bench_attention.py, tools/bench_flash_attn.py)."""
 import statistics
 import time
 
 import torch
+
+from megatron_sp.flops import attention_fwd_flops  # noqa: F401  (the benchmarks count FLOPs with it)
 
 
 def _warm_up(fn, warmup: int, cuda: bool) -> None:
@@ -53,7 +55,3 @@ def back_to_back_ms(fn, warmup: int, iters: int, cuda: bool) -> float:
     return start.elapsed_time(end) / iters
 
 
-def attention_fwd_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool) -> float:
-    """Model FLOPs of one attention forward (anchors.md): 4*b*h*s^2*d, halved when causal.
-    The backward counts 2.5x this, forward+backward 3.5x."""
-    return 4 * batch * heads * seq * seq * head_dim / (2 if causal else 1)

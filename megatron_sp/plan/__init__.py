@@ -1,35 +1,21 @@
 """The planner behind --dry-run, tools/plan.py and --sequence-parallel-size auto; allocates nothing.
 
-    cfg, tokenizer = pretrain_gpt.configure(argv, world)     # resolves 'auto' with resolve_auto
+    cfg, tokenizer = megatron_sp.configure.configure(argv, world)     # resolves 'auto' with resolve_auto
     print("\\n".join(plan_report(cfg, world, gpus_per_node)))
 
 memory.py: parameters / gradients / optimizer by ZeRO stage; activations.py: bytes per local token;
 choose.py: the SP-size and strategy search; report.py: the printout.
 """
-import os
-
-from megatron_sp.arguments import ConfigError, fill_defaults, read_deepspeed_json
-from megatron_sp.config import RunConfig
+from megatron_sp.config import RunConfig, fill_defaults, read_deepspeed_json
+from megatron_sp.errors import ConfigError
+from megatron_sp.parallel.layout import layout_lines
 from megatron_sp.plan.choose import MEMORY_RESERVE, candidates, choose
 from megatron_sp.plan.memory import GIB, ZeroSetup, count_parameters, detect_gpu_memory_gib, estimate_memory
-from megatron_sp.plan.report import flops_lines, layout_lines, memory_lines
+from megatron_sp.plan.report import flops_lines, memory_lines
 
 
 def gpu_memory_gib(cfg: RunConfig) -> float:
     return cfg.training.gpu_memory_gb or detect_gpu_memory_gib()
-
-
-def gpus_per_node_from_env(world: int) -> int:
-    """GPUs per node of this launch: LOCAL_WORLD_SIZE (deepspeed launcher, torchrun), else the visible
-    GPUs, else 8 (capped at the world size)."""
-    if os.environ.get("LOCAL_WORLD_SIZE"):
-        return int(os.environ["LOCAL_WORLD_SIZE"])
-    try:
-        import torch
-        visible = torch.cuda.device_count()
-    except ImportError:
-        visible = 0
-    return min(world, visible or 8)
 
 
 def zero_setup(cfg: RunConfig) -> ZeroSetup:
@@ -70,5 +56,4 @@ def plan_report(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
             *memory_lines(cfg, world, zero_setup(cfg), gpu_memory_gib(cfg))]
 
 
-__all__ = ["resolve_auto", "plan_report", "count_parameters", "estimate_memory", "ZeroSetup",
-           "gpus_per_node_from_env", "zero_setup"]
+__all__ = ["resolve_auto", "plan_report", "count_parameters", "estimate_memory", "ZeroSetup", "zero_setup"]

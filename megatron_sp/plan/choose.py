@@ -1,14 +1,14 @@
 """--sequence-parallel-size auto: every valid (SP size, strategy) scored by memory and a simple time model.
 
 Time per iteration per GPU = compute + the SP communication that is not hidden:
-  compute   FLOPs of the GPU's tokens (training/flops.py, recompute included) at ACHIEVED_FLOPS; it is
+  compute   FLOPs of the GPU's tokens (megatron_sp/flops.py, recompute included) at ACHIEVED_FLOPS; it is
             the same for every P (DP x SP = world, the global batch is fixed), so P is decided by
             communication and memory.
   Ulysses   all-to-all bytes of docs/attention.md, never overlapped.
   ring      p2p bytes of docs/attention.md, overlapped with the attention of the block in hand: only
             max(0, transfer - attention) is exposed.
   hybrid    its Ulysses part exposed, its ring part overlapped.
-Bandwidths (anchors.md, H200 NVLink): all-to-all 240 GB/s, p2p 260 GB/s inside a node; a group that
+Bandwidths (measured on H200 NVLink, docs/reference_numbers.md): all-to-all 240 GB/s, p2p 260 GB/s inside a node; a group that
 spans nodes runs at the inter-node rate, INTER_NODE_BW.
 The smallest P that fits wins unless a larger one is more than 3 % faster.
 """
@@ -18,10 +18,10 @@ from megatron_sp.attention import validate_attention_config
 from megatron_sp.config import RunConfig
 from megatron_sp.plan.activations import kv_heads_seen
 from megatron_sp.plan.memory import GIB, MemoryEstimate, ZeroSetup, estimate_memory
-from megatron_sp.training.flops import flops_per_token
+from megatron_sp.flops import attention_fwd_flops, flops_per_token
 
 A2A_BW, P2P_BW, INTER_NODE_BW = 240e9, 260e9, 25e9  # bytes/s out per GPU
-ACHIEVED_FLOPS = 400e12  # model FLOP/s per GPU a good run reaches (anchors.md: the peer's 336-401)
+ACHIEVED_FLOPS = 400e12  # model FLOP/s per GPU a good run reaches (DeepSpeed ALST's 336-401 on H200, docs/reference_numbers.md)
 MEMORY_RESERVE = 0.9  # fit inside 90 %: CUDA context, NCCL buffers and fragmentation are not estimated
 FASTER_BY = 0.97  # a larger P must be > 3 % faster to beat the smallest one that fits
 
@@ -75,8 +75,8 @@ def iteration_seconds(cfg: RunConfig, world: int, sp: int, strategy: str, u: int
     a2a_bw = INTER_NODE_BW if (strategy == "ulysses" and crosses) else A2A_BW
     p2p_bw = INTER_NODE_BW if crosses else P2P_BW
     # causal attention of one micro batch's local queries, per layer (forward; backward ~2x)
-    attention_fwd = 2 * m.seq_length * m.num_attention_heads * cfg.head_dim * t.micro_batch_size * m.seq_length / sp
-    attention_fwd /= ACHIEVED_FLOPS
+    attention_fwd = attention_fwd_flops(t.micro_batch_size, m.num_attention_heads, m.seq_length, cfg.head_dim,
+                                        causal=True) / sp / ACHIEVED_FLOPS
     exposed = ((recompute * c["a2a_fwd"] + c["a2a_bwd"]) / a2a_bw
                + recompute * max(0.0, c["p2p_fwd"] / p2p_bw - attention_fwd)
                + max(0.0, c["p2p_bwd"] / p2p_bw - 2 * attention_fwd))

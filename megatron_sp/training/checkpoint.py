@@ -6,7 +6,7 @@ import random
 import numpy as np
 import torch
 
-from megatron_sp.arguments import ConfigError
+from megatron_sp.errors import ConfigError
 
 RNG_FILE = "rng_state_rank{rank}.pt"
 LATEST = "latest"  # DeepSpeed's file naming the newest step directory

@@ -4,8 +4,8 @@ import math
 import deepspeed
 import torch
 
-from megatron_sp.arguments import ConfigError, read_deepspeed_json
-from megatron_sp.config import RunConfig
+from megatron_sp.config import RunConfig, read_deepspeed_json
+from megatron_sp.errors import ConfigError
 from megatron_sp.parallel.state import ParallelState
 from megatron_sp.training.schedule import LRSchedule
 

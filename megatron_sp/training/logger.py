@@ -1,7 +1,11 @@
 """Megatron-style iteration lines on rank 0, and the same scalars in TensorBoard."""
 import resource
+import time
 
 import torch
+
+from megatron_sp.config import RunConfig
+from megatron_sp.flops import flops_per_token
 
 
 def max_memory_gib() -> tuple[str, float]:
@@ -57,3 +61,34 @@ def _num(x: float) -> str:
     """1 decimal for real GPU rates, 3 significant digits for the tiny ones of CPU runs."""
     return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
 
+
+class LogWindow:
+    """Loss and throughput over the steps since the last log line (Megatron averages the same way)."""
+
+    def __init__(self, cfg: RunConfig, world: int):
+        self.cfg, self.world = cfg, world
+        self.tokens_per_step = cfg.training.global_batch_size * cfg.model.seq_length
+        self.model_flops, self.hw_flops = flops_per_token(cfg, False), flops_per_token(cfg, True)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum, self.count, self.steps, self.start = 0.0, 0.0, 0, time.perf_counter()
+
+    def add(self, loss_sum: torch.Tensor, count: torch.Tensor) -> None:
+        self.loss_sum, self.count, self.steps = self.loss_sum + loss_sum, self.count + count, self.steps + 1
+
+    def close(self, consumed: int, lr: float, grad_norm, device: torch.device) -> dict:
+        """The iteration line's numbers (one host sync), then start a new window."""
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - self.start) / self.steps
+        mem_name, mem = max_memory_gib()
+        per_gpu = self.tokens_per_step / seconds / self.world / 1e12
+        stats = dict(consumed_samples=consumed, consumed_tokens=consumed * self.cfg.model.seq_length,
+                     ms_per_iter=seconds * 1e3, lr=lr, global_batch_size=self.cfg.training.global_batch_size,
+                     loss=(self.loss_sum / self.count).item(),
+                     grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                     tokens_per_sec=self.tokens_per_step / seconds, model_tflops=per_gpu * self.model_flops,
+                     hardware_tflops=per_gpu * self.hw_flops, memory_name=mem_name, memory_gib=mem)
+        self._reset()
+        return stats

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_sp.arguments import RankError
+from megatron_sp.errors import RankError
 from megatron_sp.data.loader import get_batch
 from megatron_sp.parallel.sharding import SequenceLayout
 

@@ -1,0 +1,49 @@
+"""FLOP counts: the one place every logged, planned and benchmarked TFLOP/s comes from.
+
+Convention (the FlashAttention papers'): model FLOPs, 2 per multiply-add; causal attention counted at half
+(a query attends to s/2 keys on average); activation recompute not counted ("model" FLOPs), or counted as
+one more forward of what is recomputed ("hardware" FLOPs). Training = forward + backward = 3 x forward.
+The classic Megatron-LM formula, 24*B*s*L*h^2*(1 + s/(6h) + V/(16*L*h)), counts the full s x s attention
+matrix, so at long sequences it reads up to ~1.8x higher than these numbers for the same run.
+Attention kernel benchmarks count forward + backward as 3.5 x forward, since the backward recomputes the
+probabilities (attention_fwd_flops).
+"""
+from megatron_sp.config import RunConfig
+
+
+def attention_fwd_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool, kv_seq: int | None = None) -> float:
+    """One attention forward over `seq` queries and `kv_seq` (default `seq`) keys: QK^T and PV, each
+    2*b*h*sq*sk*d, halved when causal. Its backward is counted as 2.5x this (fwd + bwd = 3.5x)."""
+    return 4 * batch * heads * seq * (seq if kv_seq is None else kv_seq) * head_dim / (2 if causal else 1)
+
+
+def mlp_forward_flops(cfg: RunConfig) -> float:
+    """One layer's MLP forward FLOPs per token: 2*h*f*(3 if SwiGLU else 2)."""
+    m = cfg.model
+    return 2 * m.hidden_size * m.ffn_hidden_size * (3 if m.swiglu else 2)
+
+
+def forward_flops_per_token(cfg: RunConfig) -> tuple[float, float]:
+    """(transformer layers, output layer) forward FLOPs per token.
+
+    Per layer: QKV and output projections 2*h*(hq + 2*hkv + hq)*d, MLP (mlp_forward_flops), attention
+    2 * 2 * s * hq * d / 2 (causal). Output layer 2*h*V. For a model with as many kv heads as query heads
+    and SwiGLU this is 8h^2 + 6hf + 2hs per layer."""
+    m = cfg.model
+    d, hq, hkv, h = cfg.head_dim, m.num_attention_heads, m.num_key_value_heads, m.hidden_size
+    projections = 2 * h * (2 * hq + 2 * hkv) * d
+    attention = attention_fwd_flops(1, hq, 1, d, causal=True, kv_seq=m.seq_length)  # one query token
+    return m.num_layers * (projections + mlp_forward_flops(cfg) + attention), 2 * h * cfg.padded_vocab_size
+
+
+def flops_per_token(cfg: RunConfig, with_recompute: bool) -> float:
+    """Training FLOPs per token: forward + backward (2x forward); with_recompute adds one more forward of
+    what is recomputed: whole layers (full) or the MLPs (selective)."""
+    layers, output = forward_flops_per_token(cfg)
+    m = cfg.model
+    recompute = 0.0
+    if with_recompute and m.checkpoint_activations:
+        recompute = layers
+    elif with_recompute and m.recompute_granularity == "selective":
+        recompute = m.num_layers * mlp_forward_flops(cfg)
+    return 3 * (layers + output) + recompute
