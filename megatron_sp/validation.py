@@ -69,9 +69,6 @@ def check_model(cfg: RunConfig) -> None:
     if m.recompute_granularity == "selective" and m.checkpoint_activations:
         raise ConfigError("--recompute-granularity selective and --checkpoint-activations (full recompute) "
                           "exclude each other; pick one")
-    if cfg.data.reset_attention_mask:
-        raise ConfigError("--reset-attention-mask is not supported (attention is causal over the whole sample); "
-                          "drop it, or use --reset-position-ids")
 
 
 def check_parallel(cfg: RunConfig, world_size: int) -> None:
@@ -91,7 +88,8 @@ def check_parallel(cfg: RunConfig, world_size: int) -> None:
             strategy=p.sequence_parallel_strategy, num_heads=m.num_attention_heads,
             num_kv_heads=m.num_key_value_heads, sp_size=p.sequence_parallel_size,
             ulysses_degree=p.ulysses_degree, seq_length=m.seq_length, world_size=world_size,
-            ulysses_head_groups=p.ulysses_head_groups)
+            ulysses_head_groups=p.ulysses_head_groups, documents=cfg.data.reset_attention_mask,
+            backend=p.attention_backend)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

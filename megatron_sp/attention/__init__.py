@@ -1,7 +1,11 @@
-"""Attention for sequence parallelism: pick a strategy's module for the model's `inner_attention` slot."""
+"""Attention for sequence parallelism: pick a strategy's module for the model's `inner_attention` slot.
+
+Every module is called as module(q, k, v) or, for packed samples, module(q, k, v, documents=Documents(ids))."""
 from torch import nn
 
-from megatron_sp.attention.backends import attention_backward, attention_forward, resolve_backend
+from megatron_sp.attention.backends import (attention_backward, attention_forward, documents_unsupported,
+                                            resolve_backend)
+from megatron_sp.attention.documents import Documents
 from megatron_sp.attention.hybrid import HybridAttention
 from megatron_sp.attention.local import LocalAttention
 from megatron_sp.attention.ring import RingAttention
@@ -13,10 +17,14 @@ STRATEGIES = ("local", "ulysses", "ring", "hybrid")
 
 def validate_attention_config(*, strategy: str, num_heads: int, num_kv_heads: int, sp_size: int,
                               ulysses_degree: int | None, seq_length: int, world_size: int,
-                              ulysses_head_groups: int | None = None) -> None:
+                              ulysses_head_groups: int | None = None, documents: bool = False,
+                              backend: str = "auto") -> None:
     """Raise a one-line ValueError for an attention setup that cannot run; needs no process group.
     `ulysses_degree` matters for hybrid only (ulysses uses sp_size, ring 1); `ulysses_head_groups`
-    for ulysses only (None = auto)."""
+    for ulysses only (None = auto). `documents`: document masks (--reset-attention-mask), which
+    every strategy supports and the kernel `backend` must too (auto picks one that does)."""
+    if documents and backend != "auto" and (reason := documents_unsupported(backend)):
+        raise ValueError(reason)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown sequence-parallel strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     if sp_size < 1 or sp_size > world_size:
@@ -61,4 +69,4 @@ def build_inner_attention(strategy: str, parallel_state=None, *, causal: bool = 
 
 __all__ = ["attention_forward", "attention_backward", "resolve_backend", "build_inner_attention",
            "validate_attention_config", "LocalAttention", "UlyssesAttention", "RingAttention",
-           "HybridAttention", "STRATEGIES"]
+           "HybridAttention", "Documents", "STRATEGIES"]

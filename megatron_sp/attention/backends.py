@@ -4,6 +4,12 @@ Every sequence-parallel strategy is built from these two calls. Tensors are [b, 
 log-sum-exp is [b, hq, sq], natural log of the scaled scores, float32 (float64 for float64 inputs).
 The backward takes the forward's output and LSE explicitly, so the ring can recompute any block
 against the *final* (merged) output and LSE, which is what makes its per-block gradients exact.
+
+Document masks (packed samples): q_docs int32 [b, sq] and k_docs int32 [b, sk], the document of each
+query / key token, non-decreasing along the sequence; key j is visible to query i iff q_docs[b, i] ==
+k_docs[b, j] (and i >= j when causal). Both None: no document mask, no cost. A query row that sees no
+key gets out = 0, lse = -inf and no gradient. Backends with a document mask: torch, sdpa_flash and
+flash_attn (varlen FlashAttention-2, attention/varlen.py), triton when its kernel has one.
 """
 import functools
 import importlib
@@ -11,10 +17,12 @@ import inspect
 
 import torch
 
+from megatron_sp.attention.varlen import varlen_backward, varlen_forward
+
 BACKENDS = ("torch", "cudnn", "sdpa_flash", "flash_attn", "triton")
 
 
-def _check(q, k, v, causal):
+def _check(q, k, v, causal, q_docs=None, k_docs=None):
     if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"expected q [b, sq, hq, d], k/v [b, sk, hkv, d]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -22,6 +30,11 @@ def _check(q, k, v, causal):
         raise ValueError(f"query heads {q.shape[2]} are not a multiple of key/value heads {k.shape[2]}")
     if causal and q.shape[1] != k.shape[1]:
         raise ValueError(f"causal attention needs sq == sk, got {q.shape[1]} and {k.shape[1]}")
+    if (q_docs is None) != (k_docs is None):
+        raise ValueError("give both q_docs and k_docs, or neither")
+    if q_docs is not None and (q_docs.shape != q.shape[:2] or k_docs.shape != k.shape[:2]):
+        raise ValueError(f"q_docs {tuple(q_docs.shape)} and k_docs {tuple(k_docs.shape)} must be "
+                         f"[b, sq] = {tuple(q.shape[:2])} and [b, sk] = {tuple(k.shape[:2])}")
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,8 +43,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # --- torch: explicit math, the reference every other path is tested against -----------------------
 
-def _scores(q, k, causal, scale):
-    """Scaled scores [b, hkv, g, sq, sk] in the accumulation dtype; GQA by grouping q, never repeating k."""
+def _scores(q, k, causal, scale, q_docs=None, k_docs=None):
+    """Scaled scores [b, hkv, g, sq, sk] in the accumulation dtype, -inf where masked; GQA by grouping q,
+    never repeating k."""
     b, sq, hq, d = q.shape
     hkv = k.shape[2]
     ct = accumulation_dtype(q.dtype)
@@ -40,24 +54,32 @@ def _scores(q, k, causal, scale):
     if causal:
         mask = torch.ones(sq, k.shape[1], dtype=torch.bool, device=q.device).triu_(1)
         s = s.masked_fill(mask, float("-inf"))
+    if q_docs is not None:
+        other_document = q_docs[:, :, None] != k_docs[:, None, :]  # [b, sq, sk]
+        s = s.masked_fill(other_document[:, None, None], float("-inf"))
     return s, qg
 
 
-def _torch_forward(q, k, v, causal, scale):
+def _finite(lse):
+    """lse with -inf (a row that sees no key) read as 0, so exp(score - lse) is 0 there, not NaN."""
+    return lse.masked_fill(lse == float("-inf"), 0.0)
+
+
+def _torch_forward(q, k, v, causal, scale, q_docs=None, k_docs=None):
     b, sq, hq, d = q.shape
-    s, _ = _scores(q, k, causal, scale)
-    lse = torch.logsumexp(s, dim=-1)  # [b, hkv, g, sq]
-    p = torch.exp(s - lse.unsqueeze(-1))
+    s, _ = _scores(q, k, causal, scale, q_docs, k_docs)
+    lse = torch.logsumexp(s, dim=-1)  # [b, hkv, g, sq]; -inf for a row that sees no key
+    p = torch.exp(s - _finite(lse).unsqueeze(-1))
     out = torch.einsum("bhgqk,bkhd->bqhgd", p, v.to(s.dtype)).reshape(b, sq, hq, d)
     return out.to(q.dtype), lse.reshape(b, hq, sq)
 
 
-def _torch_backward(dout, q, k, v, out, lse, causal, scale):
+def _torch_backward(dout, q, k, v, out, lse, causal, scale, q_docs=None, k_docs=None):
     b, sq, hq, d = q.shape
     hkv = k.shape[2]
-    s, qg = _scores(q, k, causal, scale)
+    s, qg = _scores(q, k, causal, scale, q_docs, k_docs)
     ct = s.dtype
-    p = torch.exp(s - lse.to(ct).reshape(b, hkv, hq // hkv, sq, 1))  # masked scores give 0
+    p = torch.exp(s - _finite(lse.to(ct)).reshape(b, hkv, hq // hkv, sq, 1))  # masked scores give 0
     do = dout.to(ct).view(b, sq, hkv, hq // hkv, d)
     dv = torch.einsum("bhgqk,bqhgd->bkhd", p, do)  # sums over the GQA group
     dp = torch.einsum("bqhgd,bkhd->bhgqk", do, v.to(ct))
@@ -177,21 +199,88 @@ def _flash_attn_backward(dout, q, k, v, out, lse, causal, scale):
     return dq, dk, dv
 
 
+# --- varlen FlashAttention-2 kernels for document masks (attention/varlen.py) ---------------------
+
+def _aten_flash_varlen_forward(q, k, v, cu, max_len, causal, scale):
+    """aten's FlashAttention-2 over packed q [T, hq, d], k/v [T, hkv, d] (GQA-native) -> (out, lse [hq, T])."""
+    res = _call_by_schema(torch.ops.aten._flash_attention_forward.default, dict(
+        query=q, key=k, value=v, cum_seq_q=cu, cum_seq_k=cu, max_q=max_len, max_k=max_len, dropout_p=0.0,
+        is_causal=causal, return_debug_mask=False, scale=scale))
+    return res[0], res[1]
+
+
+def _aten_flash_varlen_backward(dout, q, k, v, out, lse, cu, max_len, causal, scale):
+    empty = torch.empty(0, dtype=torch.int64, device=q.device)  # no dropout: the RNG state is not read
+    return _call_by_schema(torch.ops.aten._flash_attention_backward.default, dict(
+        grad_out=dout, query=q, key=k, value=v, out=out, logsumexp=lse, cum_seq_q=cu, cum_seq_k=cu,
+        max_q=max_len, max_k=max_len, dropout_p=0.0, is_causal=causal, scale=scale,
+        rng_state=torch.zeros(2, dtype=torch.uint64, device=q.device), unused=empty,
+        philox_seed=empty, philox_offset=empty))
+
+
+def _flash_attn_varlen_forward(q, k, v, cu, max_len, causal, scale):
+    from flash_attn import flash_attn_interface as fa
+    res = _call_by_signature(fa._flash_attn_varlen_forward, dict(
+        q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
+        dropout_p=0.0, softmax_scale=scale, causal=causal, window_size=(-1, -1), window_size_left=-1,
+        window_size_right=-1, softcap=0.0, alibi_slopes=None, return_softmax=False, block_table=None))
+    return res[0], (res[1] if len(res) == 4 else res[5])  # <2.6 returned 8 values
+
+
+def _flash_attn_varlen_backward(dout, q, k, v, out, lse, cu, max_len, causal, scale):
+    from flash_attn import flash_attn_interface as fa
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _call_by_signature(fa._flash_attn_varlen_backward, dict(
+        dout=dout, q=q, k=k, v=v, out=out, softmax_lse=lse, dq=dq, dk=dk, dv=dv, cu_seqlens_q=cu,
+        cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len, dropout_p=0.0, softmax_scale=scale,
+        causal=causal, window_size=(-1, -1), window_size_left=-1, window_size_right=-1, softcap=0.0,
+        alibi_slopes=None, deterministic=False, rng_state=None))
+    return dq, dk, dv
+
+
+_VARLEN_KERNELS = {"sdpa_flash": (_aten_flash_varlen_forward, _aten_flash_varlen_backward),
+                   "flash_attn": (_flash_attn_varlen_forward, _flash_attn_varlen_backward)}
+
+
 # --- the project's Triton kernel -------------------------------------------------------------------
 
 def _triton_module():
     return importlib.import_module("megatron_sp.kernels.flash_attn")
 
 
-def _triton_forward(q, k, v, causal, scale):
-    return _triton_module().flash_attn_forward(q, k, v, causal, scale)  # GQA-native
+def _triton_has_documents() -> bool:
+    """Whether the Triton kernel takes document ids (flash_attn_forward(..., *, q_docs, k_docs))."""
+    return "q_docs" in inspect.signature(_triton_module().flash_attn_forward).parameters
 
 
-def _triton_backward(dout, q, k, v, out, lse, causal, scale):
-    return _triton_module().flash_attn_backward(dout, q, k, v, out, lse, causal, scale)
+def _triton_forward(q, k, v, causal, scale, **docs):
+    return _triton_module().flash_attn_forward(q, k, v, causal, scale, **docs)  # GQA-native
+
+
+def _triton_backward(dout, q, k, v, out, lse, causal, scale, **docs):
+    return _triton_module().flash_attn_backward(dout, q, k, v, out, lse, causal, scale, **docs)
 
 
 # --- availability and dispatch ---------------------------------------------------------------------
+
+DOCUMENT_BACKENDS = ("torch", "sdpa_flash", "flash_attn", "triton")
+"""Backends with a document mask (--reset-attention-mask); triton once its kernel takes document ids."""
+
+
+def documents_unsupported(backend: str) -> str | None:
+    """None when `backend` has a document mask, else the one-line reason it is refused."""
+    if backend == "triton":
+        try:
+            if _triton_has_documents():
+                return None
+        except ImportError:
+            return None  # _unavailable_reason says why it cannot run at all
+    elif backend in DOCUMENT_BACKENDS:
+        return None
+    return (f"attention backend {backend!r} has no document mask (--reset-attention-mask); use sdpa_flash "
+            "(varlen FlashAttention-2, GPU), flash_attn, torch"
+            + (", or triton once its kernel takes document ids" if backend != "triton" else ""))
+
 
 def _unavailable_reason(backend: str, device: torch.device) -> str | None:
     """None when `backend` can run on `device`, else a short reason."""
@@ -222,13 +311,14 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
     return f"it is unknown (choose auto or one of {', '.join(BACKENDS)})"
 
 
-def resolve_backend(name: str, device, dtype: torch.dtype) -> str:
+def resolve_backend(name: str, device, dtype: torch.dtype, documents: bool = False) -> str:
     """The concrete backend for `name` on `device` and `dtype`: `auto` picks cudnn on CUDA bf16/fp16,
-    else sdpa_flash, else torch; an explicit backend that cannot run is a one-line ValueError."""
+    else sdpa_flash, else torch; with `documents` (document masks) sdpa_flash, else torch. An explicit
+    backend that cannot run, or has no document mask when one is needed, is a one-line ValueError."""
     device = torch.device(device)
     if name == "auto":
         if dtype in (torch.bfloat16, torch.float16):
-            for candidate in ("cudnn", "sdpa_flash"):
+            for candidate in (("sdpa_flash",) if documents else ("cudnn", "sdpa_flash")):
                 if _unavailable_reason(candidate, device) is None:
                     return candidate
         return "torch"
@@ -237,13 +327,18 @@ def resolve_backend(name: str, device, dtype: torch.dtype) -> str:
         reason = f"it runs in bf16 or fp16 only, not {str(dtype).removeprefix('torch.')} (add --bf16)"
     if reason is not None:
         raise ValueError(f"attention backend {name!r} is unavailable on {device}: {reason}")
+    if documents and (reason := documents_unsupported(name)):
+        raise ValueError(reason)
     return name
 
 
-def attention_forward(q, k, v, causal: bool, scale: float, backend: str = "torch"):
+def attention_forward(q, k, v, causal: bool, scale: float, backend: str = "torch", q_docs=None, k_docs=None):
     """Attention of q [b, sq, hq, d] over k, v [b, sk, hkv, d] -> (out [b, sq, hq, d] in q's dtype,
-    lse [b, hq, sq] float32/float64). `causal`: query i sees key j <= i (needs sq == sk)."""
-    _check(q, k, v, causal)
+    lse [b, hq, sq] float32/float64). `causal`: query i sees key j <= i (needs sq == sk). q_docs [b, sq],
+    k_docs [b, sk]: document ids (module docstring), None for no document mask."""
+    _check(q, k, v, causal, q_docs, k_docs)
+    if q_docs is not None:
+        return _documents_forward(q, k, v, causal, scale, backend, q_docs, k_docs)
     if backend == "torch":
         return _torch_forward(q, k, v, causal, scale)
     if backend in _ATEN_OPS:
@@ -255,10 +350,13 @@ def attention_forward(q, k, v, causal: bool, scale: float, backend: str = "torch
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def attention_backward(dout, q, k, v, out, lse, causal: bool, scale: float, backend: str = "torch"):
+def attention_backward(dout, q, k, v, out, lse, causal: bool, scale: float, backend: str = "torch",
+                       q_docs=None, k_docs=None):
     """Gradients (dq, dk, dv) of attention given dout, the forward's inputs and the out/lse to
     differentiate against (possibly merged over several blocks, as in the ring)."""
-    _check(q, k, v, causal)
+    _check(q, k, v, causal, q_docs, k_docs)
+    if q_docs is not None:
+        return _documents_backward(dout, q, k, v, out, lse, causal, scale, backend, q_docs, k_docs)
     if backend == "torch":
         return _torch_backward(dout, q, k, v, out, lse, causal, scale)
     if backend in _ATEN_OPS:
@@ -268,3 +366,23 @@ def attention_backward(dout, q, k, v, out, lse, causal: bool, scale: float, back
     if backend == "triton":
         return _triton_backward(dout, q, k, v, out, lse, causal, scale)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def _documents_forward(q, k, v, causal, scale, backend, q_docs, k_docs):
+    if backend == "torch":
+        return _torch_forward(q, k, v, causal, scale, q_docs, k_docs)
+    if backend in _VARLEN_KERNELS:
+        return varlen_forward(_VARLEN_KERNELS[backend][0], q, k, v, causal, scale, q_docs, k_docs)
+    if backend == "triton" and _triton_has_documents():
+        return _triton_forward(q, k, v, causal, scale, q_docs=q_docs, k_docs=k_docs)
+    raise ValueError(documents_unsupported(backend) or f"unknown attention backend {backend!r}")
+
+
+def _documents_backward(dout, q, k, v, out, lse, causal, scale, backend, q_docs, k_docs):
+    if backend == "torch":
+        return _torch_backward(dout, q, k, v, out, lse, causal, scale, q_docs, k_docs)
+    if backend in _VARLEN_KERNELS:
+        return varlen_backward(_VARLEN_KERNELS[backend][1], dout, q, k, v, out, lse, causal, scale, q_docs, k_docs)
+    if backend == "triton" and _triton_has_documents():
+        return _triton_backward(dout, q, k, v, out, lse, causal, scale, q_docs=q_docs, k_docs=k_docs)
+    raise ValueError(documents_unsupported(backend) or f"unknown attention backend {backend!r}")

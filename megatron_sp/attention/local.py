@@ -9,21 +9,23 @@ from megatron_sp.attention.backends import attention_backward, attention_forward
 
 class LocalAttentionFn(torch.autograd.Function):
     """Forward: attention_forward -> (out [b, s, hq, d], lse [b, hq, s], not differentiable).
-    Backward: attention_backward with the saved out and lse (no recomputation of the forward)."""
+    Backward: attention_backward with the saved out and lse (no recomputation of the forward).
+    docs: document ids int32 [b, s] of both q and k, or None (backends.py)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float, backend: str):
-        out, lse = attention_forward(q, k, v, causal, scale, backend)
+    def forward(ctx, q, k, v, causal: bool, scale: float, backend: str, docs=None):
+        out, lse = attention_forward(q, k, v, causal, scale, backend, q_docs=docs, k_docs=docs)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+        ctx.causal, ctx.scale, ctx.backend, ctx.docs = causal, scale, backend, docs
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.backend)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.backend,
+                                        q_docs=ctx.docs, k_docs=ctx.docs)
+        return dq, dk, dv, None, None, None, None
 
 
 class AttentionConfig(nn.Module):
@@ -34,12 +36,13 @@ class AttentionConfig(nn.Module):
         self.causal, self.backend, self.softmax_scale = causal, backend, softmax_scale
         self._resolved: dict = {}  # (device, dtype) -> concrete backend: resolved once, not per call
 
-    def kernel_args(self, q: torch.Tensor) -> tuple[bool, float, str]:
-        """(causal, scale, concrete backend) for inputs like q; scale defaults to 1/sqrt(d)."""
+    def kernel_args(self, q: torch.Tensor, documents=None) -> tuple[bool, float, str]:
+        """(causal, scale, concrete backend) for inputs like q, with a document mask when `documents`
+        (attention/documents.py) is given; scale defaults to 1/sqrt(d)."""
         scale = self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        key = (q.device, q.dtype)
+        key = (q.device, q.dtype, documents is not None)
         if key not in self._resolved:
-            self._resolved[key] = resolve_backend(self.backend, q.device, q.dtype)
+            self._resolved[key] = resolve_backend(self.backend, q.device, q.dtype, documents=key[2])
         return self.causal, scale, self._resolved[key]
 
     def extra_repr(self) -> str:
@@ -47,7 +50,12 @@ class AttentionConfig(nn.Module):
 
 
 class LocalAttention(AttentionConfig):
-    """forward(q [b, s, hq, d], k, v [b, s, hkv, d]) -> out [b, s, hq, d], all on one device."""
+    """forward(q [b, s, hq, d], k, v [b, s, hkv, d], documents=None) -> out [b, s, hq, d], all on one
+    device; documents: the samples' Documents (attention/documents.py) for a document mask."""
 
-    def forward(self, q, k, v):
-        return LocalAttentionFn.apply(q, k, v, *self.kernel_args(q))[0]
+    def forward(self, q, k, v, documents=None):
+        docs = None
+        if documents is not None:
+            documents.check_local_length(q.shape[1], 1)
+            docs = documents.ids
+        return LocalAttentionFn.apply(q, k, v, *self.kernel_args(q, documents), docs)[0]

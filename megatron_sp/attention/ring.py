@@ -10,32 +10,25 @@ At ring step t rank r holds the k/v of src = (r - t) mod P, and only unmasked wo
              2P-1-r follows both), no mask
 so every rank does the same 2c x 2c work per step. Without zigzag (contiguous layout) a later
 block is skipped whole. Non-causal attention attends every block in full whatever the layout.
+
+With document ids (packed samples) a block is further cut to the rows and keys that share a document,
+or skipped, and a block travels only as far, and with only the rows, that later ranks still need
+(ring_plan.py). The zigzag layout stays: with long documents the work is still causal-shaped.
 """
 import torch
 
 from megatron_sp.attention.backends import accumulation_dtype, attention_backward, attention_forward
+from megatron_sp.attention.documents import ring_layout
 from megatron_sp.attention.local import AttentionConfig
+from megatron_sp.attention.ring_plan import ALL, document_plan, plain_plan
 from megatron_sp.parallel.comm import Ring
-
-ALL = slice(None)
-
-
-def _block(step: int, rank: int, world: int, local_len: int, causal: bool, zigzag: bool):
-    """(q rows, k/v rows, causal mask) this rank computes at `step`, or None to skip it."""
-    if not causal:
-        return ALL, ALL, False
-    if step == 0:
-        return ALL, ALL, True
-    src = (rank - step) % world
-    half = local_len // 2
-    if zigzag:
-        return (ALL, slice(0, half), False) if src < rank else (slice(half, None), ALL, False)
-    return (ALL, ALL, False) if src < rank else None
 
 
 def _merge(out, lse, block_out, block_lse) -> None:
     """In place: out [b, n, h, d] and lse [b, h, n] (accumulators) absorb a block's partial result
-    by the log-sum-exp rule: out = out * e^(lse - new) + o * e^(l - new), new = logaddexp(lse, l)."""
+    by the log-sum-exp rule: out = out * e^(lse - new) + o * e^(l - new), new = logaddexp(lse, l).
+    A block row that saw no key (l = -inf) leaves the row as it is; the accumulator itself is finite
+    from step 0 on, where every row sees at least itself."""
     block_lse = block_lse.to(lse.dtype)
     new = torch.logaddexp(lse, block_lse)
     weight = lambda x: torch.exp(x - new).transpose(1, 2).unsqueeze(-1)  # [b, n, h, 1]  # noqa: E731
@@ -43,81 +36,135 @@ def _merge(out, lse, block_out, block_lse) -> None:
     lse.copy_(new)
 
 
-def ring_forward(q, k, v, ring: Ring, causal: bool, scale: float, backend: str, zigzag: bool = True):
-    """q [b, s/P, hq, d], k/v [b, s/P, hkv, d] -> (out [b, s/P, hq, d], lse [b, hq, s/P] fp32/fp64)."""
+class _Schedule:
+    """The plan (ring_plan.RingPlan) of one call, with the device document ids its masked pieces need."""
+
+    def __init__(self, ring: Ring, n: int, causal: bool, zigzag: bool, documents=None):
+        self.ring = ring
+        if documents is None:
+            self.plan, self.docs = plain_plan(ring.size, ring.rank, n, causal, zigzag), None
+            return
+        documents.check_local_length(n, ring.size)
+        layout = ring_layout(ring.size, zigzag)
+        blocks = [documents.rows_of(layout, i) for i in range(ring.size)]  # (host, device) [b, n]
+        key = ("ring plan", ring.size, ring.rank, n, causal, zigzag)
+        self.plan = documents.cached(key, lambda: document_plan(ring.size, ring.rank, n, causal, zigzag,
+                                                                [host for host, _ in blocks]))
+        self.docs = [dev for _, dev in blocks]
+
+    def doc_args(self, piece, src: int) -> dict:
+        """q_docs / k_docs for a piece that needs the document mask, else nothing."""
+        if not piece.masked:
+            return {}
+        return {"q_docs": self.docs[self.ring.rank][piece.batch, piece.rows],
+                "k_docs": self.docs[src][piece.batch, piece.cols]}
+
+    def kv_hop(self, step: int, kv: torch.Tensor):
+        """Send on the rows of the held block [2, b, held, hkv, d] still needed down the ring (maybe none),
+        receive the next block's: both sizes are in the plan."""
+        plan = self.plan
+        held, onward = plan.held(step), plan.carried(plan.source(step), step + 1)
+        send = kv if onward == held else kv[:, :, _within(onward, held)].contiguous()
+        incoming = plan.held(step + 1)
+        recv = kv.new_empty((2, kv.shape[1], incoming.stop - incoming.start, *kv.shape[3:]))
+        return self.ring.shift(send, recv)
+
+    def grads_hop(self, step: int, grads, like: torch.Tensor, acc: torch.dtype):
+        """Send on the dk/dv of the block held at `step` ([2, b, grad rows, hkv, d], or None: empty) and
+        receive those of the block held next. A block's first hop goes in the kernel's dtype (one block's
+        gradients: exact), later hops in `acc`."""
+        plan, b, tail = self.plan, like.shape[1], like.shape[3:]
+        if grads is None:
+            grads = like.new_empty((2, b, 0, *tail))
+        nxt = plan.source(step + 1)
+        rows = plan.grad_rows(nxt) if plan.grads_after(nxt, step) else slice(0, 0)
+        dtype = like.dtype if plan.first_use(nxt) == step else acc
+        return self.ring.shift(grads, like.new_empty((2, b, rows.stop - rows.start, *tail), dtype=dtype))
+
+
+def _within(rows: slice, outer: slice) -> slice:
+    """Rows given in a block's own numbering, as indices into a buffer holding its rows `outer`."""
+    return slice(rows.start - outer.start, rows.stop - outer.start)
+
+
+def ring_forward(q, k, v, ring: Ring, causal: bool, scale: float, backend: str, zigzag: bool = True,
+                 documents=None):
+    """q [b, s/P, hq, d], k/v [b, s/P, hkv, d] -> (out [b, s/P, hq, d], lse [b, hq, s/P] fp32/fp64).
+    documents: the samples' Documents (attention/documents.py) for a document mask, or None."""
     acc = accumulation_dtype(q.dtype)
+    sched = _Schedule(ring, q.shape[1], causal, zigzag, documents)
     kv = torch.stack([k, v])  # [2, b, s/P, hkv, d]: one message per hop
     out = lse = None
     for step in range(ring.size):
-        hop = ring.shift(kv) if step < ring.size - 1 else None  # the next block travels meanwhile
-        block = _block(step, ring.rank, ring.size, q.shape[1], causal, zigzag)
-        if block is not None:
-            rows, cols, mask = block
-            o, l = attention_forward(q[:, rows], kv[0][:, cols], kv[1][:, cols], mask, scale, backend)
-            if out is None:  # step 0 covers every row
-                out, lse = o.to(acc), l.to(acc)
-            else:
-                _merge(out[:, rows], lse[:, :, rows], o, l)
+        hop = sched.kv_hop(step, kv) if step < ring.size - 1 else None  # the next block travels meanwhile
+        src, held = sched.plan.source(step), sched.plan.held(step)
+        for piece in sched.plan.pieces(step):
+            cols = _within(piece.cols, held)
+            o, l = attention_forward(q[piece.batch, piece.rows], kv[0][piece.batch, cols], kv[1][piece.batch, cols],
+                                     piece.causal, scale, backend, **sched.doc_args(piece, src))
+            if out is None and piece.batch == ALL and piece.rows == slice(0, q.shape[1]):
+                out, lse = o.to(acc), l.to(acc)  # step 0 covers every row
+                continue
+            if out is None:
+                out = q.new_zeros(q.shape, dtype=acc)
+                lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc, device=q.device)
+            _merge(out[piece.batch, piece.rows], lse[piece.batch, :, piece.rows], o, l)
         if hop is not None:
             kv = hop.wait()
     return out.to(q.dtype), lse
 
 
-def _local_split(local_len: int, causal: bool, world: int):
-    """Step 0's block for the backward, cut into (head, tail) lists of (q rows, k/v rows, causal mask).
-
-    The head runs first, while the first k/v hop travels; the tail runs last, while the dk/dv of the
-    last remote block travel home, so no transfer waits on an idle GPU. Rows split at h = n/2:
-    causal [h:, :h] is full, [:h, :h] and [h:, h:] are causal with equal offsets. One block when
-    there is no ring (P = 1) or nothing to split."""
-    h = local_len // 2
-    if world == 1 or h == 0:
-        return [(ALL, ALL, causal)], []
-    top, bottom = slice(0, h), slice(h, None)
-    if not causal:
-        return [(top, ALL, False)], [(bottom, ALL, False)]
-    return [(top, top, True), (bottom, bottom, True)], [(bottom, top, False)]
-
-
 def ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: float, backend: str,
-                  zigzag: bool = True):
+                  zigzag: bool = True, documents=None):
     """(dq, dk, dv) for ring_forward. Every block is recomputed against the final out and lse, so
     its gradients are exact.
 
-    Schedule: step 0's head, the P-1 remote blocks, step 0's tail (_local_split). The dk/dv of a
-    remote k/v block ride the ring one hop behind it and arrive back at its owner after P-1 hops.
-    Their first hop carries one block's gradients, sent in the kernel's dtype (exact, half the
-    bytes of fp32); later hops carry sums, in fp32/fp64. Local sums are fp32/fp64 too."""
+    Schedule: step 0's head, the P-1 remote blocks, step 0's tail (RingPlan.local_split). The dk/dv of
+    a remote k/v block ride the ring one hop behind it, from its first use on, and arrive back at its
+    owner after P-1 hops. Their first hop carries one block's gradients, sent in the kernel's dtype
+    (exact, half the bytes of fp32); later hops carry sums, in fp32/fp64. Local sums are fp32/fp64 too."""
     acc = accumulation_dtype(q.dtype)
+    sched = _Schedule(ring, q.shape[1], causal, zigzag, documents)
+    plan = sched.plan
     local_kv = torch.stack([k, v])  # [2, b, s/P, hkv, d]
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dkv = torch.zeros(local_kv.shape, dtype=acc, device=q.device)
 
-    def add_grads(block, kv, kv_grads):
-        rows, cols, mask = block
-        bdq, bdk, bdv = attention_backward(dout[:, rows], q[:, rows], kv[0][:, cols], kv[1][:, cols],
-                                           out[:, rows], lse[:, :, rows], mask, scale, backend)
-        dq[:, rows] += bdq
-        kv_grads[0][:, cols] += bdk
-        kv_grads[1][:, cols] += bdv
+    def add_grads(piece, src, kv, held, kv_grads, grad_rows):
+        cols = _within(piece.cols, held)
+        bdq, bdk, bdv = attention_backward(
+            dout[piece.batch, piece.rows], q[piece.batch, piece.rows], kv[0][piece.batch, cols],
+            kv[1][piece.batch, cols], out[piece.batch, piece.rows], lse[piece.batch, :, piece.rows],
+            piece.causal, scale, backend, **sched.doc_args(piece, src))
+        dq[piece.batch, piece.rows] += bdq
+        grad_cols = _within(piece.cols, grad_rows)
+        kv_grads[0][piece.batch, grad_cols] += bdk
+        kv_grads[1][piece.batch, grad_cols] += bdv
 
-    head, tail = _local_split(q.shape[1], causal, ring.size)
-    kv_hop = ring.shift(local_kv) if ring.size > 1 else None
-    for block in head:
-        add_grads(block, local_kv, dkv)
+    everything = slice(0, q.shape[1])
+    head, tail = plan.local_split()
+    kv_hop = sched.kv_hop(0, local_kv) if ring.size > 1 else None
+    for piece in head:
+        add_grads(piece, ring.rank, local_kv, everything, dkv, everything)
     grads_hop = None  # the travelling dk/dv of the previous step's block
     for step in range(1, ring.size):
         kv = kv_hop.wait()
-        kv_hop = ring.shift(kv) if step < ring.size - 1 else None
-        kv_grads = torch.zeros_like(kv) if grads_hop is None else grads_hop.wait().to(acc)
-        block = _block(step, ring.rank, ring.size, q.shape[1], causal, zigzag)
-        if block is not None:
-            add_grads(block, kv, kv_grads)
-        grads_hop = ring.shift(kv_grads)
-    for block in tail:
-        add_grads(block, local_kv, dkv)
+        kv_hop = sched.kv_hop(step, kv) if step < ring.size - 1 else None
+        src, rows = plan.source(step), plan.grad_rows(plan.source(step))
+        arrived = grads_hop.wait() if grads_hop is not None else None
+        kv_grads = None
+        if plan.grads_after(src, step - 1):
+            kv_grads = arrived.to(acc)
+        elif plan.grads_after(src, step):  # first used here: one block's gradients, in the kernel's dtype
+            kv_grads = kv.new_zeros((2, kv.shape[1], rows.stop - rows.start, *kv.shape[3:]))
+        for piece in plan.pieces(step):
+            add_grads(piece, src, kv, plan.held(step), kv_grads, rows)
+        grads_hop = sched.grads_hop(step, kv_grads, local_kv, acc)
+    for piece in tail:
+        add_grads(piece, ring.rank, local_kv, everything, dkv, everything)
     if grads_hop is not None:  # our own k/v's gradients from the other ranks, home from rank - 1
-        dkv += grads_hop.wait()
+        own = plan.grad_rows(ring.rank)
+        dkv[:, :, own] += grads_hop.wait()
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
@@ -126,30 +173,33 @@ class RingAttentionFn(torch.autograd.Function):
     Backward: ring_backward with the saved final out and lse."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, causal: bool, scale: float, backend: str, zigzag: bool = True):
+    def forward(ctx, q, k, v, group, causal: bool, scale: float, backend: str, zigzag: bool = True,
+                documents=None):
         ring = Ring(group)
-        out, lse = ring_forward(q, k, v, ring, causal, scale, backend, zigzag)
+        out, lse = ring_forward(q, k, v, ring, causal, scale, backend, zigzag, documents)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (ring, causal, scale, backend, zigzag)
+        ctx.args = (ring, causal, scale, backend, zigzag, documents)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         dq, dk, dv = ring_backward(dout.contiguous(), *ctx.saved_tensors, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 class RingAttention(AttentionConfig):
-    """forward(q [b, s/P, hq, d], k, v [b, s/P, hkv, d]) -> out [b, s/P, hq, d] over the ring `group`.
-    No head constraint. Causal inputs must use the zigzag layout (layout_for('ring', P)) unless
-    zigzag=False, which expects contiguous shards (and leaves later ranks with more work)."""
+    """forward(q [b, s/P, hq, d], k, v [b, s/P, hkv, d], documents=None) -> out [b, s/P, hq, d] over the
+    ring `group`. No head constraint. Causal inputs must use the zigzag layout (layout_for('ring', P))
+    unless zigzag=False, which expects contiguous shards (and leaves later ranks with more work).
+    documents: the samples' Documents (attention/documents.py); each rank's ids are cut by that layout."""
 
     def __init__(self, group, causal: bool = True, backend: str = "auto", softmax_scale: float | None = None,
                  zigzag: bool = True):
         super().__init__(causal, backend, softmax_scale)
         self.group, self.zigzag = group, zigzag
 
-    def forward(self, q, k, v):
-        return RingAttentionFn.apply(q, k, v, self.group, *self.kernel_args(q), self.zigzag)[0]
+    def forward(self, q, k, v, documents=None):
+        return RingAttentionFn.apply(q, k, v, self.group, *self.kernel_args(q, documents), self.zigzag,
+                                     documents)[0]
 

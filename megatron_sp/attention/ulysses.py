@@ -87,10 +87,11 @@ def send_seq(x: torch.Tensor, world: int) -> torch.Tensor:
 PACK, UNPACK = Fused(pack_heads, True), Fused(unpack_heads, True)
 
 
-def local_kernels(causal: bool, scale: float, backend: str):
+def local_kernels(causal: bool, scale: float, backend: str, docs=None):
     """(forward(q, k, v) -> (out, lse), backward(dout, q, k, v, out, lse) -> (dq, dk, dv)) of the
-    single-device kernel: what UlyssesFn runs over the gathered sequence for the Ulysses strategy."""
-    kw = dict(causal=causal, scale=scale, backend=backend)
+    single-device kernel: what UlyssesFn runs over the gathered sequence for the Ulysses strategy.
+    docs: document ids int32 [b, s] of the gathered sequence, or None."""
+    kw = dict(causal=causal, scale=scale, backend=backend, q_docs=docs, k_docs=docs)
     return partial(attention_forward, **kw), partial(attention_backward, **kw)
 
 
@@ -147,24 +148,31 @@ class UlyssesFn(torch.autograd.Function):
 
 
 class UlyssesAttention(AttentionConfig):
-    """forward(q [b, s/P, hq, d], k, v [b, s/P, hkv, d]) -> out [b, s/P, hq, d] over `group`.
+    """forward(q [b, s/P, hq, d], k, v [b, s/P, hkv, d], documents=None) -> out [b, s/P, hq, d] over `group`.
     Needs hq % P == 0 and hkv % P == 0 or P % hkv == 0; inputs use layout_for('ulysses', P).
     head_groups: G for head-group pipelining (UlyssesFn), None = DEFAULT_HEAD_GROUPS (head_groups_for),
     1 = all-to-alls each way around one kernel call (DeepSpeed's schedule). fused: pack and unpack
-    the all-to-all buffers with compiled copies on GPU (copy_fns)."""
+    the all-to-all buffers with compiled copies on GPU (copy_fns). documents: the samples' Documents
+    (attention/documents.py); layout_for('ulysses', P) is contiguous, so the sequence the all-to-all
+    gathers is the whole sample in order and the kernel masks it with the whole sample's ids."""
 
     def __init__(self, group, causal: bool = True, backend: str = "auto", softmax_scale: float | None = None,
                  head_groups: int | None = None, fused: bool = True):
         super().__init__(causal, backend, softmax_scale)
         self.group, self.head_groups, self.fused = group, head_groups, fused
 
-    def forward(self, q, k, v):
+    def forward(self, q, k, v, documents=None):
         world = dist.get_world_size(self.group)
+        docs = None
+        if documents is not None:
+            documents.check_local_length(q.shape[1], world)
+            docs = documents.ids
         if world == 1:
-            return LocalAttentionFn.apply(q, k, v, *self.kernel_args(q))[0]
+            return LocalAttentionFn.apply(q, k, v, *self.kernel_args(q, documents), docs)[0]
         groups = head_groups_for(q.shape[2], k.shape[2], world, self.head_groups)
         k, v = replicate_kv(k, v, q.shape[2], world)
-        return UlyssesFn.apply(q, k, v, self.group, groups, self.fused, local_kernels(*self.kernel_args(q)))
+        kernels = local_kernels(*self.kernel_args(q, documents), docs)
+        return UlyssesFn.apply(q, k, v, self.group, groups, self.fused, kernels)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, head_groups={self.head_groups or DEFAULT_HEAD_GROUPS}"

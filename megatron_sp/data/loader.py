@@ -54,27 +54,44 @@ def build_data_iterator(dataset, consumed_samples: int, micro_batch_size: int, d
     return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate))
 
 
+def document_starts(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """bool [b, s]: True where a new document starts, i.e. right after an eod token (Megatron's
+    get_ltor_masks_and_position_ids: the eod belongs to the document it ends). The first token is not
+    marked: it starts document 0 whatever it is."""
+    starts = torch.zeros_like(tokens, dtype=torch.bool)
+    starts[:, 1:] = tokens[:, :-1] == eod
+    return starts
+
+
+def document_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """int32 [b, s]: the document index of every token (0 for the first document of each sample), the
+    per-token form of Megatron's reset_attention_mask. Non-decreasing along s; a token attends only to
+    tokens of its own document."""
+    return document_starts(tokens, eod).cumsum(dim=1, dtype=torch.int32)
+
+
 def position_ids_for(tokens: torch.Tensor, eod: int, reset_position_ids: bool) -> torch.Tensor:
     """int64 [b, s]: 0..s-1, or restarting at 0 after every eod token (Megatron's reset_position_ids)."""
     b, s = tokens.shape
     pos = torch.arange(s, device=tokens.device).expand(b, s)
     if not reset_position_ids:
         return pos  # an expanded view; get_batch makes it contiguous
-    # Each token's document starts right after the last eod before it: running max of (eod index + 1),
-    # shifted one step so an eod still belongs to the document it ends.
-    after_eod = torch.where(tokens == eod, pos + 1, torch.zeros_like(pos))
-    doc_start = torch.cummax(after_eod, dim=1).values
-    doc_start = torch.cat([torch.zeros_like(doc_start[:, :1]), doc_start[:, :-1]], dim=1)
+    # each token's position minus that of its document's first token (running max of the starts)
+    doc_start = torch.cummax(torch.where(document_starts(tokens, eod), pos, 0), dim=1).values
     return pos - doc_start
 
 
 def get_batch(text: torch.Tensor, *, eod: int, layout: SequenceLayout, sp_rank: int,
-              reset_position_ids: bool = False, eod_mask_loss: bool = False) -> dict[str, torch.Tensor]:
+              reset_position_ids: bool = False, eod_mask_loss: bool = False,
+              reset_attention_mask: bool = False) -> dict[str, torch.Tensor]:
     """text int64 [b, s+1] -> this SP rank's tokens, labels (int64), loss_mask (float32), position_ids
     (int64), each [b, s/P] cut by `layout` (position_ids are positions in the full sample).
 
     As Megatron's get_ltor_masks_and_position_ids: loss_mask is 0 where the *input token* is eod
-    (with eod_mask_loss), position_ids restart after each eod (with reset_position_ids)."""
+    (with eod_mask_loss), position_ids restart after each eod (with reset_position_ids). Positions are
+    computed on the whole sample before it is cut, so a document that spans ranks keeps counting.
+    With reset_attention_mask also "document_ids": int32 [b, s] of the *whole* sample (document_ids),
+    not cut: every attention strategy takes the rows it needs by the layout it knows."""
     if text.dim() != 2 or text.shape[1] < 2:
         raise ValueError(f"text must be [batch, seq_length + 1], got shape {tuple(text.shape)}")
     tokens, labels = text[:, :-1], text[:, 1:]  # views; made contiguous after sharding
@@ -83,4 +100,7 @@ def get_batch(text: torch.Tensor, *, eod: int, layout: SequenceLayout, sp_rank: 
         loss_mask[tokens == eod] = 0.0
     position_ids = position_ids_for(tokens, eod, reset_position_ids)
     full = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
-    return {k: layout.shard(v, sp_rank, dim=1).contiguous() for k, v in full.items()}
+    batch = {k: layout.shard(v, sp_rank, dim=1).contiguous() for k, v in full.items()}
+    if reset_attention_mask:
+        batch["document_ids"] = document_ids(tokens, eod)
+    return batch

@@ -4,6 +4,8 @@ The model knows nothing of parallelism. It sees only its rank's tokens ``[b, s_l
 positions in the full sample ``[b, s_local]``; every attention layer calls
 ``self.inner_attention(q, k, v)`` and a sequence-parallel strategy is installed by giving the
 model a different ``make_inner_attention``. Everything else (norms, MLP, loss) is per token.
+Packed samples (--reset-attention-mask) add ``documents``, the whole samples' document ids
+(megatron_sp.attention.documents), which the model hands to the inner attention untouched.
 """
 import math
 from typing import Callable
@@ -46,7 +48,8 @@ class Attention(nn.Module):
         self.inner_attention = inner_attention
         self.rotate = Fused(fused.apply_rotary, cfg.fused_elementwise)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                documents=None) -> torch.Tensor:
         b, s, _ = x.shape  # x: [b, s_local, h]
         q, k, v = self.qkv(x).split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], dim=-1)
@@ -55,7 +58,9 @@ class Attention(nn.Module):
         v = v.view(b, s, self.num_kv_heads, self.head_dim)
         if rotary is not None:
             q, k = self.rotate(q, *rotary), self.rotate(k, *rotary)
-        out = self.inner_attention(q, k, v)  # [b, s_local, heads, head_dim]
+        # documents only when given, so any (q, k, v) module still fits the slot
+        extra = {} if documents is None else {"documents": documents}
+        out = self.inner_attention(q, k, v, **extra)  # [b, s_local, heads, head_dim]
         return self.out(out.reshape(b, s, self.num_heads * self.head_dim))
 
 
@@ -90,15 +95,15 @@ class TransformerLayer(nn.Module):
     def mlp_sublayer(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.mlp(self.post_attention_norm(x)))
 
-    def forward(self, x: torch.Tensor, rotary) -> torch.Tensor:
-        x = x + self.dropout(self.attention(self.input_norm(x), rotary))
+    def forward(self, x: torch.Tensor, rotary, documents=None) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.input_norm(x), rotary, documents))
         if self.recompute_mlp and self.training and torch.is_grad_enabled():
             return x + checkpoint(self.mlp_sublayer, x, use_reentrant=False)
         return x + self.mlp_sublayer(x)
 
 
 class GPTModel(nn.Module):
-    """forward(tokens, position_ids, labels) -> per-token loss [b, s_local] in fp32."""
+    """forward(tokens, position_ids, labels, documents=None) -> per-token loss [b, s_local] in fp32."""
 
     def __init__(self, cfg: ModelConfig, make_inner_attention: Callable[[], nn.Module], padded_vocab_size: int):
         super().__init__()
@@ -134,8 +139,9 @@ class GPTModel(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
 
-    def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """[b, s_local] tokens and their global positions -> final-norm hidden states [b, s_local, h]."""
+    def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor, documents=None) -> torch.Tensor:
+        """[b, s_local] tokens and their positions (in the sample, or in their document with
+        --reset-position-ids) -> final-norm hidden states [b, s_local, h]. documents: see the module doc."""
         x = self.word_embeddings(tokens)
         rotary = None
         if self.position_embeddings is not None:
@@ -146,15 +152,16 @@ class GPTModel(nn.Module):
         x = self.embedding_dropout(x)
         for layer in self.layers:
             if self.cfg.checkpoint_activations and self.training:
-                x = checkpoint(layer, x, rotary, use_reentrant=False)
+                x = checkpoint(layer, x, rotary, documents, use_reentrant=False)
             else:
-                x = layer(x, rotary)
+                x = layer(x, rotary, documents)
         return self.final_norm(x)
 
-    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        hidden = self.hidden_states(tokens, position_ids)
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                documents=None) -> torch.Tensor:
+        hidden = self.hidden_states(tokens, position_ids, documents)
         return chunked_cross_entropy(hidden, self.output_weight(), labels, fused=self.cfg.fused_elementwise)
 
-    def logits(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, position_ids: torch.Tensor, documents=None) -> torch.Tensor:
         """Full logits [b, s_local, vocab] (inference and tests; training never builds them)."""
-        return self.hidden_states(tokens, position_ids) @ self.output_weight().t()
+        return self.hidden_states(tokens, position_ids, documents) @ self.output_weight().t()

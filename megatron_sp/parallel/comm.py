@@ -42,12 +42,14 @@ class AsyncAllToAll:
 
 
 class RingShift:
-    """One ring hop in flight: `send` leaves for the next rank while the previous rank's tensor of the
-    same shape and dtype arrives. Holds the send buffer until `wait()`, which returns the received
-    tensor (the current stream waits for it on NCCL; gloo blocks the caller). Call wait() exactly once."""
+    """One ring hop in flight: `send` leaves for the next rank while the previous rank's tensor arrives
+    in `recv` (default: a new tensor of send's shape and dtype; a given buffer may differ in size, as
+    long as it matches what the previous rank sends). Holds the send buffer until `wait()`, which returns
+    the received tensor (the current stream waits for it on NCCL; gloo blocks the caller). Call wait()
+    exactly once."""
 
-    def __init__(self, ring: "Ring", send: torch.Tensor):
-        self.send, self.recv = send, torch.empty_like(send)
+    def __init__(self, ring: "Ring", send: torch.Tensor, recv: torch.Tensor | None = None):
+        self.send, self.recv = send, torch.empty_like(send) if recv is None else recv
         ops = [dist.P2POp(dist.isend, send, ring.next, ring.group),
                dist.P2POp(dist.irecv, self.recv, ring.prev, ring.group)]
         self.handles = dist.batch_isend_irecv(ops)
@@ -73,6 +75,7 @@ class Ring:
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
 
-    def shift(self, send: torch.Tensor) -> RingShift:
-        """Start sending `send` (contiguous; left unmodified until waited) to the next rank."""
-        return RingShift(self, send)
+    def shift(self, send: torch.Tensor, recv: torch.Tensor | None = None) -> RingShift:
+        """Start sending `send` (contiguous; left unmodified until waited) to the next rank, and
+        receiving into `recv` (RingShift) from the previous one."""
+        return RingShift(self, send, recv)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_sp.attention.documents import Documents
 from megatron_sp.errors import RankError
 from megatron_sp.data.loader import get_batch
 from megatron_sp.parallel.sharding import SequenceLayout
@@ -27,9 +28,12 @@ class StepContext:
     eod_mask_loss: bool
     device: torch.device
     vocab_size: int  # the embedding's rows (padded vocabulary)
+    reset_attention_mask: bool = False  # attention stays inside each document (Documents)
 
     def batch(self, micro_batch: dict) -> dict:
-        """A loader micro batch {"text": [b, s+1]} -> this rank's tokens/labels/mask/positions on device.
+        """A loader micro batch {"text": [b, s+1]} -> this rank's tokens/labels/mask/positions on device,
+        and with reset_attention_mask "documents": the whole samples' Documents, made once per micro
+        batch and shared by every layer (the model hands it to its inner attention).
         A token id the embedding has no row for (data tokenized for another vocabulary) is a one-line
         RankError here, on the host, instead of an index error (a device-side assert on GPU) later."""
         text = micro_batch["text"]
@@ -40,8 +44,17 @@ class StepContext:
                             "(padded); tokenize it with this run's tokenizer, or set --tokenizer-type/"
                             "--tokenizer-model/--vocab-size to the ones it was made with", echoed=self.sp_rank > 0)
         parts = get_batch(text, eod=self.eod, layout=self.layout, sp_rank=self.sp_rank,
-                          reset_position_ids=self.reset_position_ids, eod_mask_loss=self.eod_mask_loss)
-        return {k: v.to(self.device, non_blocking=True) for k, v in parts.items()}
+                          reset_position_ids=self.reset_position_ids, eod_mask_loss=self.eod_mask_loss,
+                          reset_attention_mask=self.reset_attention_mask)
+        ids = parts.pop("document_ids", None)
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in parts.items()}
+        batch["documents"] = None if ids is None else Documents(ids, self.device)
+        return batch
+
+
+def model_inputs(b: dict) -> tuple:
+    """The engine's arguments for one prepared micro batch (StepContext.batch)."""
+    return b["tokens"], b["position_ids"], b["labels"], b["documents"]
 
 
 def _global_sum(t: torch.Tensor) -> torch.Tensor:
@@ -75,7 +88,7 @@ def train_step(engine, micro_batches: list[dict], ctx: StepContext):
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     grad_norm = None
     for i, b in enumerate(batches):
-        token_loss = engine(b["tokens"], b["position_ids"], b["labels"])  # [b, s/P] fp32
+        token_loss = engine(*model_inputs(b))  # [b, s/P] fp32
         local_sum = (token_loss * b["loss_mask"]).sum()
         engine.backward(local_sum * scale.to(local_sum.dtype), scale_wrt_gas=False)
         if i == len(batches) - 1:
@@ -93,7 +106,7 @@ def evaluate(engine, micro_batches, ctx: StepContext) -> float:
     count = torch.zeros((), dtype=torch.float64, device=ctx.device)
     for mb in micro_batches:
         b = ctx.batch(mb)
-        token_loss = engine(b["tokens"], b["position_ids"], b["labels"])
+        token_loss = engine(*model_inputs(b))
         loss_sum += (token_loss * b["loss_mask"]).sum().double()
         count += b["loss_mask"].sum().double()
     engine.train()

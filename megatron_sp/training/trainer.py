@@ -79,7 +79,7 @@ def build(cfg: RunConfig, tokenizer) -> Setup:
     m, p, d = cfg.model, cfg.parallel, cfg.data
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
     try:  # a kernel this device lacks is one error line now, not a traceback at the first forward
-        resolve_backend(p.attention_backend, device, dtype)
+        resolve_backend(p.attention_backend, device, dtype, documents=d.reset_attention_mask)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     strategy = effective_strategy(p.sequence_parallel_strategy, p.sequence_parallel_size)
@@ -97,7 +97,7 @@ def build(cfg: RunConfig, tokenizer) -> Setup:
     engine, scheduler, ds_config, notes = ds_engine.initialize(make_model, cfg, ps, self_group)
     n_params = sum(math.prod(ds_engine.full_shape(q)) for q in engine.module.parameters())
     ctx = StepContext(ps.sequence_layout(), ps.sp_rank, ps.world_size, tokenizer.eod,
-                      d.reset_position_ids, d.eod_mask_loss, device, cfg.padded_vocab_size)
+                      d.reset_position_ids, d.eod_mask_loss, device, cfg.padded_vocab_size, d.reset_attention_mask)
     return Setup(device, ps, engine, scheduler, ds_config, notes, n_params, ctx)
 
 
