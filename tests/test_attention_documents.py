@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_sp.attention import Documents, build_inner_attention, validate_attention_config
+from megatron_sp.attention import Documents, LocalAttention, build_inner_attention, validate_attention_config
 from megatron_sp.attention.backends import attention_backward, attention_forward, resolve_backend
 from megatron_sp.attention.varlen import segments, varlen_backward, varlen_forward
 from megatron_sp.data.loader import document_ids
@@ -164,6 +164,34 @@ def test_triton_kernel_with_documents():
     want = attention_backward(dout, q, k, v, ref_out, ref_lse, True, D ** -0.5, "torch", q_docs=ids, k_docs=ids)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["sdpa_flash", "triton"])
+@pytest.mark.parametrize("causal, hkv", [(True, 4), (True, 1), (False, 2)])
+def test_gpu_document_backends_match_torch(backend, causal, hkv):
+    """The varlen FlashAttention-2 path (and the Triton kernel once it takes document ids) in bf16 on a GPU,
+    forward and a backward against an lse the kernel did not produce, as the ring hands it."""
+    from megatron_sp.attention.backends import documents_unsupported
+    if documents_unsupported(backend):
+        pytest.skip(documents_unsupported(backend))
+    lengths = [1, 100, 1, 27, 127, 256, 1, 3]  # two samples of 256 tokens
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).view(2, 256).cuda()
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(2, 256, h, 64, generator=gen).cuda().bfloat16() for h in (4, hkv, hkv, 4))
+    out, lse = attention_forward(q, k, v, causal, 0.125, backend, q_docs=ids, k_docs=ids)
+    ref_out, ref_lse = attention_forward(q, k, v, causal, 0.125, "torch", q_docs=ids, k_docs=ids)
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape and lse.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=0, atol=2e-2)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-3)
+    merged = ref_lse + 0.5  # as if another block had been merged in
+    got = attention_backward(dout, q, k, v, ref_out, merged, causal, 0.125, backend, q_docs=ids, k_docs=ids)
+    want = attention_backward(dout, q, k, v, ref_out, merged, causal, 0.125, "torch", q_docs=ids, k_docs=ids)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=5e-2)
+    local = LocalAttention(causal=causal, backend="auto")  # auto with documents: a kernel that has them
+    torch.testing.assert_close(local(q, k, v, documents=Documents(ids)).float(), ref_out.float(), rtol=0, atol=2e-2)
 
 
 # --- every strategy on forked ranks -----------------------------------------------------------------

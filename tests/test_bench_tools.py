@@ -112,3 +112,40 @@ def test_bench_attention_never_overwrites_its_out_file(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"bench_attention: error: --out {out} already exists; choose another --out"
     assert out.read_text() == '{"earlier": "results"}'
+
+
+def _bench_documents(rank, world, out_dir):
+    from tools import bench_attention, bench_e2e
+    common = ["--device", "cpu", "--warmup", "1", "--doc-len", "12"]
+    attention = bench_attention.main([*common, "--seqs", "48", "--iters", "1", "--skip", "deepspeed,cp,single,ceilings",
+                                      "--ulysses-head-groups", "1", "--out", f"{out_dir}/attention.json"])
+    e2e = bench_e2e.main([*common, "--model", "tiny", "--seq-length", "48", "--backend", "torch", "--zero-stage", "1",
+                          "--strategy", "ring", "--steps", "1", "--out", f"{out_dir}/e2e.json"])
+    return attention["rows"], e2e
+
+
+def test_benchmarks_pack_documents_with_doc_len(tmp_path):
+    """--doc-len: the attention benchmark runs every strategy with the document mask beside the full causal run
+    (rate by pairs inside documents: 48 tokens in 12-token documents are 1/4 of the full square), and bench_e2e
+    trains on mock samples with an EOD every 12 tokens under --reset-attention-mask."""
+    rows, e2e = run_ranks(2, _bench_documents, str(tmp_path), timeout=120)[0]
+    by_name = {r["name"]: r for r in rows}
+    for strategy in ("ulysses", "ring"):
+        full, docs = by_name[f"ours {strategy}/torch"], by_name[f"ours {strategy}/torch docs"]
+        assert docs["documents"] == 4 and docs["speedup"] == full["ms"] / docs["ms"]
+        assert abs(docs["value"] * docs["ms"] * 4 - full["value"] * full["ms"]) < 1e-9 * full["value"] * full["ms"]
+    assert e2e["documents_per_sample"] == 4 and e2e["doc_len"] == 12 and e2e["tokens_per_s"] > 0
+    # attention inside documents only: s = 48 in 2hs becomes sum(L^2)/s = 4 * 12^2 / 48 = 12
+    L, h, f, attended, V = 2, 64, 176, 12, 256
+    assert e2e["flops_per_token"] == 3 * (L * (8 * h * h + 6 * h * f + 2 * h * attended) + 2 * h * V)
+
+
+def test_packed_mock_samples_end_each_document_with_one_eod():
+    import numpy as np
+    from tools.bench_e2e import PackedMock
+    from tools.doc_lengths import document_lengths
+    eod = 7
+    mock = [{"text": np.full(21, eod, dtype=np.int64)}]  # every token an eod: only the placed ones stay
+    text = PackedMock(mock, document_lengths(6, 20), eod)[0]["text"]
+    assert np.flatnonzero(text == eod).tolist() == [5, 11, 17, 19]
+    assert document_lengths(6, 20) == [6, 6, 6, 2] and (mock[0]["text"] == eod).all()  # the dataset is untouched

@@ -2,14 +2,22 @@
 
     torchrun --nproc_per_node 2 tools/bench_attention.py --out bench_attention.json          # 16k, 64k, 128k
     torchrun --nproc_per_node 2 tools/bench_attention.py --device cpu --seqs 64,128 --out x.json   # CI: gloo, tiny
+    python tools/bench_attention.py --seqs 131072 --doc-len 4096 --skip deepspeed,cp --out docs.json  # packed, 1 GPU
 
 Ulysses runs once per --ulysses-head-groups entry (default 1,2: unpipelined and two head groups, so one run
 shows the overlap's effect; `--ulysses-head-groups 1,2,4` compares more group counts).
 
 Shapes: batch 1, 16 heads, head_dim 128, bf16, causal (CPU mode: 4 heads, head_dim 16, fp32, torch kernels).
-FLOPs as anchors.md: fwd = 4*b*h*S^2*d / 2 (causal), fwd+bwd = 3.5 * fwd; the rate is per GPU, so a
-sequence-parallel run divides by N GPUs and a single-GPU kernel does not. Perfect sequence parallelism keeps
-the single-GPU kernel's rate. Timing, two ways: each call alone (CUDA events around every call, which waits
+On one process the strategy is `local` (nothing to split).
+FLOPs as the FlashAttention papers count them: fwd = 4*b*h*S^2*d / 2 (causal), fwd+bwd = 3.5 * fwd; the rate is
+per GPU, so a sequence-parallel run divides by N GPUs and a single-GPU kernel does not. Perfect sequence
+parallelism keeps the single-GPU kernel's rate.
+
+--doc-len packs each sample with documents (a fixed length, or an indexed dataset's document lengths:
+tools/doc_lengths.py) and runs our strategies with the document mask (--reset-attention-mask), each beside the
+same run without documents. Their FLOPs count only pairs inside a document (S^2 -> sum of L^2), and each such row
+reports its speed-up over the full causal run of the same strategy and kernel. The peers have no document mask
+and always run full causal. Timing, two ways: each call alone (CUDA events around every call, which waits
 for the last before the next starts; the median of --iters), and back to back (--iters calls issued without
 waiting, as a training step issues its layers, so CPU launch time hidden behind earlier GPU work does not
 count; the mean). For multi-rank runs the slowest rank counts. Every measurement is guarded: a failure
@@ -18,6 +26,7 @@ across ranks (same shapes, same code), else a rank left inside a collective woul
 """
 import argparse
 import datetime
+from functools import partial
 import json
 import os
 import sys
@@ -32,6 +41,8 @@ from megatron_sp.attention import build_inner_attention  # noqa: E402
 from megatron_sp.attention.backends import BACKENDS  # noqa: E402
 from megatron_sp.parallel.sharding import layout_for  # noqa: E402
 from megatron_sp.parallel.state import ParallelState  # noqa: E402
+from megatron_sp.attention.documents import Documents  # noqa: E402
+from tools.doc_lengths import document_ids_of, document_lengths, parse_doc_len  # noqa: E402
 from tools.timing import attention_fwd_flops, back_to_back_ms, time_ms  # noqa: E402
 
 
@@ -46,7 +57,10 @@ class Bench:
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         self.rows = []
         # one ParallelState per strategy: groups are built once, collectively, in the same order on every rank
-        self.states = {"ulysses": ParallelState.build(self.world), "ring": ParallelState.build(self.world, 1)}
+        if self.world == 1:
+            self.states = {"local": ParallelState.build(1)}
+        else:
+            self.states = {"ulysses": ParallelState.build(self.world), "ring": ParallelState.build(self.world, 1)}
         if self.world >= 4 and self.world % 2 == 0:
             self.states["hybrid"] = ParallelState.build(self.world, 2)  # Ulysses pairs x ring across them
 
@@ -91,7 +105,8 @@ class Bench:
 
     # --- inputs -----------------------------------------------------------------------------------
     def full_inputs(self, s: int):
-        """q, k, v, dout [b, S, h, d], identical on every rank (same seed), never zeros (METHOD.md)."""
+        """q, k, v, dout [b, S, h, d], identical on every rank (same seed); random, never zeros (a kernel on
+        zeros can read faster than on real data)."""
         g = torch.Generator(device=self.device).manual_seed(1234 + s)
         a = self.args
         return [torch.randn(a.batch, s, a.heads, a.head_dim, device=self.device, dtype=self.dtype, generator=g)
@@ -102,10 +117,17 @@ class Bench:
         q, k, v, dout = (layout.shard(x, sp_rank).contiguous() for x in full)
         return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), dout
 
-    def flops(self, s: int, gpus: int) -> float:
-        """Causal forward+backward FLOPs (3.5 x forward) per GPU."""
+    def documents(self, s: int):
+        """(Documents of the packed samples at S, their lengths), or (None, None) without --doc-len."""
+        if self.args.doc_len is None:
+            return None, None
+        lengths = document_lengths(self.args.doc_len, s, seed=s)
+        return Documents(document_ids_of(lengths, self.args.batch), self.device), lengths
+
+    def flops(self, s: int, gpus: int, doc_lengths=None) -> float:
+        """Causal forward+backward FLOPs (3.5 x forward) per GPU; with documents only pairs inside one."""
         a = self.args
-        return 3.5 * attention_fwd_flops(a.batch, a.heads, s, a.head_dim, True) / gpus
+        return 3.5 * attention_fwd_flops(a.batch, a.heads, s, a.head_dim, True, doc_lengths=doc_lengths) / gpus
 
     # --- the providers ----------------------------------------------------------------------------
     def head_group_variants(self, strategy: str) -> list[tuple[int, str]]:
@@ -117,20 +139,37 @@ class Bench:
         return [(g, "" if g == 1 else f" G={g}") for g in dict.fromkeys(self.args.ulysses_head_groups)]
 
     def ours(self, s, full):
-        backends = self.args.backends or (["cudnn", "triton", "sdpa_flash"] if self.cuda else ["torch"])
+        documents, lengths = self.documents(s)
+        gpu_default = ["sdpa_flash", "triton"] if documents is not None else ["cudnn", "triton", "sdpa_flash"]
+        backends = self.args.backends or (gpu_default if self.cuda else ["torch"])
         for strategy, ps in self.states.items():
             for backend in backends:
                 for groups, suffix in self.head_group_variants(strategy):
-                    def make(strategy=strategy, ps=ps, backend=backend, groups=groups):
+                    def make(strategy=strategy, ps=ps, backend=backend, groups=groups, docs=None):
                         q, k, v, dout = self.shards(full, strategy, ps.sp_rank, ps.ulysses_degree)
                         attn = build_inner_attention(strategy, ps, causal=True, backend=backend,
                                                      ulysses_head_groups=groups)
-                        return lambda: torch.autograd.grad(attn(q, k, v), (q, k, v), dout)
+                        extra = {} if docs is None else {"documents": docs}
+                        return lambda: torch.autograd.grad(attn(q, k, v, **extra), (q, k, v), dout)
                     row = {"seq": s, "name": f"ours {strategy}/{backend}{suffix}", "gpus": self.world,
                            "group": "ours", "strategy": strategy, "backend": backend}
                     if strategy == "ulysses":
                         row["head_groups"] = groups
                     self.measure(row, make, self.flops(s, self.world), "TFLOP/s")
+                    if documents is not None:
+                        self.measure_documents(row, partial(make, docs=documents), lengths)
+
+    def measure_documents(self, full_row: dict, make, lengths: list[int]):
+        """The row's run again under the document mask; its speed-up over the full causal run."""
+        row = {**{k: v for k, v in full_row.items() if k in ("seq", "gpus", "group", "strategy", "backend",
+                                                            "head_groups")},
+               "name": f"{full_row['name']} docs", "documents": len(lengths), "doc_len_mean": sum(lengths) / len(lengths)}
+        self.measure(row, make, self.flops(row["seq"], self.world, lengths), "TFLOP/s")
+        if "value" in row and "value" in full_row:
+            row["speedup"] = full_row["ms"] / row["ms"]
+            row["speedup_b2b"] = full_row["ms_b2b"] / row["ms_b2b"]
+            self.log(f"  {'':>7} {'':<42} {row['speedup']:.3g}x the full causal run "
+                     f"(back to back {row['speedup_b2b']:.3g}x)")
 
     def sdpa_bshd(self, q, k, v):
         """SDPA on [b, s, h, d] (the layout DeepSpeed hands its local attention), cuDNN on GPU."""
@@ -208,7 +247,7 @@ class Bench:
             def make(provider=provider):
                 q, k, v, dout = self.full_inputs(s)
                 q, k, v = (x.requires_grad_() for x in (q, k, v))
-                if provider in ("cudnn", "sdpa_flash"):  # SDPA in its own contiguous [b, h, S, d], as anchors.md
+                if provider in ("cudnn", "sdpa_flash"):  # SDPA in its own contiguous [b, h, S, d], as peers call it
                     from torch.nn.attention import SDPBackend, sdpa_kernel
                     q, k, v, dout = (x.detach().transpose(1, 2).contiguous() for x in (q, k, v, dout))
                     q, k, v = (x.requires_grad_() for x in (q, k, v))
@@ -242,7 +281,7 @@ class Bench:
             x = torch.randn(numel, device=self.device, dtype=torch.bfloat16)
             y = torch.empty_like(x)
             return lambda: dist.all_to_all_single(y, x)
-        # bytes leaving each GPU (the part of the buffer not kept locally), as anchors.md counts "out per GPU"
+        # bytes leaving each GPU (the part of the buffer not kept locally): "out per GPU"
         out_bytes = numel * 2 * (self.world - 1) / self.world
         self.measure({"name": f"all_to_all_single {a.comm_mb} MB (out/GPU)", "group": "ceiling"}, a2a, out_bytes, "GB/s")
 
@@ -260,12 +299,13 @@ class Bench:
 
 def print_table(bench: Bench):
     """Per sequence: each row's TFLOP/s per GPU, each call alone and back to back, and each one's ratio to the
-    same measure of the single-GPU cuDNN kernel at that S."""
+    same measure of the single-GPU cuDNN kernel at that S; for a run with documents (--doc-len) its speed-up
+    over the same run without them (x full)."""
     rows = bench.rows
     ref = {r["seq"]: r for r in rows if r.get("backend") in ("cudnn", "torch") and r.get("group") == "single"
            and "value" in r}
     bench.log(f"\n{'S':>7} {'what':<42} {'GPUs':>4} {'ms':>9} {'TFLOP/s/GPU':>11} {'back to back':>12} "
-              f"{'vs 1-GPU ref':>12} {'(b2b)':>6}")
+              f"{'vs 1-GPU ref':>12} {'(b2b)':>6} {'x full':>7}")
     for r in rows:
         if r["group"] == "ceiling":
             continue
@@ -275,8 +315,9 @@ def print_table(bench: Bench):
         one = ref.get(r["seq"])
         ratios = (f"{r['value'] / one['value']:12.2f} {r['value_b2b'] / one['value_b2b']:6.2f}" if one
                   else f"{'-':>12} {'-':>6}")
+        speedup = f"{r['speedup']:7.3g}" if "speedup" in r else f"{'-':>7}"
         bench.log(f"{r['seq']:>7} {r['name']:<42} {r.get('gpus', 1):>4} {r['ms']:9.4g} {r['value']:11.4g} "
-                  f"{r['value_b2b']:12.4g} {ratios}")
+                  f"{r['value_b2b']:12.4g} {ratios} {speedup}")
     for r in rows:
         if r["group"] == "ceiling":
             bench.log(f"ceiling: {r['name']}: " + (f"{r['value']:.4g} {r['unit']}" if "value" in r else r["error"]))
@@ -308,6 +349,10 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=None, help="default 128 (CPU 16)")
     p.add_argument("--backends", type=name_list(("auto", *BACKENDS)), default=None,
                    help="our kernels to run under each strategy (default cudnn,triton,sdpa_flash; CPU torch)")
+    p.add_argument("--doc-len", type=parse_doc_len, default=None,
+                   help="pack each sample with documents: N tokens each, or an indexed dataset prefix whose "
+                        "document lengths to use (e.g. data/processed/sample_text_document); our strategies then "
+                        "run with the document mask beside the same run without it")
     p.add_argument("--ulysses-head-groups", type=int_list, default=[1, 2],
                    help="Ulysses head-group counts to measure, comma-separated ints (default 1,2: "
                         "the default, unpipelined G=1, beside two pipelined head groups)")
@@ -338,7 +383,8 @@ def main(argv=None) -> dict:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     bench = Bench(args)
     bench.log(f"bench_attention: {bench.world} x {torch.cuda.get_device_name() if bench.cuda else 'CPU'}, "
-              f"torch {torch.__version__}, b={args.batch} h={args.heads} d={args.head_dim} {bench.dtype}, causal")
+              f"torch {torch.__version__}, b={args.batch} h={args.heads} d={args.head_dim} {bench.dtype}, causal"
+              + (f", documents --doc-len {args.doc_len}" if args.doc_len is not None else ""))
     if "ceilings" not in args.skip:
         bench.ceilings()
     for s in args.seqs:
@@ -357,7 +403,7 @@ def main(argv=None) -> dict:
     meta = {"device": torch.cuda.get_device_name() if bench.cuda else "cpu", "gpus": bench.world,
             "torch": torch.__version__, "date": datetime.date.today().isoformat(), "argv": sys.argv,
             "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim, "dtype": str(bench.dtype),
-            "causal": True, "warmup": args.warmup, "iters": args.iters}
+            "causal": True, "warmup": args.warmup, "iters": args.iters, "doc_len": args.doc_len}
     result = {"meta": meta, "rows": bench.rows}
     if bench.rank == 0:
         with open(args.out, "w") as fh:

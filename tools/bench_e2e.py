@@ -3,12 +3,16 @@
     torchrun --nproc_per_node 2 tools/bench_e2e.py --seq-length 32768 --zero-stage 3 --out e2e.json
     torchrun --nproc_per_node 2 tools/bench_e2e.py --seq-length 65536 --zero-stage 3 --checkpoint-activations
     torchrun --nproc_per_node 2 tools/bench_e2e.py --model tiny --device cpu --seq-length 256 --steps 2   # CI
+    torchrun --nproc_per_node 1 tools/bench_e2e.py --sp 1 --seq-length 131072 --checkpoint-activations --doc-len 4096
 
 The model is built by megatron_sp.configure.configure from the same Megatron flags a user types, and each step is
 megatron_sp.training.loop.train_step on a DeepSpeed engine (ZeRO 0-3) with --mock-data batches: only the
 logging/eval/checkpoint parts of trainer.run are left out. Reported: median ms/step over --steps after
 --warmup steps, tokens/s, model TFLOP/s per GPU (megatron_sp/flops.py: causal attention at half, recompute
 not counted; 3*(L*(8h^2 + 6hf + 2hs) + 2hV) per token for this shape), and the peak of torch.cuda.max_memory_allocated over the whole run and all ranks.
+--doc-len packs the mock samples with documents (an EOD ending each; tools/doc_lengths.py) and trains with
+--reset-attention-mask --reset-position-ids --eod-mask-loss; its model FLOPs count attention inside documents
+only (s in 2hs becomes sum(L^2)/s).
 --profile adds one profiled step and splits its GPU kernel time into attention, matmul, communication, other.
 """
 import argparse
@@ -25,6 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+from tools.doc_lengths import document_lengths, eod_positions, parse_doc_len  # noqa: E402
 
 # the 1.3B Llama-style benchmark model: 24 layers, hidden 2048, 16 heads, SwiGLU FFN 5504, RMSNorm, rotary, no biases,
 # untied output layer, vocab 32000 (NullTokenizer adds eod to --vocab-size, so 31999 ids + eod = 32000)
@@ -57,7 +63,26 @@ def flags(args, world: int) -> list[str]:
         argv.append("--bf16")
     if args.checkpoint_activations:
         argv.append("--checkpoint-activations")
+    if args.doc_len is not None:
+        argv += ["--reset-attention-mask", "--reset-position-ids", "--eod-mask-loss"]
     return argv + args.extra
+
+
+class PackedMock:
+    """Mock samples packed with documents of `lengths`: an EOD ends each (the last input token ends the last),
+    and no other token is an EOD."""
+
+    def __init__(self, dataset, lengths: list[int], eod: int):
+        self.dataset, self.eod, self.ends = dataset, eod, eod_positions(lengths)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        text = self.dataset[i]["text"].copy()  # int64 [s + 1]
+        text[text == self.eod] = 0
+        text[self.ends] = self.eod
+        return {"text": text}
 
 
 def categorize(name: str) -> str:
@@ -137,6 +162,10 @@ def run(args) -> dict:
         data_path=None, split=cfg.data.split, seq_length=m.seq_length, seed=t.seed,
         num_samples=(t.train_iters * t.global_batch_size, 0, 0), mock=True, vocab_size=tokenizer.vocab_size,
         is_rank_zero=rank == 0, barrier=dist.barrier)
+    lengths = None
+    if args.doc_len is not None:
+        lengths = document_lengths(args.doc_len, m.seq_length)
+        train_ds = PackedMock(train_ds, lengths, tokenizer.eod)
     batches = build_data_iterator(train_ds, 0, t.micro_batch_size, ps.dp_rank, ps.dp_size)
     grad_acc = ds_config["gradient_accumulation_steps"]
     cuda = device.type == "cuda"
@@ -162,7 +191,7 @@ def run(args) -> dict:
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     ms = ms.item()
     tokens = t.global_batch_size * m.seq_length
-    per_token = flops_per_token(cfg, with_recompute=False)
+    per_token = flops_per_token(cfg, with_recompute=False, doc_lengths=lengths)
     result = {
         "seq_length": m.seq_length, "zero_stage": ds_config["zero_optimization"]["stage"],
         "checkpoint_activations": m.checkpoint_activations, "strategy": p.sequence_parallel_strategy,
@@ -171,7 +200,8 @@ def run(args) -> dict:
         "ms_per_step": ms, "tokens_per_s": tokens / ms * 1e3,
         "model_tflops_per_gpu": tokens * per_token / (ms / 1e3) / world / 1e12,
         "flops_per_token": per_token,
-        "peak_memory_gib": peak.item(), "losses": losses,
+        "peak_memory_gib": peak.item(), "losses": losses, "doc_len": args.doc_len,
+        "documents_per_sample": None if lengths is None else len(lengths),
         "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
         "date": datetime.date.today().isoformat(), "argv": sys.argv}
     if args.profile:
@@ -190,8 +220,13 @@ def parse_args(argv=None):
     p.add_argument("--strategy", choices=("ulysses", "ring", "hybrid"), default="ulysses")
     p.add_argument("--ulysses-degree", type=int, default=None, help="hybrid only")
     p.add_argument("--backend", default=None,
-                   help="attention kernel (cudnn, triton, sdpa_flash, torch, auto); default cudnn on cuda, torch on cpu")
+                   help="attention kernel (cudnn, triton, sdpa_flash, torch, auto); default cudnn on cuda "
+                        "(sdpa_flash with --doc-len: cudnn has no document mask), torch on cpu")
     p.add_argument("--sp", type=int, default=2, help="sequence-parallel size")
+    p.add_argument("--doc-len", type=parse_doc_len, default=None,
+                   help="pack the mock samples with documents (N tokens each, or an indexed dataset prefix whose "
+                        "document lengths to use) and train with --reset-attention-mask --reset-position-ids "
+                        "--eod-mask-loss")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="one more step under torch.profiler")
@@ -199,7 +234,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="bench_e2e.json", help="JSON file; an existing list in it is appended to")
     p.add_argument("extra", nargs="*", help="more Megatron flags, after --")
     args = p.parse_args(argv)
-    args.backend = args.backend or ("cudnn" if args.device == "cuda" else "torch")
+    gpu_default = "sdpa_flash" if args.doc_len is not None else "cudnn"
+    args.backend = args.backend or (gpu_default if args.device == "cuda" else "torch")
     return args
 
 
@@ -233,7 +269,8 @@ def main(argv=None) -> dict:
     if dist.get_rank() == 0:
         r = result
         print(f"bench_e2e: {r['model']} ({r['parameters'] / 1e9:.2f} B) seq {r['seq_length']} ZeRO-{r['zero_stage']} "
-              f"ckpt {'on' if r['checkpoint_activations'] else 'off'} {r['strategy']}/{r['backend']} x{r['gpus']}: "
+              f"ckpt {'on' if r['checkpoint_activations'] else 'off'} {r['strategy']}/{r['backend']} x{r['gpus']}"
+              f"{'' if r['doc_len'] is None else ', documents --doc-len ' + str(r['doc_len'])}: "
               f"{r['ms_per_step']:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s, "
               f"{r['model_tflops_per_gpu']:.1f} model TFLOP/s per GPU, peak {r['peak_memory_gib']:.1f} GiB", flush=True)
         if "profile" in r:

@@ -56,8 +56,9 @@ class _Schedule:
         """q_docs / k_docs for a piece that needs the document mask, else nothing."""
         if not piece.masked:
             return {}
-        return {"q_docs": self.docs[self.ring.rank][piece.batch, piece.rows],
-                "k_docs": self.docs[src][piece.batch, piece.cols]}
+        q_docs = self.docs[self.ring.rank][piece.batch, piece.rows]
+        diagonal = src == self.ring.rank and piece.rows == piece.cols  # one tensor: varlen reads it once
+        return {"q_docs": q_docs, "k_docs": q_docs if diagonal else self.docs[src][piece.batch, piece.cols]}
 
     def kv_hop(self, step: int, kv: torch.Tensor):
         """Send on the rows of the held block [2, b, held, hkv, d] still needed down the ring (maybe none),
