@@ -4,11 +4,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_sp.attention import Documents, LocalAttention, build_inner_attention, validate_attention_config
+from megatron_sp.attention import (Documents, LocalAttention, RingAttention, build_inner_attention,
+                                   validate_attention_config)
 from megatron_sp.attention.backends import attention_backward, attention_forward, resolve_backend
 from megatron_sp.attention.varlen import segments, varlen_backward, varlen_forward
 from megatron_sp.data.loader import document_ids
-from megatron_sp.parallel.sharding import layout_for
+from megatron_sp.parallel.sharding import SequenceLayout, layout_for
 from megatron_sp.parallel.state import ParallelState
 from tests.distributed import run_ranks
 from tests.test_attention_parallel import gather_full, max_diffs
@@ -130,6 +131,8 @@ def test_varlen_packing_equals_the_reference(causal):
         torch.testing.assert_close(g, w, rtol=0, atol=TOL)
     with pytest.raises(ValueError, match="same documents"):
         segments(ids, ids.flip(1))
+    one_each = torch.zeros(2, S, dtype=torch.int32)  # two samples of one document each: two runs, not one
+    assert segments(one_each, one_each)[0].tolist() == [0, S, 2 * S]
 
 
 def test_backends_without_a_document_mask_are_one_line():
@@ -196,17 +199,25 @@ def test_gpu_document_backends_match_torch(backend, causal, hkv):
 
 # --- every strategy on forked ranks -----------------------------------------------------------------
 
+def strategy_module(strategy, state, causal):
+    """(module, layout) of a strategy; 'ring contiguous' is the ring over contiguous shards (zigzag=False)."""
+    if strategy == "ring contiguous":
+        return (RingAttention(state.sp_group, causal=causal, backend="torch", zigzag=False),
+                SequenceLayout(state.sp_size, 1, zigzag=False))
+    return (build_inner_attention(strategy, state, causal=causal, backend="torch"),
+            layout_for(strategy, state.sp_size, state.ulysses_degree))
+
+
 def check_strategies(rank, world, configs):
     """For each (strategy, Ulysses degree), batch of samples, causal or not, MHA/GQA/MQA: max diffs
     against single-device masked attention, the ranks' shards unsharded."""
     results = {}
     for strategy, u in configs:
         state = ParallelState.build(sp_size=world, ulysses_degree=u)
-        layout = layout_for(strategy, world, u)
         for names in BATCHES:
             ids = ids_of(names)
             for causal in (True, False):
-                module = build_inner_attention(strategy, state, causal=causal, backend="torch")
+                module, layout = strategy_module(strategy, state, causal)
                 for hkv in (4, 2, 1):
                     q, k, v, dout = inputs(len(names), hkv, seed=10 * hkv + causal)
                     ref = masked_reference(q, k, v, dout, ids, causal)
@@ -222,7 +233,7 @@ def check_strategies(rank, world, configs):
 @pytest.mark.parametrize("world, configs", [
     (1, [("local", None), ("ulysses", None), ("ring", None)]),
     (2, [("ulysses", None), ("ring", None), ("hybrid", 1)]),
-    (4, [("ulysses", None), ("ring", None), ("hybrid", 2)]),
+    (4, [("ulysses", None), ("ring", None), ("hybrid", 2), ("ring contiguous", 1)]),
 ])
 def test_strategies_with_documents_match_single_device(world, configs):
     for per_rank in run_ranks(world, check_strategies, configs):
