@@ -75,12 +75,12 @@ class _Schedule:
         receive those of the block held next. A block's first hop goes in the kernel's dtype (one block's
         gradients: exact), later hops in `acc`."""
         plan, b, tail = self.plan, like.shape[1], like.shape[3:]
-        if grads is None:
-            grads = like.new_empty((2, b, 0, *tail))
+        dtype_of = lambda src: like.dtype if plan.first_use(src) == step else acc  # noqa: E731 - both ends agree
+        if grads is None:  # an empty message, in the dtype the next rank expects
+            grads = like.new_empty((2, b, 0, *tail), dtype=dtype_of(plan.source(step)))
         nxt = plan.source(step + 1)
         rows = plan.grad_rows(nxt) if plan.grads_after(nxt, step) else slice(0, 0)
-        dtype = like.dtype if plan.first_use(nxt) == step else acc
-        return self.ring.shift(grads, like.new_empty((2, b, rows.stop - rows.start, *tail), dtype=dtype))
+        return self.ring.shift(grads, like.new_empty((2, b, rows.stop - rows.start, *tail), dtype=dtype_of(nxt)))
 
 
 def _within(rows: slice, outer: slice) -> slice:
