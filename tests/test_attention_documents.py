@@ -2,7 +2,6 @@
 SP 1, 2, 4 (hybrid 2 x 2) equal to single-device masked attention in float64, and the ring's skipping."""
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_sp.attention import (Documents, LocalAttention, RingAttention, build_inner_attention,
                                    validate_attention_config)
@@ -133,6 +132,19 @@ def test_varlen_packing_equals_the_reference(causal):
         segments(ids, ids.flip(1))
     one_each = torch.zeros(2, S, dtype=torch.int32)  # two samples of one document each: two runs, not one
     assert segments(one_each, one_each)[0].tolist() == [0, S, 2 * S]
+
+
+def test_sdpa_flash_varlen_calls_fit_this_torch():
+    """aten's FlashAttention-2 varlen ops called by argument name, on meta tensors (shapes only: CPU has no
+    kernel): the schema takes our arguments, lse comes back [heads, tokens], dk/dv keep the kv heads."""
+    from megatron_sp.attention.backends import _VARLEN_KERNELS
+    forward, backward = _VARLEN_KERNELS["sdpa_flash"]
+    ids = ids_of(BATCHES[0])
+    q, k = (torch.empty(2, S, h, 64, dtype=torch.bfloat16, device="meta") for h in (HQ, 2))
+    out, lse = varlen_forward(forward, q, k, k, True, 0.125, ids, ids)
+    assert out.shape == q.shape and lse.shape == (2, HQ, S) and lse.dtype == torch.float32
+    grads = varlen_backward(backward, q, q, k, k, out, lse, True, 0.125, ids, ids)
+    assert [g.shape for g in grads] == [q.shape, k.shape, k.shape]
 
 
 def test_backends_without_a_document_mask_are_one_line():
