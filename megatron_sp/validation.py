@@ -57,7 +57,8 @@ def check_model(cfg: RunConfig) -> None:
     if p.attention_backend == "triton":
         from megatron_sp.kernels.flash_attn import HEAD_DIMS
         if cfg.head_dim not in HEAD_DIMS:
-            raise ConfigError(f"--attention-backend triton supports head dimensions {' and '.join(map(str, HEAD_DIMS))}; "
+            dims = ", ".join(map(str, HEAD_DIMS[:-1])) + f" and {HEAD_DIMS[-1]}"
+            raise ConfigError(f"--attention-backend triton supports head dimensions {dims}; "
                               f"this model's is {cfg.head_dim} (--hidden-size / --num-attention-heads, or --kv-channels)")
     if cfg.head_dim % 2 and m.use_rotary_position_embeddings:
         raise ConfigError(f"rotary embeddings need an even head dimension, got {cfg.head_dim}")

@@ -142,7 +142,7 @@ def test_defaults_are_filled():
     (["--data-path", "/nonexistent/corpus_text_document"], 1, "data file not found"),
     (["--data-path", "0.5", "a", "b"], 1, "weight prefix"),
     (["--attention-backend", "triton", "--hidden-size", "96", "--num-attention-heads", "4"], 1,
-     "--attention-backend triton supports head dimensions 64 and 128; this model's is 24"),
+     "--attention-backend triton supports head dimensions 32, 64, 80, 96, 128, 192 and 256; this model's is 24"),
     (["--lr", "-1"], 1, "--lr must not be negative, got -1.0"),
     (["--weight-decay", "-0.1"], 1, "--weight-decay must not be negative"),
     (["--clip-grad", "-1"], 1, "--clip-grad must not be negative"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_sp.attention import LocalAttention, attention_forward
-from megatron_sp.kernels.flash_attn import default_configs, flash_attn_backward, flash_attn_forward
+from megatron_sp.kernels.flash_attn import HEAD_DIMS, default_configs, flash_attn_backward, flash_attn_forward
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -43,27 +43,52 @@ def ours(q, k, v, dout, causal, scale, bwd_config=None):
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
 
+def check_against_reference(got, want, tol):
+    """got, want: (out, lse, dq, dk, dv); lse to 1e-4 absolute, the rest to `tol` relative."""
+    assert got[0].dtype == got[2].dtype and got[1].dtype == torch.float32 and got[1].shape == want[1].shape
+    assert (got[1].double() - want[1]).abs().max().item() < 1e-4
+    for name, x, ref in zip(("out", "dq", "dk", "dv"), got[:1] + got[2:], want[:1] + want[2:]):
+        assert x.shape == ref.shape, name
+        assert rel_err(x, ref) < tol, name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("s,hq,hkv", [(16, 2, 2), (45, 4, 2)])  # 45: ragged tail; (4, 2): GQA
 def test_matches_reference(dtype, causal, s, hq, hkv):
     q, k, v, dout = make_inputs(1, s, s, hq, hkv, 64, dtype, seed=s + hq + causal)
     got = ours(q, k, v, dout, causal, 0.125)
-    want = reference_grads(q, k, v, dout, causal, 0.125)
-    assert got[0].dtype == dtype and got[1].dtype == torch.float32 and got[1].shape == (1, hq, s)
-    assert (got[1].double() - want[1]).abs().max().item() < 1e-4
-    for name, x, ref in zip(("out", "dq", "dk", "dv"), got[:1] + got[2:], want[:1] + want[2:]):
-        assert x.shape == ref.shape, name
-        assert rel_err(x, ref) < TOL[dtype], name
+    assert got[0].dtype == dtype
+    check_against_reference(got, reference_grads(q, k, v, dout, causal, 0.125), TOL[dtype])
 
 
-def test_cross_lengths_head_dim_128_and_strided_views():
-    """sq != sk (non-causal), d = 128, and q/k/v as strided views of one packed qkv tensor."""
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_head_dim(d, causal):
+    """fp32, GQA, ragged lengths (sq != sk when not causal); d not a power of two runs padded in the kernel."""
+    sq, sk = (27, 27) if causal else (19, 35)
+    q, k, v, dout = make_inputs(1, sq, sk, 2, 1, d, torch.float32, seed=d + causal)
+    check_against_reference(ours(q, k, v, dout, causal, d ** -0.5), reference_grads(q, k, v, dout, causal, d ** -0.5),
+                            TOL[torch.float32])
+
+
+@pytest.mark.parametrize("d", [80, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dims_in_fp16(d, causal):
+    q, k, v, dout = make_inputs(1, 33, 33, 2, 1, d, torch.float16, seed=d)
+    check_against_reference(ours(q, k, v, dout, causal, d ** -0.5), reference_grads(q, k, v, dout, causal, d ** -0.5),
+                            TOL[torch.float16])
+
+
+@pytest.mark.parametrize("d", [96, 128])
+def test_cross_lengths_and_strided_views(d):
+    """sq != sk (non-causal) and q/k/v as strided views of one packed qkv tensor: at d = 96 the padded lanes
+    of each row would read the next head's numbers if the kernels did not mask the d axis."""
     g = torch.Generator(device=DEVICE).manual_seed(3)
-    q = torch.randn(2, 20, 3, 2, 128, generator=g, device=DEVICE)[:, :, 1]  # [b, sq, h, d], not contiguous
-    kv = torch.randn(2, 37, 2, 2, 128, generator=g, device=DEVICE)
+    q = torch.randn(2, 20, 3, 2, d, generator=g, device=DEVICE)[:, :, 1]  # [b, sq, h, d], not contiguous
+    kv = torch.randn(2, 37, 2, 2, d, generator=g, device=DEVICE)
     k, v = kv[:, :, 0], kv[:, :, 1]
-    dout = torch.randn(2, 20, 2, 128, generator=g, device=DEVICE).transpose(1, 2).contiguous().transpose(1, 2)
+    dout = torch.randn(2, 20, 2, d, generator=g, device=DEVICE).transpose(1, 2).contiguous().transpose(1, 2)
     got = ours(q, k, v, dout, False, 0.09)
     want = reference_grads(q, k, v, dout, False, 0.09)
     for x, ref in zip(got[:1] + got[2:], want[:1] + want[2:]):
@@ -106,38 +131,61 @@ def test_autograd_wrapper():
 
 def test_rejects_bad_shapes():
     q, k, v, _ = make_inputs(1, 8, 8, 2, 2, 64, torch.float32, seed=0)
-    with pytest.raises(ValueError, match="head_dim"):
-        flash_attn_forward(q[..., :48], k[..., :48], v[..., :48], False, 1.0)
+    for d in (48, 512):
+        x = torch.zeros(1, 8, 2, d)
+        with pytest.raises(ValueError, match="head_dim"):
+            flash_attn_forward(x, x, x, False, 1.0)
     with pytest.raises(ValueError, match="multiple of kv heads"):
         flash_attn_forward(q, k.repeat(1, 1, 3, 1)[:, :, :3], v.repeat(1, 1, 3, 1)[:, :, :3], False, 1.0)
 
 
 # ---- GPU: real sizes in bf16, error within 2x of SDPA's own bf16 error (both against float64) ----
 
-def sdpa_grads(q, k, v, dout, causal, scale):
+def sdpa_grads(q, k, v, dout, causal, scale, mask=None):
+    """SDPA's own out, dq, dk, dv (whatever backend it picks); mask: an optional boolean [b, 1, sq, sk]."""
     group = q.shape[2] // k.shape[2]
     q_, k_, v_ = (x.detach().requires_grad_() for x in (q, k, v))
     kr, vr = (x.repeat_interleave(group, dim=2) for x in (k_, v_))
     out = torch.nn.functional.scaled_dot_product_attention(
-        q_.transpose(1, 2), kr.transpose(1, 2), vr.transpose(1, 2), is_causal=causal, scale=scale).transpose(1, 2)
+        q_.transpose(1, 2), kr.transpose(1, 2), vr.transpose(1, 2), attn_mask=mask, is_causal=causal,
+        scale=scale).transpose(1, 2)
     out.backward(dout)
     return out, q_.grad, k_.grad, v_.grad
 
 
-@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("b,s,hq,hkv,d,dtype", [
-    (2, 1024, 8, 8, 64, torch.bfloat16), (1, 4096, 8, 2, 128, torch.bfloat16),
-    (1, 2000, 4, 4, 128, torch.bfloat16), (1, 1536, 4, 2, 64, torch.float16), (1, 1000, 2, 2, 128, torch.float32)])
-def test_gpu_within_twice_sdpa_error(causal, b, s, hq, hkv, d, dtype):
-    q, k, v, dout = make_inputs(b, s, s, hq, hkv, d, dtype, seed=s + d)
-    scale = d ** -0.5
-    got = ours(q, k, v, dout, causal, scale)
-    torch.cuda.synchronize()
-    want = reference_grads(q, k, v, dout, causal, scale)
-    base = sdpa_grads(q, k, v, dout, causal, scale)
+def assert_within_twice_sdpa(got, want, base):
+    """got, want: (out, lse, dq, dk, dv) of ours and the float64 reference; base: SDPA's (out, dq, dk, dv)."""
     assert (got[1].double() - want[1]).abs().max().item() < 1e-3  # lse: fp32 math on identical inputs
     for name, x, y, ref in zip(("out", "dq", "dk", "dv"), got[:1] + got[2:], base, want[:1] + want[2:]):
         assert torch.isfinite(x).all(), name
         ours_e, sdpa_e = rel_err(x, ref), rel_err(y, ref)
         assert ours_e <= 2 * sdpa_e + 1e-3, f"{name}: ours {ours_e:.2e} vs sdpa {sdpa_e:.2e}"
+
+
+def check_gpu_case(b, s, hq, hkv, d, dtype, causal):
+    q, k, v, dout = make_inputs(b, s, s, hq, hkv, d, dtype, seed=s + d)
+    scale = d ** -0.5
+    got = ours(q, k, v, dout, causal, scale)
+    torch.cuda.synchronize()
+    assert_within_twice_sdpa(got, reference_grads(q, k, v, dout, causal, scale),
+                             sdpa_grads(q, k, v, dout, causal, scale))
+
+
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+
+
+@needs_gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("b,s,hq,hkv,d,dtype", [
+    (2, 1024, 8, 8, 64, torch.bfloat16), (1, 4096, 8, 2, 128, torch.bfloat16),
+    (1, 2000, 4, 4, 128, torch.bfloat16), (1, 1536, 4, 2, 64, torch.float16), (1, 1000, 2, 2, 128, torch.float32)])
+def test_gpu_within_twice_sdpa_error(causal, b, s, hq, hkv, d, dtype):
+    check_gpu_case(b, s, hq, hkv, d, dtype, causal)
+
+
+@needs_gpu
+@pytest.mark.parametrize("d,dtype,causal", [(d, torch.bfloat16, True) for d in HEAD_DIMS] + [
+    (96, torch.bfloat16, False), (192, torch.bfloat16, False), (256, torch.float32, True)])
+def test_gpu_every_head_dim(d, dtype, causal):
+    """Each head dim's GPU tiling compiles (fits shared memory) and is as accurate as SDPA; GQA, ragged 1500."""
+    check_gpu_case(1, 1500, 4, 2, d, dtype, causal)

@@ -3,16 +3,19 @@ megatron_sp.attention.LocalAttention(backend="triton"); the torch reference is a
 
 Layout everywhere: q [b, sq, hq, d], k/v [b, sk, hkv, d] (hq % hkv == 0, GQA), out like q, lse [b, hq, sq]
 float32 natural log. Ring attention merges partial outputs by lse and hands a *global* lse back to the
-backward, which therefore uses the lse it is given.
+backward, which therefore uses the lse it is given. Head dims of HEAD_DIMS; one that is not a power of two is
+padded inside the kernels (masked loads and stores on the d axis), never copied. Optional document masks
+(q_docs, k_docs) keep attention inside each document of a packed sample (flash_attn_docs).
 """
 from dataclasses import dataclass
 
 import torch
 
 from megatron_sp.kernels.flash_attn_bwd import launch_backward
+from megatron_sp.kernels.flash_attn_docs import check_docs, key_block_ranges, query_block_ranges
 from megatron_sp.kernels.flash_attn_fwd import launch_forward
 
-HEAD_DIMS = (64, 128)
+HEAD_DIMS = (32, 64, 80, 96, 128, 192, 256)  # tiled as 32, 64, 128 or 256 wide (d padded inside the kernel)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -41,13 +44,23 @@ class BwdConfig:
     dq_atomic: bool = False
 
 
-# Hopper (H200) picks from tools/bench_flash_attn.py --sweep (docs/kernels.md has the table); bf16/fp16.
-# d=128 is measured (16k causal: fwd 503, bwd 433 TFLOP/s); d=64 is a guess checked only for correctness.
-_GPU_FWD = {64: FwdConfig(128, 64, 4, 3), 128: FwdConfig(128, 64, 8, 3)}
-_GPU_BWD = {64: BwdConfig(64, 128, 128, 64, 4, 3, 4, 3), 128: BwdConfig(64, 128, 128, 64, 8, 3, 8, 3)}
-# fp32 operands are twice as wide: halve the tiles so shared memory still fits
-_GPU_FWD_F32 = FwdConfig(64, 32, 4, 2)
-_GPU_BWD_F32 = BwdConfig(32, 64, 64, 32, 4, 2, 4, 2)
+def block_d(head_dim: int) -> int:
+    """The width the kernels tile the head dim with: the next power of two (80, 96 -> 128; 192 -> 256)."""
+    return 1 << (head_dim - 1).bit_length()
+
+
+# Hopper (H200), keyed by block_d. Only d=128 bf16 is measured (tools/bench_flash_attn.py --sweep); the rest are
+# picked by compiling for sm_90 offline (shared memory within the 227 KB a block may use, fewest register spills)
+# and wait for a sweep. docs/kernels.md has the table and the reasons.
+_GPU_FWD = {32: FwdConfig(128, 64, 4, 3), 64: FwdConfig(128, 64, 8, 3), 128: FwdConfig(128, 64, 8, 3),
+            256: FwdConfig(128, 32, 8, 2)}
+_GPU_BWD = {32: BwdConfig(64, 128, 128, 64, 8, 3, 8, 3), 64: BwdConfig(64, 128, 128, 64, 8, 3, 8, 3),
+            128: BwdConfig(64, 128, 128, 64, 8, 3, 8, 3), 256: BwdConfig(32, 64, 64, 32, 8, 2, 8, 2)}
+# fp32 (exact "ieee" dots on the FMA units, no tensor cores): operands twice as wide and held in registers, so
+# small tiles, the ones that spill least
+_F32_NARROW = (FwdConfig(16, 32, 4, 2), BwdConfig(16, 32, 32, 16, 4, 2, 4, 2))
+_GPU_F32 = {32: _F32_NARROW, 64: _F32_NARROW, 128: _F32_NARROW,
+            256: (FwdConfig(32, 32, 8, 2), BwdConfig(16, 32, 32, 16, 8, 2, 8, 2))}
 # CPU interpreter: small tiles keep the numpy emulation fast; tails and diagonals still get exercised
 _CPU_FWD = FwdConfig(16, 16, 4, 1)
 _CPU_BWD = BwdConfig(16, 32, 32, 16, 4, 1, 4, 1)
@@ -57,9 +70,10 @@ def default_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> 
     """The (forward, backward) tiling used when the caller passes none."""
     if device.type != "cuda":
         return _CPU_FWD, _CPU_BWD
+    width = block_d(head_dim)
     if dtype == torch.float32:
-        return _GPU_FWD_F32, _GPU_BWD_F32
-    return _GPU_FWD[head_dim], _GPU_BWD[head_dim]
+        return _GPU_F32[width]
+    return _GPU_FWD[width], _GPU_BWD[width]
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -83,24 +97,32 @@ def _check(q, k, v):
         raise ValueError("q, k, v must be on one device")
 
 
-def flash_attn_forward(q, k, v, causal: bool, scale: float, config: FwdConfig | None = None):
+def flash_attn_forward(q, k, v, causal: bool, scale: float, config: FwdConfig | None = None, *,
+                       q_docs=None, k_docs=None):
     """q [b, sq, hq, d], k/v [b, sk, hkv, d] -> (out [b, sq, hq, d] in q's dtype, lse [b, hq, sq] float32).
 
     causal: query i sees keys j <= i (top-left aligned). Inputs may be strided views.
+    q_docs [b, sq], k_docs [b, sk]: integer document ids, non-decreasing along the sequence (flash_attn_docs);
+    key j is then seen by query i only if their ids are equal. A query that sees no key gets out 0, lse -inf.
     """
     _check(q, k, v)
     b, sq, hq, d = q.shape
     cfg = config or default_configs(d, q.dtype, q.device)[0]
+    docs = check_docs(q_docs, k_docs, q, k)  # None without a document mask
     out = torch.empty((b, sq, hq, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     if sq == 0:
         return out, lse
-    launch_forward(q, k, v, out, lse, bool(causal), float(scale), cfg, _precision(q.dtype))
+    if docs is not None:
+        docs = (*docs, query_block_ranges(*docs, cfg.block_m, cfg.block_n, causal))
+    launch_forward(q, k, v, out, lse, bool(causal), float(scale), cfg, _precision(q.dtype), docs)
     return out, lse
 
 
-def flash_attn_backward(dout, q, k, v, out, lse, causal: bool, scale: float, config: BwdConfig | None = None):
-    """Gradients (dq, dk, dv) shaped like (q, k, v). lse [b, hq, sq] float32 is used as given (may be global)."""
+def flash_attn_backward(dout, q, k, v, out, lse, causal: bool, scale: float, config: BwdConfig | None = None, *,
+                        q_docs=None, k_docs=None):
+    """Gradients (dq, dk, dv) shaped like (q, k, v). lse [b, hq, sq] float32 is used as given (may be global).
+    q_docs, k_docs: the document mask of the forward (see flash_attn_forward)."""
     _check(q, k, v)
     b, sq, hq, d = q.shape
     if dout.shape != q.shape or out.shape != q.shape or lse.shape != (b, hq, sq):
@@ -109,6 +131,11 @@ def flash_attn_backward(dout, q, k, v, out, lse, causal: bool, scale: float, con
     cfg = config or default_configs(d, q.dtype, q.device)[1]
     if cfg.block_n1 % cfg.block_m1:
         raise ValueError(f"block_n1 ({cfg.block_n1}) must be a multiple of block_m1 ({cfg.block_m1})")
+    docs = check_docs(q_docs, k_docs, q, k)  # None without a document mask
     if sq == 0 or k.shape[1] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    return launch_backward(dout, q, k, v, out, lse.float(), bool(causal), float(scale), cfg, _precision(q.dtype))
+    if docs is not None:
+        docs = (*docs, key_block_ranges(*docs, cfg.block_n1, cfg.block_m1, causal),
+                query_block_ranges(*docs, cfg.block_m2, cfg.block_n2, causal))
+    return launch_backward(dout, q, k, v, out, lse.float(), bool(causal), float(scale), cfg, _precision(q.dtype),
+                           docs)

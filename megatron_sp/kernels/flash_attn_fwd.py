@@ -1,4 +1,5 @@
-"""Triton FlashAttention-2 forward kernel (online softmax, GQA, causal, ragged lengths) and its launcher."""
+"""Triton FlashAttention-2 forward kernel (online softmax, GQA, causal, ragged lengths, any head dim up to 256,
+document masks) and its launcher."""
 import triton
 import triton.language as tl
 
@@ -8,12 +9,30 @@ LN2 = tl.constexpr(0.6931471805599453)  # lse is returned in natural log: ln(x) 
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_off, v_off, stride_ks, stride_vs, offs_m, offs_n, lo, hi, sk, qk_scale,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+def load_tile(ptrs, ok, d_ok, MASKED: tl.constexpr, PAD_D: tl.constexpr):
+    """A tile load: when MASKED, `ok` (broadcast to ptrs) bounds the sequence axis; when PAD_D, d_ok bounds the
+    head dim. Out-of-range elements read 0. Neither: the plain load of the fast path."""
+    if MASKED:
+        if PAD_D:
+            x = tl.load(ptrs, mask=ok & d_ok, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=ok, other=0.0)
+    elif PAD_D:
+        x = tl.load(ptrs, mask=d_ok, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, qd, k_base, v_base, kd_base, k_off, v_off, stride_ks, stride_vs, offs_m, offs_n,
+               d_ok, lo, hi, sk, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               PAD_D: tl.constexpr, HAS_DOCS: tl.constexpr, PREC: tl.constexpr):
     """Fold key blocks [lo, hi) into (acc [M, D], l_i [M], m_i [M]); m_i is a running max in log2 units.
 
-    MASKED: the blocks may hold keys past sk or past the causal diagonal, so loads are bounded and the
-    scores masked; the unmasked variant (the bulk of the work) does neither.
+    MASKED: the blocks may hold keys past sk, past the causal diagonal or of another document, so loads are
+    bounded and the scores masked; the unmasked variant (the bulk of the work) does neither. PAD_D: the head
+    dim is narrower than the BLOCK_D tile, so loads mask the d axis (d_ok [D]) and fill it with zeros.
     """
     # scalar base pointers advance; the per-element offsets (int32, loop-invariant) stay put: half the
     # registers of a loop-carried tensor of 64-bit pointers
@@ -21,17 +40,16 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_off, v_off, stride_ks, stride
     v_base += tl.cast(lo, tl.int64) * stride_vs
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n  # [N] key index
-        if MASKED:
-            k = tl.load(k_base + k_off, mask=cols[None, :] < sk, other=0.0)  # [D, N]
-            v = tl.load(v_base + v_off, mask=cols[:, None] < sk, other=0.0)  # [N, D]
-        else:
-            k = tl.load(k_base + k_off)
-            v = tl.load(v_base + v_off)
+        k = load_tile(k_base + k_off, cols[None, :] < sk, d_ok[:, None], MASKED, PAD_D)  # [D, N]
+        v = load_tile(v_base + v_off, cols[:, None] < sk, d_ok[None, :], MASKED, PAD_D)  # [N, D]
         qk = tl.dot(q, k, input_precision=PREC)  # [M, N] fp32
         if MASKED:
             ok = cols[None, :] < sk
             if CAUSAL:
                 ok = ok & (offs_m[:, None] >= cols[None, :])
+            if HAS_DOCS:  # key j is seen only by queries of its own document
+                kd = tl.load(kd_base + cols, mask=cols < sk, other=-1)
+                ok = ok & (qd[:, None] == kd[None, :])
             qk = tl.where(ok, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             qk = qk - m_new[:, None]
@@ -50,15 +68,44 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_off, v_off, stride_ks, stride
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, sq, sk, qk_scale,
+def query_block_keys(RANGES, Q_DOCS, off_b, start_m, offs_m, sq, sk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """(lo, full, hi, qd) of query block start_m (of the forward or dq grid): keys [lo, full) are seen by every
+    row of the block (and exist), [full, hi) need masks; qd [M] is each query's document (HAS_DOCS only)."""
+    if HAS_DOCS:  # from flash_attn_docs.query_block_ranges: (lo, -, full, hi) per block
+        ranges = RANGES + (off_b * tl.num_programs(0) + start_m) * 4
+        lo = tl.load(ranges)
+        full = tl.load(ranges + 2)
+        hi = tl.load(ranges + 3)
+        qd = tl.load(Q_DOCS + off_b * sq + offs_m, mask=offs_m < sq, other=-1)
+    else:
+        lo = 0
+        qd = offs_m  # unused
+        if CAUSAL:
+            hi = tl.minimum((start_m + 1) * BLOCK_M, sk)
+            full = tl.minimum(start_m * BLOCK_M, sk) // BLOCK_N * BLOCK_N
+        else:
+            hi = sk
+            full = sk // BLOCK_N * BLOCK_N
+    return lo, full, hi, qd
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, Q_DOCS, K_DOCS, RANGES, sq, sk, qk_scale,
                 stride_qb, stride_qs, stride_qh, stride_qd,
                 stride_kb, stride_ks, stride_kh, stride_kd,
                 stride_vb, stride_vs, stride_vh, stride_vd,
                 stride_ob, stride_os, stride_oh, stride_od,
                 stride_lb, stride_lh,
-                H, GROUP, HEAD_DIM: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
-    """One program = one block of BLOCK_M queries of one (batch, q head). Grid: (cdiv(sq, BLOCK_M), b * H)."""
+                H, GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
+                PREC: tl.constexpr):
+    """One program = one block of BLOCK_M queries of one (batch, q head). Grid: (cdiv(sq, BLOCK_M), b * H).
+
+    HAS_DOCS: Q_DOCS [b, sq], K_DOCS [b, sk] int32 document ids and RANGES [b, cdiv(sq, BLOCK_M), 4] int32,
+    per query block (first visible key, -, end of the unmasked keys, end of the visible keys), from
+    flash_attn_docs.query_block_ranges. Without docs these three pointers are never read.
+    """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     # causal: the last query blocks see the most keys; launch them first so the tail of the grid is short
@@ -68,47 +115,50 @@ def _fwd_kernel(Q, K, V, O, LSE, sq, sk, qk_scale,
     off_hk = off_h // GROUP  # GQA: GROUP consecutive q heads share one kv head
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)  # BLOCK_D = HEAD_DIM rounded up to a power of two
+    d_ok = offs_d < HEAD_DIM
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
 
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qs \
         + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=offs_m[:, None] < sq, other=0.0)  # [M, D]
+    q = load_tile(q_ptrs, offs_m[:, None] < sq, d_ok[None, :], True, PAD_D)  # [M, D]
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
     k_off = offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd  # [D, N]: k^T, so q @ k^T is a plain dot
     v_off = offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd  # [N, D]
 
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked block never gives inf - inf
-    # keys in [0, full) are seen by every row of this block (and exist); [full, hi) need masks
-    if CAUSAL:
-        hi = tl.minimum((start_m + 1) * BLOCK_M, sk)
-        full = tl.minimum(start_m * BLOCK_M, sk) // BLOCK_N * BLOCK_N
-    else:
-        hi = sk
-        full = sk // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_off, v_off, stride_ks, stride_vs, offs_m, offs_n,
-                               0, full, sk, qk_scale, BLOCK_N, False, CAUSAL, PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_off, v_off, stride_ks, stride_vs, offs_m, offs_n,
-                               full, hi, sk, qk_scale, BLOCK_N, True, CAUSAL, PREC)
+    lo, full, hi, qd = query_block_keys(RANGES, Q_DOCS, off_b, start_m, offs_m, sq, sk, BLOCK_M, BLOCK_N, CAUSAL,
+                                        HAS_DOCS)
+    kd_base = K_DOCS + off_b * sk
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qd, k_base, v_base, kd_base, k_off, v_off, stride_ks, stride_vs,
+                               offs_m, offs_n, d_ok, lo, full, sk, qk_scale, BLOCK_N, False, CAUSAL, PAD_D, HAS_DOCS,
+                               PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qd, k_base, v_base, kd_base, k_off, v_off, stride_ks, stride_vs,
+                               offs_m, offs_n, d_ok, full, hi, sk, qk_scale, BLOCK_N, True, CAUSAL, PAD_D, HAS_DOCS,
+                               PREC)
 
     seen = l_i > 0.0  # a row that sees no key gets out = 0, lse = -inf (the identity of the lse merge)
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_os \
         + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < sq)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < sq) & d_ok[None, :])
     tl.store(LSE + off_b * stride_lb + off_h * stride_lh + offs_m, lse, mask=offs_m < sq)
 
 
-def launch_forward(q, k, v, out, lse, causal, scale, cfg, prec):
-    """q [b, sq, hq, d], k/v [b, sk, hkv, d] (any strides) -> fills out [b, sq, hq, d] and lse [b, hq, sq] (contiguous)."""
+def launch_forward(q, k, v, out, lse, causal, scale, cfg, prec, docs=None):
+    """q [b, sq, hq, d], k/v [b, sk, hkv, d] (any strides) -> fills out [b, sq, hq, d] and lse [b, hq, sq] (contiguous).
+    docs: None, or (q_docs [b, sq], k_docs [b, sk], ranges [b, cdiv(sq, block_m), 4]), all int32 contiguous."""
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
+    q_docs, k_docs, ranges = docs if docs is not None else (lse, lse, lse)  # placeholders, never read
     grid = (triton.cdiv(sq, cfg.block_m), b * hq)
     _fwd_kernel[grid](
-        q, k, v, out, lse, sq, sk, scale * LOG2E_F,
+        q, k, v, out, lse, q_docs, k_docs, ranges, sq, sk, scale * LOG2E_F,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
-        H=hq, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal, PREC=prec,
+        H=hq, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, CAUSAL=causal, HAS_DOCS=docs is not None, PREC=prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
