@@ -2,6 +2,8 @@
 real sizes in bf16 against PyTorch SDPA's own error when a GPU is present."""
 import dataclasses
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -137,6 +139,20 @@ def test_rejects_bad_shapes():
             flash_attn_forward(x, x, x, False, 1.0)
     with pytest.raises(ValueError, match="multiple of kv heads"):
         flash_attn_forward(q, k.repeat(1, 1, 3, 1)[:, :, :3], v.repeat(1, 1, 3, 1)[:, :, :3], False, 1.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_without_a_gpu_the_triton_backend_is_one_error_line():
+    """Outside the interpreter Triton needs a GPU: refused in one line at start, not a traceback at the first step."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "pretrain_gpt.py"), "--mock-data", "--train-iters", "2",
+                          "--hidden-size", "64", "--num-attention-heads", "2", "--use-flash-attn-triton"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: attention backend 'triton' is unavailable on cpu: it needs a CUDA device"]
 
 
 # ---- GPU: real sizes in bf16, error within 2x of SDPA's own bf16 error (both against float64) ----

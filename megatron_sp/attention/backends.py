@@ -14,6 +14,7 @@ flash_attn (varlen FlashAttention-2, attention/varlen.py), triton when its kerne
 import functools
 import importlib
 import inspect
+import os
 
 import torch
 
@@ -303,6 +304,9 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
             return "the flash_attn package is not installed"
         return None
     if backend == "triton":
+        # Triton compiles for a GPU; its CPU interpreter (TRITON_INTERPRET=1) is a test tool, so it alone admits CPU
+        if (device.type != "cuda" or not torch.cuda.is_available()) and os.environ.get("TRITON_INTERPRET") != "1":
+            return "it needs a CUDA device"
         try:
             _triton_module()
         except ImportError as exc:
