@@ -81,8 +81,9 @@ class ParallelConfig:
                                           "(measured slower on 2 x H200 at 16k; see docs/benchmarks.md).")
     attention_backend: str = arg("auto", "Local attention kernel: cudnn or sdpa_flash (PyTorch's cuDNN and "
                                  "FlashAttention-2 SDPA kernels, GPU, bf16/fp16), flash_attn (the flash-attn "
-                                 "package), triton (ours; head dim 64 or 128), torch (reference, any device); "
-                                 "auto = cudnn on a GPU in bf16/fp16, else torch.",
+                                 "package), triton (ours; head dims 32, 64, 80, 96, 128, 192, 256), torch (reference, "
+                                 "any device); auto = on a GPU the faster of cudnn and triton for the head dim and "
+                                 "length (a measured table; triton where cuDNN cannot run, e.g. fp32), else torch.",
                                  choices=("auto", "cudnn", "sdpa_flash", "flash_attn", "triton", "torch"))
     tensor_model_parallel_size: int = arg(1, "Tensor parallelism: accepted for compatibility, only 1 is supported.")
     pipeline_model_parallel_size: int = arg(1, "Pipeline parallelism: accepted for compatibility, only 1 is supported.")

@@ -19,6 +19,7 @@ import os
 import torch
 
 from megatron_sp.attention.varlen import varlen_backward, varlen_forward
+from megatron_sp.kernels.choice import auto_candidates
 
 BACKENDS = ("torch", "cudnn", "sdpa_flash", "flash_attn", "triton")
 
@@ -315,16 +316,18 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
     return f"it is unknown (choose auto or one of {', '.join(BACKENDS)})"
 
 
-def resolve_backend(name: str, device, dtype: torch.dtype, documents: bool = False) -> str:
-    """The concrete backend for `name` on `device` and `dtype`: `auto` picks cudnn on CUDA bf16/fp16,
-    else sdpa_flash, else torch; with `documents` (document masks) sdpa_flash, else torch. An explicit
-    backend that cannot run, or has no document mask when one is needed, is a one-line ValueError."""
+def resolve_backend(name: str, device, dtype: torch.dtype, documents: bool = False, head_dim: int | None = None,
+                    seq_len: int | None = None, causal: bool = True) -> str:
+    """The concrete backend for `name` on `device` and `dtype`: `auto` takes the first available of
+    kernels.choice.auto_candidates (on CUDA with the shape known, the faster of triton and cudnn), else torch;
+    `documents`: a document mask is needed; head_dim, seq_len (the queries') and causal describe the shape
+    when the caller knows it. An explicit backend that cannot run, or has no document mask when one is
+    needed, is a one-line ValueError."""
     device = torch.device(device)
     if name == "auto":
-        if dtype in (torch.bfloat16, torch.float16):
-            for candidate in (("sdpa_flash",) if documents else ("cudnn", "sdpa_flash")):
-                if _unavailable_reason(candidate, device) is None:
-                    return candidate
+        for candidate in auto_candidates(device.type, dtype, head_dim, seq_len, causal, documents):
+            if _unavailable_reason(candidate, device) is None:
+                return candidate
         return "torch"
     reason = _unavailable_reason(name, device)
     if reason is None and name in (*_ATEN_OPS, "flash_attn") and dtype not in (torch.bfloat16, torch.float16):

@@ -1,0 +1,70 @@
+"""`--attention-backend auto` on a GPU: whichever of our Triton kernel and cuDNN is faster for the shape, from a
+small measured table; where cuDNN cannot run the shape, ours. Pure lookups (no GPU, no Triton needed)."""
+import torch
+
+# Faster kernel, forward + backward, on one H200 (b=1, 16 heads). Key: (head_dim, dtype, causal); value:
+# ((from_length, kernel), ...) in ascending from_length; the last entry whose from_length <= the length applies,
+# and lengths below the first entry take the first. Printed by
+#   python tools/bench_flash_attn.py --auto-table --head-dims 64,80,96,128,192,256 --seqlens 4096,16384,65536
+# Holds what is measured so far: d=128 bf16 at 4k-32k, ours 287-430 vs cuDNN 303-552 TFLOP/s (docs/kernels.md).
+MEASURED = {
+    (128, "bfloat16", True): ((4096, "cudnn"),),
+    (128, "bfloat16", False): ((4096, "cudnn"),),
+}
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def cudnn_runs(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether cuDNN's fused attention surely runs the shape: 16-bit, d % 8 == 0 and d <= 128 (every cuDNN 9
+    PyTorch ships with; larger head dims need newer releases, so there only a measurement in MEASURED counts)."""
+    return dtype in HALF and head_dim % 8 == 0 and head_dim <= 128
+
+
+def measured_choice(head_dim: int, dtype: torch.dtype, seq_len: int, causal: bool) -> str | None:
+    """The kernel MEASURED names for this shape, None if it has no entry."""
+    entries = MEASURED.get((head_dim, str(dtype).removeprefix("torch."), bool(causal)))
+    if not entries:
+        return None
+    chosen = entries[0][1]
+    for from_length, kernel in entries:
+        if seq_len >= from_length:
+            chosen = kernel
+    return chosen
+
+
+def triton_runs(head_dim: int) -> bool:
+    """Whether our kernel takes this head dim (importing it needs Triton; without Triton it does not run)."""
+    try:
+        from megatron_sp.kernels.flash_attn import HEAD_DIMS
+    except ImportError:
+        return False
+    return head_dim in HEAD_DIMS
+
+
+def auto_candidates(device_type: str, dtype: torch.dtype, head_dim: int | None = None, seq_len: int | None = None,
+                    causal: bool = True, documents: bool = False) -> tuple[str, ...]:
+    """Backends for `auto`, best first; the caller takes the first one available (then torch). None off CUDA.
+
+    Shape unknown (head_dim or seq_len None): cudnn, sdpa_flash for 16-bit (sdpa_flash alone with documents).
+    Known, 16-bit: the measured faster of cudnn and triton; without a measurement cuDNN where it surely runs,
+    else ours; SDPA's FlashAttention-2 last. With document masks (cuDNN has none): sdpa_flash's varlen entry,
+    then ours (the two are not yet measured against each other). fp32: ours (exact fp32, no s x s scores in
+    memory). Other dtypes: none."""
+    if device_type != "cuda" or dtype not in (*HALF, torch.float32):
+        return ()
+    if head_dim is None or seq_len is None:
+        if dtype not in HALF:
+            return ()
+        return ("sdpa_flash",) if documents else ("cudnn", "sdpa_flash")
+    if dtype == torch.float32:
+        order = ("triton",)
+    elif documents:
+        order = ("sdpa_flash", "triton")
+    else:
+        measured = measured_choice(head_dim, dtype, seq_len, causal)
+        cudnn_ok = cudnn_runs(head_dim, dtype) or measured == "cudnn"
+        first = measured or ("cudnn" if cudnn_ok else "triton")
+        order = tuple(kernel for kernel in (first, "triton" if first == "cudnn" else "cudnn", "sdpa_flash")
+                      if kernel != "cudnn" or cudnn_ok)
+    return tuple(kernel for kernel in order if kernel != "triton" or triton_runs(head_dim))

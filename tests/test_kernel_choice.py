@@ -1,0 +1,76 @@
+"""`--attention-backend auto`: the faster of our Triton kernel and cuDNN from the measured table (pure lookups)."""
+import pytest
+import torch
+
+import megatron_sp.attention.backends as backends
+import megatron_sp.kernels.choice as choice
+from megatron_sp.attention.local import AttentionConfig
+from megatron_sp.kernels.choice import auto_candidates, measured_choice
+
+BF16 = torch.bfloat16
+
+
+def test_measured_table_lookup(monkeypatch):
+    monkeypatch.setattr(choice, "MEASURED", {(192, "bfloat16", True): ((4096, "triton"), (65536, "cudnn"))})
+    assert measured_choice(192, BF16, 1024, True) == "triton"  # below the first length: the first entry
+    assert measured_choice(192, BF16, 16384, True) == "triton"
+    assert measured_choice(192, BF16, 65536, True) == "cudnn"
+    assert measured_choice(192, BF16, 65536, False) is None  # not measured
+    assert measured_choice(192, torch.float16, 65536, True) is None
+    # a measurement admits cuDNN where the static rule would not (d=192 > 128)
+    assert auto_candidates("cuda", BF16, 192, 131072, True) == ("cudnn", "triton", "sdpa_flash")
+    assert auto_candidates("cuda", BF16, 192, 8192, True) == ("triton", "sdpa_flash")
+
+
+def test_checked_in_table_prefers_cudnn_at_d128():
+    for causal in (True, False):
+        assert auto_candidates("cuda", BF16, 128, 16384, causal)[0] == "cudnn"
+    for (d, dtype, causal), entries in choice.MEASURED.items():  # well-formed: ascending lengths, known kernels
+        assert [length for length, _ in entries] == sorted(length for length, _ in entries)
+        assert {kernel for _, kernel in entries} <= {"cudnn", "triton"}
+
+
+@pytest.mark.parametrize("device, dtype, d, seq, want", [
+    ("cpu", BF16, 128, 4096, ()),  # off CUDA auto is the torch reference
+    ("cuda", torch.float64, 128, 4096, ()),
+    ("cuda", BF16, None, None, ("cudnn", "sdpa_flash")),  # shape unknown: as before the table existed
+    ("cuda", torch.float32, None, None, ()),
+    ("cuda", torch.float32, 96, 4096, ("triton",)),  # cuDNN and SDPA flash take 16-bit only
+    ("cuda", BF16, 96, 4096, ("cudnn", "triton", "sdpa_flash")),  # not measured, cuDNN runs it
+    ("cuda", BF16, 256, 4096, ("triton", "sdpa_flash")),  # not measured, cuDNN may not run it
+    ("cuda", torch.float16, 192, 4096, ("triton", "sdpa_flash")),
+    ("cuda", BF16, 48, 4096, ("cudnn", "sdpa_flash")),  # our kernel does not take d=48
+])
+def test_auto_candidates(device, dtype, d, seq, want):
+    assert auto_candidates(device, dtype, d, seq, True) == want
+
+
+def test_auto_candidates_with_documents():
+    """cuDNN has no document mask: SDPA's varlen FlashAttention-2, then ours; fp32 ours alone."""
+    assert auto_candidates("cuda", BF16, 128, 4096, True, documents=True) == ("sdpa_flash", "triton")
+    assert auto_candidates("cuda", BF16, None, None, True, documents=True) == ("sdpa_flash",)
+    assert auto_candidates("cuda", torch.float32, 96, 4096, True, documents=True) == ("triton",)
+    assert auto_candidates("cpu", BF16, 128, 4096, True, documents=True) == ()
+
+
+def test_resolve_backend_takes_the_first_available(monkeypatch):
+    monkeypatch.setattr(backends, "_unavailable_reason", lambda name, device: None)  # as on a GPU
+    assert backends.resolve_backend("auto", "cuda", BF16, head_dim=256, seq_len=4096) == "triton"
+    assert backends.resolve_backend("auto", "cuda", BF16, head_dim=128, seq_len=4096) == "cudnn"
+    assert backends.resolve_backend("auto", "cuda", torch.float32, head_dim=64, seq_len=4096) == "triton"
+    monkeypatch.setattr(backends, "_unavailable_reason", lambda name, device: "no" if name == "cudnn" else None)
+    assert backends.resolve_backend("auto", "cuda", BF16, head_dim=128, seq_len=4096) == "triton"
+    assert backends.resolve_backend("auto", "cuda", BF16) == "sdpa_flash"
+    assert backends.resolve_backend("auto", "cpu", BF16, head_dim=128, seq_len=4096) == "torch"
+
+
+def test_attention_modules_resolve_with_their_shape(monkeypatch):
+    """The model's attention passes each shard's head dim, length and mask to the choice, once per shape."""
+    calls = []
+    monkeypatch.setattr("megatron_sp.attention.local.resolve_backend",
+                        lambda name, device, dtype, **shape: calls.append(shape) or "torch")
+    attn = AttentionConfig(causal=True, backend="auto")
+    for s in (32, 32, 64):
+        assert attn.kernel_args(torch.zeros(1, s, 2, 96))[2] == "torch"
+    shape = dict(documents=False, head_dim=96, causal=True)
+    assert calls == [dict(shape, seq_len=32), dict(shape, seq_len=64)]
