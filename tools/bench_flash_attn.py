@@ -1,13 +1,22 @@
-"""Benchmark our Triton flash attention against SDPA flash (FA2) and SDPA cuDNN on one GPU; optional tile sweep.
+"""Benchmark our Triton flash attention against SDPA cuDNN and SDPA flash (FA2) on one GPU, per head dim.
 
-    python tools/bench_flash_attn.py --out bench.json                 # table: TFLOP/s, causal and not, 4k/16k/32k
-    python tools/bench_flash_attn.py --sweep --seqlens 16384 --out sweep.json   # time candidate tilings
+    python tools/bench_flash_attn.py --head-dims 64,96,128 --seqlens 4096,16384 --out bench.json   # the table
+    python tools/bench_flash_attn.py --doc-len 4096 --seqlens 131072 --out docs.json   # document masks
+    python tools/bench_flash_attn.py --auto-table --out auto.json   # prints kernels/choice.py's MEASURED
+    python tools/bench_flash_attn.py --sweep --head-dims 128 --seqlens 16384 --out sweep.json   # tilings
+    python tools/bench_flash_attn.py --resources --head-dims 96,256 --causal yes   # no GPU: regs, spills, smem
 
-FLOPs (model FLOPs, as anchors.md): fwd = 4*b*h*s^2*d, halved when causal; bwd = 2.5 * fwd; fwd+bwd = 3.5 * fwd.
+Shapes: b=1, 16 heads (--batch, --heads), bf16, q/k/v [b, s, h, d]; SDPA gets its own contiguous [b, h, s, d].
+FLOPs (model FLOPs, as the FlashAttention papers count them): fwd = 4*b*h*s^2*d, halved when causal;
+bwd = 2.5 * fwd; fwd+bwd = 3.5 * fwd. With --doc-len N a sample of s tokens holds s/N documents and its FLOPs
+are the sum over documents of these per-document FLOPs (the work a document mask leaves). Timing: CUDA events,
+median of --reps after --warmup calls (tools/timing.py). A provider that fails (a head dim cuDNN lacks, out of
+memory) is a row with an error, not a crash.
 """
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import sys
@@ -18,34 +27,34 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from megatron_sp.kernels.flash_attn import (  # noqa: E402
-    FwdConfig, default_configs, flash_attn_backward, flash_attn_forward)
+    BwdConfig, FwdConfig, block_d, default_configs, flash_attn_backward, flash_attn_forward)
 from tools.timing import attention_fwd_flops, time_ms  # noqa: E402
 
-
-def inputs(b, s, h, d, dtype):
-    q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=dtype) for _ in range(4))
-    return q, k, v, dout
+MODE_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}  # times the forward's FLOPs
 
 
-def ours_fns(q, k, v, dout, causal, fcfg=None, bcfg=None):
-    """(fwd, bwd, fwd+bwd) closures for our kernels; bwd reuses one saved forward."""
+def inputs(b, s, h, d, device):
+    """q, k, v, dout [b, s, h, d]: bf16 on a GPU, fp32 on CPU (the interpreter gets bf16 wrong)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return tuple(torch.randn(b, s, h, d, device=device, dtype=dtype) for _ in range(4))
+
+
+def ours_fns(q, k, v, dout, causal, fcfg=None, bcfg=None, docs=None):
+    """{mode: closure} for our kernels; bwd reuses one saved forward. docs: (q_docs, k_docs) or None."""
     scale = q.shape[-1] ** -0.5
-    out, lse = flash_attn_forward(q, k, v, causal, scale, config=fcfg)
-
-    def fwd():
-        flash_attn_forward(q, k, v, causal, scale, config=fcfg)
-
-    def bwd():
-        flash_attn_backward(dout, q, k, v, out, lse, causal, scale, config=bcfg)
+    mask = dict(q_docs=docs[0], k_docs=docs[1]) if docs is not None else {}
+    out, lse = flash_attn_forward(q, k, v, causal, scale, config=fcfg, **mask)
 
     def both():
-        o, l = flash_attn_forward(q, k, v, causal, scale, config=fcfg)
-        flash_attn_backward(dout, q, k, v, o, l, causal, scale, config=bcfg)
-    return fwd, bwd, both
+        o, lse_ = flash_attn_forward(q, k, v, causal, scale, config=fcfg, **mask)
+        flash_attn_backward(dout, q, k, v, o, lse_, causal, scale, config=bcfg, **mask)
+    return {"fwd": lambda: flash_attn_forward(q, k, v, causal, scale, config=fcfg, **mask),
+            "bwd": lambda: flash_attn_backward(dout, q, k, v, out, lse, causal, scale, config=bcfg, **mask),
+            "fwd_bwd": both}
 
 
 def sdpa_fns(q, k, v, dout, causal, backend):
-    """SDPA in its own [b, h, s, d] layout (contiguous), so layout copies are not charged to it."""
+    """{mode: closure} for SDPA in its own [b, h, s, d] layout (contiguous), so layout copies are not charged."""
     qt, kt, vt = (x.transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
     dt = dout.transpose(1, 2).contiguous()
     attn = torch.nn.functional.scaled_dot_product_attention
@@ -57,89 +66,272 @@ def sdpa_fns(q, k, v, dout, causal, backend):
     def both():
         with sdpa_kernel(backend):
             attn(qt, kt, vt, is_causal=causal).backward(dt)
-    return fwd, None, both
+    return {"fwd": fwd, "fwd_bwd": both}
+
+
+PROVIDERS = {"triton": lambda q, k, v, dout, causal: ours_fns(q, k, v, dout, causal),
+             "sdpa_cudnn": lambda q, k, v, dout, causal: sdpa_fns(q, k, v, dout, causal, SDPBackend.CUDNN_ATTENTION),
+             "sdpa_flash": lambda q, k, v, dout, causal: sdpa_fns(q, k, v, dout, causal, SDPBackend.FLASH_ATTENTION)}
+
+
+def measure(row, make, flops, modes, args):
+    """Time each of `modes` that make() offers into row (<mode>_ms, <mode>_tflops); an exception -> row["error"]."""
+    try:
+        fns = make()
+        for mode in modes:
+            if mode in fns:
+                ms = time_ms(fns[mode], args.warmup, args.reps, cuda=args.device == "cuda")
+                row[mode + "_ms"], row[mode + "_tflops"] = ms, MODE_FLOPS[mode] * flops / ms / 1e9
+    except Exception as exc:  # noqa: BLE001 - a backend that cannot run the shape is a row, not a crash
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def shapes(args):
+    """(d, s, causal, (q, k, v, dout)) for every requested shape; tensors are freed as the loop moves on."""
+    for d in args.head_dims:
+        for s in args.seqlens:
+            for causal in args.causal:
+                yield d, s, causal, inputs(args.batch, s, args.heads, d, args.device)
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
 
 
 def bench(args):
+    """Every provider at every (d, s, causal); prints TFLOP/s and ours / cuDNN."""
     rows = []
-    for s in args.seqlens:
-        for causal in (True, False):
-            q, k, v, dout = inputs(args.batch, s, args.heads, args.head_dim, torch.bfloat16)
-            f = attention_fwd_flops(args.batch, args.heads, s, args.head_dim, causal)
-            providers = {"triton": lambda: ours_fns(q, k, v, dout, causal),
-                         "sdpa_flash": lambda: sdpa_fns(q, k, v, dout, causal, SDPBackend.FLASH_ATTENTION),
-                         "sdpa_cudnn": lambda: sdpa_fns(q, k, v, dout, causal, SDPBackend.CUDNN_ATTENTION)}
-            for name, make in providers.items():
-                row = {"provider": name, "seqlen": s, "causal": causal}
-                try:
-                    fwd, bwd, both = make()
-                    for mode, fn, flops in (("fwd", fwd, f), ("bwd", bwd, 2.5 * f), ("fwd_bwd", both, 3.5 * f)):
-                        if fn is not None:
-                            ms = time_ms(fn, args.warmup, args.reps, cuda=True)
-                            row[mode + "_ms"] = ms
-                            row[mode + "_tflops"] = flops / ms / 1e9
-                except Exception as exc:  # a backend SDPA lacks here is a row with an error, not a crash
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-            del q, k, v, dout
-            torch.cuda.empty_cache()
-    print(f"\n{'seqlen':>7} {'causal':>6} {'provider':>11} {'fwd':>7} {'bwd':>7} {'fwd+bwd':>8}  (TFLOP/s)")
-    for r in rows:
-        cell = lambda key: f"{r[key]:7.1f}" if key in r else f"{'-':>7}"  # noqa: E731
-        print(f"{r['seqlen']:>7} {str(r['causal']):>6} {r['provider']:>11} {cell('fwd_tflops')} "
-              f"{cell('bwd_tflops')} {cell('fwd_bwd_tflops'):>8}")
+    for d, s, causal, (q, k, v, dout) in shapes(args):
+        flops = attention_fwd_flops(args.batch, args.heads, s, d, causal)
+        for name, make in PROVIDERS.items():
+            row = dict(provider=name, head_dim=d, seqlen=s, causal=causal)
+            rows.append(measure(row, lambda: make(q, k, v, dout, causal), flops, args.modes, args))
+    print(f"\n{'d':>4} {'seqlen':>7} {'causal':>6} {'ours':>7} {'cuDNN':>7} {'FA2':>7} {'ours/cuDNN':>10}"
+          "   (fwd+bwd TFLOP/s)")
+    rate = {(r["provider"], r["head_dim"], r["seqlen"], r["causal"]): r.get("fwd_bwd_tflops") for r in rows}
+    for d, s, causal in sorted({(r["head_dim"], r["seqlen"], r["causal"]) for r in rows}):
+        ours, cudnn, fa2 = (rate[(p, d, s, causal)] for p in PROVIDERS)
+        cell = lambda x: f"{x:7.1f}" if x else f"{'-':>7}"  # noqa: E731
+        ratio = f"{ours / cudnn:10.2f}" if ours and cudnn else f"{'-':>10}"
+        print(f"{d:>4} {s:>7} {str(causal):>6} {cell(ours)} {cell(cudnn)} {cell(fa2)} {ratio}")
     return rows
+
+
+def doc_bench(args):
+    """Our kernel with documents of --doc-len tokens vs without, at each length; and dense at --doc-len itself.
+    Rates count only the FLOPs the document mask leaves (s / doc_len documents of doc_len tokens)."""
+    rows, n = [], args.doc_len
+    for d, s, causal, (q, k, v, dout) in shapes(args):
+        if s % n:
+            raise SystemExit(f"--doc-len {n} must divide every --seqlens entry ({s})")
+        docs = torch.arange(s, device=q.device, dtype=torch.int32).div(n, rounding_mode="floor").repeat(args.batch, 1)
+        doc_flops = (s // n) * attention_fwd_flops(args.batch, args.heads, n, d, causal)
+        dense = measure(dict(kind="dense", head_dim=d, seqlen=s, causal=causal),
+                        lambda: ours_fns(q, k, v, dout, causal), attention_fwd_flops(args.batch, args.heads, s, d,
+                                                                                   causal), args.modes, args)
+        with_docs = measure(dict(kind="documents", doc_len=n, head_dim=d, seqlen=s, causal=causal),
+                            lambda: ours_fns(q, k, v, dout, causal, docs=(docs, docs)), doc_flops, args.modes, args)
+        qn, kn, vn, dn = (x[:, :n] for x in (q, k, v, dout))
+        one_doc = measure(dict(kind="dense", head_dim=d, seqlen=n, causal=causal),
+                          lambda: ours_fns(qn, kn, vn, dn, causal), attention_fwd_flops(args.batch, args.heads, n, d,
+                                                                                      causal), args.modes, args)
+        rows += [dense, with_docs, one_doc]
+        for mode in args.modes:
+            if all(mode + "_ms" in r for r in (dense, with_docs, one_doc)):
+                print(f"d={d} s={s} causal={causal} {mode}: documents of {n} {with_docs[mode + '_tflops']:.1f} "
+                      f"TFLOP/s (document FLOPs), {dense[mode + '_ms'] / with_docs[mode + '_ms']:.1f}x faster than "
+                      f"no mask at {s}; dense at {n}: {one_doc[mode + '_tflops']:.1f} TFLOP/s "
+                      f"(ratio {with_docs[mode + '_tflops'] / one_doc[mode + '_tflops']:.2f})", flush=True)
+    return rows
+
+
+def auto_table(args):
+    """fwd+bwd of ours and cuDNN at each (d, s, causal); prints the MEASURED dict of megatron_sp/kernels/choice.py."""
+    rows, table = [], {}
+    for d, s, causal, (q, k, v, dout) in shapes(args):
+        flops = attention_fwd_flops(args.batch, args.heads, s, d, causal)
+        ms = {}
+        for name in ("triton", "sdpa_cudnn"):
+            row = measure(dict(provider=name, head_dim=d, seqlen=s, causal=causal),
+                          lambda: PROVIDERS[name](q, k, v, dout, causal), flops, ["fwd_bwd"], args)
+            rows.append(row)
+            ms[name] = row.get("fwd_bwd_ms", float("inf"))
+        faster = "cudnn" if ms["sdpa_cudnn"] < ms["triton"] else "triton"
+        entries = table.setdefault((d, str(q.dtype).removeprefix("torch."), causal), [])
+        if not entries or entries[-1][1] != faster:  # keep only the lengths where the winner changes
+            entries.append((s, faster))
+    print("\nMEASURED = {  # python tools/bench_flash_attn.py " + " ".join(sys.argv[1:]))
+    for key, entries in sorted(table.items()):
+        print(f"    {key!r}: {tuple(entries)!r},")
+    print("}")
+    return rows
+
+
+# Tilings timed by --sweep, keyed by block_d: forward (block_m, block_n, warps, stages); dk/dv kernel
+# (block_m1, block_n1, warps, stages); dq kernel (block_m2, block_n2, warps, stages). From docs/kernels.md.
+SWEEP = {
+    32: dict(fwd=[(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)], dkdv=[(64, 128, 8, 3), (64, 64, 4, 3),
+             (32, 64, 4, 3)], dq=[(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)]),
+    64: dict(fwd=[(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+             dkdv=[(64, 128, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3)], dq=[(128, 64, 8, 3), (128, 32, 8, 3),
+                                                                       (64, 64, 4, 3)]),
+    128: dict(fwd=[(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4)],
+              dkdv=[(64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 8, 4), (64, 128, 8, 4), (32, 64, 4, 4)],
+              dq=[(128, 64, 8, 4), (128, 32, 8, 4), (128, 32, 4, 4), (64, 64, 4, 4)]),
+    256: dict(fwd=[(128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2)],
+              dkdv=[(32, 64, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2), (16, 32, 4, 2)],
+              dq=[(64, 32, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2)]),
+}
+
+
+def sweep_configs(d):
+    """(kind, config) candidates around the defaults: forward configs, then backward kernel 1 with kernel 2 at
+    its default, then kernel 2 with kernel 1 at its default (and the atomic-dq variant of the default)."""
+    fdef, bdef = default_configs(d, torch.bfloat16, torch.device("cuda"))  # the GPU's defaults, also on CPU
+    cands = SWEEP[block_d(d)]
+    yield from (("fwd", FwdConfig(*c)) for c in cands["fwd"])
+    yield from (("bwd", dataclasses.replace(bdef, block_m1=m, block_n1=n, num_warps1=w, num_stages1=st))
+                for m, n, w, st in cands["dkdv"])
+    yield from (("bwd", dataclasses.replace(bdef, block_m2=m, block_n2=n, num_warps2=w, num_stages2=st))
+                for m, n, w, st in cands["dq"])
+    yield "bwd", dataclasses.replace(bdef, dq_atomic=True)
 
 
 def sweep(args):
-    """Time candidate tilings at each seqlen (causal): forward configs, then backward kernel 1 with kernel 2
-    fixed, then kernel 2 with kernel 1 fixed."""
-    d = args.head_dim
-    fdef, bdef = default_configs(d, torch.bfloat16, torch.device("cuda"))
-    # candidates around the defaults, from the first sweep (docs/kernels.md); 4-warp 128-wide bwd tiles spill
-    fwd_cands = [FwdConfig(*c) for c in ((128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3),
-                                         (64, 64, 4, 4))]
-    k1 = [(64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 8, 4), (64, 128, 8, 4), (32, 64, 4, 4)]
-    k2 = [(128, 64, 8, 4), (128, 32, 8, 4), (128, 32, 4, 4), (64, 64, 4, 4)]
-    bwd_cands = [dataclasses.replace(bdef, block_m1=m, block_n1=n, num_warps1=w, num_stages1=st) for m, n, w, st in k1]
-    bwd_cands += [dataclasses.replace(bdef, block_m2=m, block_n2=n, num_warps2=w, num_stages2=st) for m, n, w, st in k2]
+    """Time candidate tilings (causal) of each head dim at each length."""
     rows = []
-    for s in args.seqlens:
-        q, k, v, dout = inputs(args.batch, s, args.heads, d, torch.bfloat16)
-        f = attention_fwd_flops(args.batch, args.heads, s, d, True)
-        for kind, cands in (("fwd", fwd_cands), ("bwd", bwd_cands)):
-            for cfg in cands:
-                row = {"kind": kind, "seqlen": s, "config": dataclasses.asdict(cfg)}
-                try:
-                    fwd, bwd, _ = ours_fns(q, k, v, dout, True, cfg if kind == "fwd" else fdef,
-                                           cfg if kind == "bwd" else bdef)
-                    ms = time_ms(fwd if kind == "fwd" else bwd, 2, max(3, args.reps // 2), cuda=True)
-                    row.update(ms=ms, tflops=(f if kind == "fwd" else 2.5 * f) / ms / 1e9)
-                except Exception as exc:  # e.g. out of shared memory for this tiling
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    for d, s, causal, (q, k, v, dout) in shapes(args):
+        fdef, bdef = default_configs(d, torch.bfloat16, torch.device("cuda"))
+        flops = attention_fwd_flops(args.batch, args.heads, s, d, causal)
+        for kind, cfg in sweep_configs(d):
+            row = dict(kind=kind, head_dim=d, seqlen=s, causal=causal, config=dataclasses.asdict(cfg))
+            fcfg, bcfg = (cfg, bdef) if isinstance(cfg, FwdConfig) else (fdef, cfg)
+            rows.append(measure(row, lambda: ours_fns(q, k, v, dout, causal, fcfg, bcfg), flops, [kind], args))
     return rows
 
 
-def main():
+def resources(args):
+    """Compile the default tilings for sm_90 on this machine (no GPU needed), without and with document masks,
+    and report what each kernel uses: registers per thread, stack (register spills) and shared memory per block
+    (H200: at most 227 KB)."""
+    rows = []
+    for d in args.head_dims:
+        for dtype in (torch.bfloat16, torch.float32):
+            fcfg, bcfg = default_configs(d, dtype, torch.device("cuda"))
+            for causal, docs in itertools.product(args.causal, (False, True)):
+                for kernel, usage in kernel_resources(d, dtype, causal, docs, fcfg, bcfg).items():
+                    rows.append(dict(head_dim=d, dtype=str(dtype).removeprefix("torch."), causal=causal,
+                                     documents=docs, kernel=kernel, **usage))
+                    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_dkd", "stride_dqd", "stride_ls"}
+
+
+def kernel_resources(d, dtype, causal, docs, fcfg, bcfg):
+    """{kernel: {regs, stack, smem_kb} or {error}} of the forward, dk/dv and dq kernels compiled for sm_90;
+    docs: the variant with document masks."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from megatron_sp.kernels import flash_attn_bwd, flash_attn_fwd
+    elem = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    shape = dict(HEAD_DIM=d, BLOCK_D=block_d(d), CAUSAL=causal, HAS_DOCS=docs, PREC="ieee" if elem == "fp32" else
+                 "tf32", DQ_ATOMIC=bcfg.dq_atomic)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    kernels = {"fwd": (flash_attn_fwd._fwd_kernel, dict(BLOCK_M=fcfg.block_m, BLOCK_N=fcfg.block_n), fcfg.num_warps,
+                       fcfg.num_stages),
+               "dkdv": (flash_attn_bwd._bwd_dkdv_kernel, dict(BLOCK_M=bcfg.block_m1, BLOCK_N=bcfg.block_n1),
+                        bcfg.num_warps1, bcfg.num_stages1),
+               "dq": (flash_attn_bwd._bwd_dq_kernel, dict(BLOCK_M=bcfg.block_m2, BLOCK_N=bcfg.block_n2),
+                      bcfg.num_warps2, bcfg.num_stages2)}
+    out = {}
+    for name, (fn, blocks, warps, stages) in kernels.items():
+        signature, constants, attrs = {}, {}, {}
+        for i, arg in enumerate(fn.arg_names):
+            if arg in shape or arg in blocks or arg in UNIT_STRIDES:
+                signature[arg] = "constexpr"
+                constants[arg] = {**shape, **blocks}.get(arg, 1)  # Triton specialises unit strides at run time too
+            elif arg.isupper() and arg not in ("H", "H_KV", "GROUP"):  # tensors: 16-byte aligned, as torch allocates
+                signature[arg] = "*" + ("fp32" if arg in ("LSE", "DELTA") else "i32" if "DOCS" in arg or
+                                        arg == "RANGES" else elem)
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                signature[arg] = "fp32" if "scale" in arg else "i32"
+                if arg.startswith("stride"):
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        try:
+            compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                                      options=dict(num_warps=warps, num_stages=stages))
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+                cubin.write(compiled.asm["cubin"])
+                cubin.flush()
+                dump = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True,
+                                      text=True, check=True).stdout
+            out[name] = dict(regs=int(re.search(r"REG:(\d+)", dump)[1]), stack=int(re.search(r"STACK:(\d+)", dump)[1]),
+                             smem_kb=compiled.metadata.shared / 1024)
+        except Exception as exc:  # noqa: BLE001 - a tiling that does not compile is a finding, not a crash
+            out[name] = dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
+    return out
+
+
+def int_list(text):
+    return [int(t) for t in text.split(",")]
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seqlens", type=lambda x: [int(t) for t in x.split(",")], default=[4096, 16384, 32768])
+    p.add_argument("--head-dims", type=int_list, default=[128], help="comma-separated head dims (default 128)")
+    p.add_argument("--seqlens", type=int_list, default=[4096, 16384, 32768])
+    p.add_argument("--causal", choices=("yes", "no", "both"), default="both")
+    p.add_argument("--modes", default="fwd,bwd,fwd_bwd", help="comma-separated of fwd, bwd, fwd_bwd")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--sweep", action="store_true", help="time candidate tilings instead of the provider table")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--doc-len", type=int, help="documents of this many tokens: ours with vs without the mask")
+    group.add_argument("--auto-table", action="store_true", help="ours vs cuDNN fwd+bwd, printed as kernels.choice.MEASURED")
+    group.add_argument("--sweep", action="store_true", help="time candidate tilings instead of the provider table")
+    group.add_argument("--resources", action="store_true",
+                       help="no GPU needed: compile the default tilings for sm_90, print registers, spills, smem")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: Triton's interpreter (TRITON_INTERPRET=1), fp32, for checking this tool at tiny sizes")
     p.add_argument("--out", default="bench_flash_attn.json")
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_flash_attn needs a CUDA GPU")
-    rows = sweep(args) if args.sweep else bench(args)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": __import__("triton").__version__, "date": datetime.date.today().isoformat(),
-            "argv": sys.argv, "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim, "dtype": "bf16"}
+    args = p.parse_args(argv)
+    args.causal = {"yes": [True], "no": [False], "both": [True, False]}[args.causal]
+    args.modes = args.modes.split(",")
+    if set(args.modes) - set(MODE_FLOPS):
+        p.error(f"--modes takes {', '.join(MODE_FLOPS)}; got {','.join(args.modes)}")
+    return args
+
+
+def main():
+    args = parse_args()
+    if args.resources:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            sys.exit("--resources compiles for a GPU: unset TRITON_INTERPRET")
+        rows = resources(args)
+        with open(args.out, "w") as fh:
+            json.dump({"meta": {"target": "sm_90", "argv": sys.argv}, "rows": rows}, fh, indent=1)
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_flash_attn needs a CUDA GPU (or --device cpu with TRITON_INTERPRET=1)")
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("--device cpu runs Triton's interpreter: set TRITON_INTERPRET=1")
+    run = sweep if args.sweep else auto_table if args.auto_table else doc_bench if args.doc_len else bench
+    rows = run(args)
+    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter)",
+            "torch": torch.__version__, "triton": __import__("triton").__version__,
+            "date": datetime.date.today().isoformat(), "argv": sys.argv, "batch": args.batch, "heads": args.heads,
+            "dtype": "bf16" if args.device == "cuda" else "fp32",
+            "flops": "fwd = 4*b*h*s^2*d (halved when causal), bwd = 2.5x, fwd+bwd = 3.5x"}
     with open(args.out, "w") as fh:
         json.dump({"meta": meta, "rows": rows}, fh, indent=1)
 
