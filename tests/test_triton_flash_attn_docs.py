@@ -1,9 +1,11 @@
 """Document masks in the Triton flash attention (packed samples): tiny shapes against a float64 reference on CPU
 (interpreter), the block ranges that let the kernels skip what is masked, and bf16 on a GPU."""
+import dataclasses
+
 import pytest
 import torch
 
-from megatron_sp.kernels.flash_attn import flash_attn_backward, flash_attn_forward
+from megatron_sp.kernels.flash_attn import default_configs, flash_attn_backward, flash_attn_forward
 from megatron_sp.kernels.flash_attn_docs import key_block_ranges, query_block_ranges
 from tests.test_triton_flash_attn import DEVICE, ON_GPU, TOL, assert_within_twice_sdpa, make_inputs, rel_err, sdpa_grads
 
@@ -37,10 +39,11 @@ def masked_reference(q, k, v, dout, causal, scale, q_docs, k_docs):
     return out.detach(), lse.detach(), q64.grad, k64.grad, v64.grad
 
 
-def run_case(q_docs, k_docs, hq, hkv, d, dtype, causal):
+def run_case(q_docs, k_docs, hq, hkv, d, dtype, causal, bwd_config=None):
     q, k, v, dout = make_inputs(q_docs.shape[0], q_docs.shape[1], k_docs.shape[1], hq, hkv, d, dtype, seed=hq + d)
-    got = flash_attn_forward(q, k, v, causal, d ** -0.5, q_docs=q_docs, k_docs=k_docs)
-    got = (*got, *flash_attn_backward(dout, q, k, v, *got, causal, d ** -0.5, q_docs=q_docs, k_docs=k_docs))
+    mask = dict(q_docs=q_docs, k_docs=k_docs)
+    got = flash_attn_forward(q, k, v, causal, d ** -0.5, **mask)
+    got = (*got, *flash_attn_backward(dout, q, k, v, *got, causal, d ** -0.5, bwd_config, **mask))
     return (q, k, v, dout), got, masked_reference(q, k, v, dout, causal, d ** -0.5, q_docs, k_docs)
 
 
@@ -66,10 +69,11 @@ def test_document_mask_matches_reference(case, causal, dtype):
         assert rel_err(x, ref) < TOL[dtype], name
 
 
-@pytest.mark.parametrize("d", [96, 256])
-def test_document_mask_with_padded_head_dims(d):
+@pytest.mark.parametrize("d, dq_atomic", [(96, False), (256, False), (64, True)])
+def test_document_mask_with_padded_head_dims_and_atomic_dq(d, dq_atomic):
     q_docs = doc_ids([3, 1, 20, 9])
-    _, got, want = run_case(q_docs, q_docs, 2, 1, d, torch.float32, True)
+    bwd = dataclasses.replace(default_configs(d, torch.float32, torch.device(DEVICE))[1], dq_atomic=dq_atomic)
+    _, got, want = run_case(q_docs, q_docs, 2, 1, d, torch.float32, True, bwd)
     for name, x, ref in zip(("out", "dq", "dk", "dv"), got[:1] + got[2:], want[:1] + want[2:]):
         assert rel_err(x, ref) < TOL[torch.float32], name
 
