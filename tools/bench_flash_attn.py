@@ -28,7 +28,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from megatron_sp.kernels.flash_attn import (  # noqa: E402
     BwdConfig, FwdConfig, block_d, default_configs, flash_attn_backward, flash_attn_forward)
-from tools.timing import attention_fwd_flops, time_ms  # noqa: E402
+from megatron_sp.flops import attention_fwd_flops  # noqa: E402
+from tools.timing import time_ms  # noqa: E402
 
 MODE_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}  # times the forward's FLOPs
 
