@@ -10,6 +10,7 @@ padded inside the kernels (masked loads and stores on the d axis), never copied.
 from dataclasses import dataclass
 
 import torch
+import triton
 
 from megatron_sp.kernels.flash_attn_bwd import launch_backward
 from megatron_sp.kernels.flash_attn_docs import check_docs, key_block_ranges, query_block_ranges
@@ -46,7 +47,7 @@ class BwdConfig:
 
 def block_d(head_dim: int) -> int:
     """The width the kernels tile the head dim with: the next power of two (80, 96 -> 128; 192 -> 256)."""
-    return 1 << (head_dim - 1).bit_length()
+    return triton.next_power_of_2(head_dim)  # as the launchers pass it to the kernels
 
 
 # Hopper (H200), keyed by block_d. Only d=128 bf16 is measured (tools/bench_flash_attn.py --sweep); the rest are
