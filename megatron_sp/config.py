@@ -113,7 +113,7 @@ class DataConfig:
     reset_position_ids: bool = arg(False, "Restart position ids after every end-of-document token.")
     reset_attention_mask: bool = arg(False, "Keep attention inside each document: a token after an end-of-document "
                                      "token sees only its own document (every strategy; backends torch, sdpa_flash, "
-                                     "flash_attn, or triton once its kernel has document ids; not cudnn).")
+                                     "flash_attn, triton; not cudnn).")
     eod_mask_loss: bool = arg(False, "No loss on end-of-document tokens.")
 
 

@@ -161,14 +161,11 @@ def test_backends_without_a_document_mask_are_one_line():
 
 
 def test_triton_kernel_with_documents():
-    """The Triton kernel's document mask (interpreted on CPU, fp32): runs once the kernel takes q_docs."""
-    from megatron_sp.attention.backends import documents_unsupported
+    """The Triton kernel's document mask (interpreted on CPU, fp32) behind the backend pair."""
     try:
-        resolve_backend("triton", "cpu", torch.float32)
+        resolve_backend("triton", "cpu", torch.float32, documents=True)
     except ValueError as exc:
         pytest.skip(str(exc))
-    if documents_unsupported("triton"):
-        pytest.skip("the Triton kernel takes no document ids yet")
     ids = ids_of(BATCHES[0])
     q, k, v, dout = (torch.nn.functional.pad(t, (0, 64 - D)).float() for t in inputs(2, 2))
     out, lse = attention_forward(q, k, v, True, D ** -0.5, "triton", q_docs=ids, k_docs=ids)
@@ -185,7 +182,7 @@ def test_triton_kernel_with_documents():
 @pytest.mark.parametrize("backend", ["sdpa_flash", "triton"])
 @pytest.mark.parametrize("causal, hkv", [(True, 4), (True, 1), (False, 2)])
 def test_gpu_document_backends_match_torch(backend, causal, hkv):
-    """The varlen FlashAttention-2 path (and the Triton kernel once it takes document ids) in bf16 on a GPU,
+    """The varlen FlashAttention-2 path and the Triton kernel in bf16 on a GPU,
     forward and a backward against an lse the kernel did not produce, as the ring hands it."""
     from megatron_sp.attention.backends import documents_unsupported
     if documents_unsupported(backend):

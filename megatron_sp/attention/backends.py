@@ -9,7 +9,7 @@ Document masks (packed samples): q_docs int32 [b, sq] and k_docs int32 [b, sk], 
 query / key token, non-decreasing along the sequence; key j is visible to query i iff q_docs[b, i] ==
 k_docs[b, j] (and i >= j when causal). Both None: no document mask, no cost. A query row that sees no
 key gets out = 0, lse = -inf and no gradient. Backends with a document mask: torch, sdpa_flash and
-flash_attn (varlen FlashAttention-2, attention/varlen.py), triton when its kernel has one.
+flash_attn (varlen FlashAttention-2, attention/varlen.py) and triton (kernels/flash_attn_docs.py).
 """
 import functools
 import importlib
@@ -250,11 +250,6 @@ def _triton_module():
     return importlib.import_module("megatron_sp.kernels.flash_attn")
 
 
-def _triton_has_documents() -> bool:
-    """Whether the Triton kernel takes document ids (flash_attn_forward(..., *, q_docs, k_docs))."""
-    return "q_docs" in inspect.signature(_triton_module().flash_attn_forward).parameters
-
-
 def _triton_forward(q, k, v, causal, scale, **docs):
     return _triton_module().flash_attn_forward(q, k, v, causal, scale, **docs)  # GQA-native
 
@@ -266,22 +261,15 @@ def _triton_backward(dout, q, k, v, out, lse, causal, scale, **docs):
 # --- availability and dispatch ---------------------------------------------------------------------
 
 DOCUMENT_BACKENDS = ("torch", "sdpa_flash", "flash_attn", "triton")
-"""Backends with a document mask (--reset-attention-mask); triton once its kernel takes document ids."""
+"""Backends with a document mask (--reset-attention-mask)."""
 
 
 def documents_unsupported(backend: str) -> str | None:
     """None when `backend` has a document mask, else the one-line reason it is refused."""
-    if backend == "triton":
-        try:
-            if _triton_has_documents():
-                return None
-        except ImportError:
-            return None  # _unavailable_reason says why it cannot run at all
-    elif backend in DOCUMENT_BACKENDS:
+    if backend in DOCUMENT_BACKENDS:
         return None
     return (f"attention backend {backend!r} has no document mask (--reset-attention-mask); use sdpa_flash "
-            "(varlen FlashAttention-2, GPU), flash_attn, torch"
-            + (", or triton once its kernel takes document ids" if backend != "triton" else ""))
+            "(varlen FlashAttention-2, GPU), flash_attn, triton or torch")
 
 
 def _unavailable_reason(backend: str, device: torch.device) -> str | None:
@@ -380,7 +368,7 @@ def _documents_forward(q, k, v, causal, scale, backend, q_docs, k_docs):
         return _torch_forward(q, k, v, causal, scale, q_docs, k_docs)
     if backend in _VARLEN_KERNELS:
         return varlen_forward(_VARLEN_KERNELS[backend][0], q, k, v, causal, scale, q_docs, k_docs)
-    if backend == "triton" and _triton_has_documents():
+    if backend == "triton":
         return _triton_forward(q, k, v, causal, scale, q_docs=q_docs, k_docs=k_docs)
     raise ValueError(documents_unsupported(backend) or f"unknown attention backend {backend!r}")
 
@@ -390,6 +378,6 @@ def _documents_backward(dout, q, k, v, out, lse, causal, scale, backend, q_docs,
         return _torch_backward(dout, q, k, v, out, lse, causal, scale, q_docs, k_docs)
     if backend in _VARLEN_KERNELS:
         return varlen_backward(_VARLEN_KERNELS[backend][1], dout, q, k, v, out, lse, causal, scale, q_docs, k_docs)
-    if backend == "triton" and _triton_has_documents():
+    if backend == "triton":
         return _triton_backward(dout, q, k, v, out, lse, causal, scale, q_docs=q_docs, k_docs=k_docs)
     raise ValueError(documents_unsupported(backend) or f"unknown attention backend {backend!r}")
