@@ -47,7 +47,7 @@ def test_auto_candidates(device, dtype, d, seq, want):
 
 def test_auto_candidates_with_documents():
     """cuDNN has no document mask: SDPA's varlen FlashAttention-2, then ours; fp32 ours alone."""
-    assert auto_candidates("cuda", BF16, 128, 4096, True, documents=True) == ("sdpa_flash", "triton")
+    assert auto_candidates("cuda", BF16, 128, 4096, True, documents=True) == ("triton", "sdpa_flash")
     assert auto_candidates("cuda", BF16, None, None, True, documents=True) == ("sdpa_flash",)
     assert auto_candidates("cuda", torch.float32, 96, 4096, True, documents=True) == ("triton",)
     assert auto_candidates("cpu", BF16, 128, 4096, True, documents=True) == ()

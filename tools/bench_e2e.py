@@ -221,7 +221,7 @@ def parse_args(argv=None):
     p.add_argument("--ulysses-degree", type=int, default=None, help="hybrid only")
     p.add_argument("--backend", default=None,
                    help="attention kernel (cudnn, triton, sdpa_flash, torch, auto); default cudnn on cuda "
-                        "(sdpa_flash with --doc-len: cudnn has no document mask), torch on cpu")
+                        "(triton with --doc-len: cudnn has no document mask), torch on cpu")
     p.add_argument("--sp", type=int, default=2, help="sequence-parallel size")
     p.add_argument("--doc-len", type=parse_doc_len, default=None,
                    help="pack the mock samples with documents (N tokens each, or an indexed dataset prefix whose "
@@ -234,7 +234,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="bench_e2e.json", help="JSON file; an existing list in it is appended to")
     p.add_argument("extra", nargs="*", help="more Megatron flags, after --")
     args = p.parse_args(argv)
-    gpu_default = "sdpa_flash" if args.doc_len is not None else "cudnn"
+    gpu_default = "triton" if args.doc_len is not None else "cudnn"
     args.backend = args.backend or (gpu_default if args.device == "cuda" else "torch")
     return args
 

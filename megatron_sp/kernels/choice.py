@@ -2,14 +2,17 @@
 small measured table; where cuDNN cannot run the shape, ours. Pure lookups (no GPU, no Triton needed)."""
 import torch
 
-# Faster kernel, forward + backward, on one H200 (b=1, 16 heads). Key: (head_dim, dtype, causal); value:
-# ((from_length, kernel), ...) in ascending from_length; the last entry whose from_length <= the length applies,
-# and lengths below the first entry take the first. Printed by
-#   python tools/bench_flash_attn.py --auto-table --head-dims 64,80,96,128,192,256 --seqlens 4096,16384,65536
-# Holds what is measured so far: d=128 bf16 at 4k-32k, ours 287-430 vs cuDNN 303-552 TFLOP/s (docs/kernels.md).
+# Faster kernel, forward + backward, on one H200 (b=1, 16 heads, bf16; measured 2026-12-02, docs/kernels.md).
+# Key: (head_dim, dtype, causal); value: ((from_length, kernel), ...) in ascending from_length; the last entry
+# whose from_length <= the length applies, and lengths below the first entry take the first. Printed by
+#   python tools/bench_flash_attn.py --auto-table --head-dims 64,96,128 --seqlens 4096,16384,65536 --warmup 2 --reps 5
 MEASURED = {
-    (128, "bfloat16", True): ((4096, "cudnn"),),
+    (64, "bfloat16", False): ((4096, "cudnn"),),
+    (64, "bfloat16", True): ((4096, "triton"), (16384, "cudnn")),
+    (96, "bfloat16", False): ((4096, "cudnn"),),
+    (96, "bfloat16", True): ((4096, "cudnn"),),
     (128, "bfloat16", False): ((4096, "cudnn"),),
+    (128, "bfloat16", True): ((4096, "cudnn"),),
 }
 
 HALF = (torch.bfloat16, torch.float16)
@@ -48,9 +51,9 @@ def auto_candidates(device_type: str, dtype: torch.dtype, head_dim: int | None =
 
     Shape unknown (head_dim or seq_len None): cudnn, sdpa_flash for 16-bit (sdpa_flash alone with documents).
     Known, 16-bit: the measured faster of cudnn and triton; without a measurement cuDNN where it surely runs,
-    else ours; SDPA's FlashAttention-2 last. With document masks (cuDNN has none): sdpa_flash's varlen entry,
-    then ours (the two are not yet measured against each other). fp32: ours (exact fp32, no s x s scores in
-    memory). Other dtypes: none."""
+    else ours; SDPA's FlashAttention-2 last. With document masks (cuDNN has none): ours, then sdpa_flash's
+    varlen entry (ours measured 1.25x faster at 128k tokens in 4k documents, d=128, docs/benchmarks.md).
+    fp32: ours (exact fp32, no s x s scores in memory). Other dtypes: none."""
     if device_type != "cuda" or dtype not in (*HALF, torch.float32):
         return ()
     if head_dim is None or seq_len is None:
@@ -60,7 +63,7 @@ def auto_candidates(device_type: str, dtype: torch.dtype, head_dim: int | None =
     if dtype == torch.float32:
         order = ("triton",)
     elif documents:
-        order = ("sdpa_flash", "triton")
+        order = ("triton", "sdpa_flash")
     else:
         measured = measured_choice(head_dim, dtype, seq_len, causal)
         cudnn_ok = cudnn_runs(head_dim, dtype) or measured == "cudnn"
