@@ -187,7 +187,7 @@ def test_gpu_document_backends_match_torch(backend, causal, hkv):
     from megatron_sp.attention.backends import documents_unsupported
     if documents_unsupported(backend):
         pytest.skip(documents_unsupported(backend))
-    lengths = [1, 100, 1, 27, 127, 256, 1, 3]  # two samples of 256 tokens
+    lengths = [1, 100, 1, 27, 120, 10, 250, 3]  # two samples of 256 tokens; the 10-token document crosses them
     ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).view(2, 256).cuda()
     gen = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(2, 256, h, 64, generator=gen).cuda().bfloat16() for h in (4, hkv, hkv, 4))
