@@ -46,8 +46,54 @@ def test_bench_e2e_cpu_mode(tmp_path):
     L, h, f, s, V = 2, 64, 176, 128, 256
     assert r["flops_per_token"] == 3 * (L * (8 * h * h + 6 * h * f + 2 * h * s) + 2 * h * V)
     assert set(r["profile"]["ms"]) == {"attention", "matmul", "communication", "other"}
+    # the real profile's phases: train_step's three ranges, in order, inside the profiled step
+    from megatron_sp.training.loop import PHASES
+    phases = r["profile"]["phases"]
+    assert [p["name"] for p in phases] == list(PHASES) and all(p["host_ms"] > 0 for p in phases)
+    assert sum(p["host_ms"] for p in phases) <= r["profile"]["step_wall_ms"]
     with open(out) as fh:
         assert json.load(fh)[0]["seq_length"] == 128
+
+
+def _bench_e2e_memory(rank, world, out):
+    from tools import bench_e2e
+    return bench_e2e.main(["--model", "tiny", "--device", "cpu", "--seq-length", "64", "--zero-stage", "1",
+                           "--warmup", "1", "--steps", "1", "--memory-breakdown", "--expandable-segments",
+                           "--out", out, "--", "--bf16"])
+
+
+def test_bench_e2e_memory_breakdown_reads_the_zero_1_states(tmp_path):
+    """bf16 ZeRO-1 on 2 ranks: bf16 weights whole on each rank, the fp32 master weights and AdamW's two
+    states a half each, bf16 gradients after backward, the fp32 gradient partition only inside the step."""
+    r = run_ranks(2, _bench_e2e_memory, str(tmp_path / "e2e.json"), timeout=120)[0]
+    n, moments = r["parameters"], r["memory"]["moments"]
+    assert list(moments) == ["after forward", "after backward", "in optimizer step", "after step"]
+    for m in moments.values():
+        assert m["parameters"] == 2 * n
+        assert 4 * n / 2 <= m["fp32 master weights"] <= 4 * n / 2 + 4 * 2 * 64  # + ZeRO's padding per group
+        assert m["optimizer states"] == 2 * m["fp32 master weights"] + 2 * 4  # exp_avg, exp_avg_sq, 2 step counters
+        assert "allocated" not in m  # CPU: no allocator statistics
+    assert moments["in optimizer step"]["fp32 gradient partition"] > 0
+    assert all(moments[k]["fp32 gradient partition"] == 0 for k in ("after forward", "after backward", "after step"))
+    assert moments["after backward"]["gradients + buffers"] >= 2 * n / 2
+    assert moments["after step"]["gradients + buffers"] < 64  # only scalars (the gradient norm) stay
+    assert set(r["memory"]["planner"]) >= {"parameters", "gradients", "optimizer", "activations"}
+    assert r["alloc_conf"].endswith("expandable_segments:True")
+
+
+def test_memory_breakdown_counts_each_storage_once_by_its_first_category():
+    import torch
+    from tools import memory_breakdown
+    flat = torch.zeros(100)
+    views = [flat[:60], flat[60:]]  # parameters as views into one flat buffer: 400 bytes once
+    grad = torch.zeros(10, dtype=torch.bfloat16)
+    tensors = {c: [] for c in memory_breakdown.CATEGORIES}
+    tensors["parameters"] = views
+    tensors["fp32 master weights"] = [flat[10:20]]  # already claimed by the parameters
+    tensors["gradients + buffers"] = [grad, grad.view(2, 5), torch.empty(1000, device="meta")]
+    got = memory_breakdown.count_bytes(tensors)
+    assert got == {"parameters": 400, "fp32 master weights": 0, "optimizer states": 0, "fp32 gradient partition": 0,
+                   "gradients + buffers": 20}
 
 
 def test_kernel_timeline_separates_hidden_from_exposed_communication():
@@ -66,6 +112,47 @@ def test_kernel_timeline_separates_hidden_from_exposed_communication():
     assert t["union_ms"] == {"attention": 0.1, "communication": 0.1, "matmul": 0.1, "other": 0.1}
     assert t["top_other"] == [{"ms": 0.1, "count": 1, "name": "triton_poi_fused_add"}]
     assert kernel_timeline.summarize({"traceEvents": []}, bench_e2e.categorize) is None
+
+
+def test_kernel_timeline_splits_the_step_at_its_profiler_ranges():
+    """Kernels belong to the range whose host call launched them, also from another thread (the autograd
+    engine's); windows tile the GPU time from the first phase's first kernel; host syncs are counted."""
+    from tools import kernel_timeline
+
+    def x(cat, name, ts, dur, tid=1, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid, "args": args}
+    trace = {"traceEvents": [
+        x("user_annotation", "fwd", 0, 100), x("user_annotation", "bwd", 100, 200),
+        x("user_annotation", "opt", 300, 50), x("user_annotation", "fwd", 400, 10),  # a second micro batch
+        x("cpu_op", "aten::mm", 10, 5),                                            # host op: no device time
+        x("cuda_runtime", "cudaMemcpyAsync", -20, 2, correlation=9),               # outside every range
+        x("cuda_runtime", "cudaLaunchKernel", 10, 2, correlation=1),
+        x("cuda_runtime", "cudaLaunchKernel", 150, 2, tid=2, correlation=2),       # the autograd thread
+        x("cuda_driver", "cuLaunchKernel", 310, 2, correlation=3),                 # a Triton launch
+        x("cuda_runtime", "cudaStreamSynchronize", 320, 20),
+        x("cuda_runtime", "cudaLaunchKernel", 401, 2, correlation=4),
+        x("gpu_memcpy", "Memcpy HtoD", 0, 5, correlation=9),
+        x("kernel", "sm90_gemm_bf16", 20, 60, correlation=1),                      # fwd 20-80, idle 80-120
+        x("kernel", "cudnn_bwd", 120, 130, correlation=2),                         # bwd 120-250, idle 250-330
+        x("kernel", "adamw", 330, 10, correlation=3),                              # opt 330-340, idle 340-405
+        x("kernel", "sm90_gemm_bf16", 405, 5, correlation=4),                      # fwd again 405-410
+        x("gpu_user_annotation", "bwd", 120, 10),                                  # covers only its own thread's
+    ]}
+    rows = {r["name"]: r for r in kernel_timeline.phases(trace, ["fwd", "bwd", "opt"])}
+    assert list(rows) == ["fwd", "bwd", "opt", "outside"]
+    ms = lambda us: us / 1e3  # noqa: E731
+    assert rows["fwd"]["host_ms"] == ms(110) and rows["fwd"]["kernels_ms"] == ms(65)
+    assert rows["fwd"]["gpu_window_ms"] == ms(100 + 5) and rows["fwd"]["gpu_busy_ms"] == ms(65)
+    assert rows["fwd"]["gpu_idle_ms"] == ms(40)
+    assert rows["bwd"]["gpu_window_ms"] == ms(210) and rows["bwd"]["gpu_busy_ms"] == ms(130)
+    assert rows["bwd"]["gpu_annotation_ms"] == ms(10)
+    assert rows["opt"]["gpu_window_ms"] == ms(75) and rows["opt"]["gpu_idle_ms"] == ms(65)
+    assert (rows["opt"]["host_syncs"], rows["opt"]["host_sync_ms"]) == (1, ms(20))
+    assert rows["fwd"]["host_syncs"] == rows["bwd"]["host_syncs"] == 0
+    assert rows["outside"]["kernels_ms"] == ms(5) and rows["outside"]["gpu_window_ms"] == 0
+    assert rows["fwd"]["top"] == [{"ms": ms(65), "name": "sm90_gemm_bf16"}]
+    table = kernel_timeline.phase_table(list(rows.values()))
+    assert len(table) == 2 + 4 and table[3].startswith("| bwd | 0.2 | 0.2 | 0.1 | 0.1 | 0.1 | 0 (0.0) | cudnn_bwd 0.1 |")
 
 
 def test_bench_e2e_refuses_an_out_file_it_cannot_append_to(tmp_path):

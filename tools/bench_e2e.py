@@ -13,7 +13,9 @@ not counted; 3*(L*(8h^2 + 6hf + 2hs) + 2hV) per token for this shape), and the p
 --doc-len packs the mock samples with documents (an EOD ending each; tools/doc_lengths.py) and trains with
 --reset-attention-mask --reset-position-ids --eod-mask-loss; its model FLOPs count attention inside documents
 only (s in 2hs becomes sum(L^2)/s).
---profile adds one profiled step and splits its GPU kernel time into attention, matmul, communication, other.
+--profile adds one profiled step and splits its GPU kernel time into attention, matmul, communication, other, and
+the step into its forward, backward and optimizer phases (GPU busy/idle, top kernels, host syncs);
+--memory-breakdown adds one step whose memory is split by what holds it (tools/memory_breakdown.py).
 """
 import argparse
 import datetime
@@ -51,7 +53,7 @@ def flags(args, world: int) -> list[str]:
     argv = MODELS[args.model] + SHAPE + [
         "--seq-length", str(args.seq_length), "--max-position-embeddings", str(args.seq_length),
         "--micro-batch-size", "1", "--global-batch-size", str(dp),
-        "--train-iters", str(args.warmup + args.steps + (1 if args.profile else 0)),
+        "--train-iters", str(args.warmup + args.steps + args.profile + args.memory_breakdown),
         "--lr", "1e-4", "--lr-warmup-iters", "0", "--lr-decay-style", "constant", "--clip-grad", "1.0",
         "--weight-decay", "0.1", "--zero-stage", str(args.zero_stage),
         "--sequence-parallel-size", str(args.sp), "--sequence-parallel-strategy", args.strategy,
@@ -120,7 +122,9 @@ def profile_step(step, device_is_cuda: bool, trace_path: str | None = None) -> d
     if trace_path:
         with gzip.open(trace_path, "wb") as fh:
             fh.write(raw)
-    timeline = kernel_timeline.summarize(json.loads(raw), categorize)
+    from megatron_sp.training.loop import PHASES
+    trace = json.loads(raw)
+    timeline = kernel_timeline.summarize(trace, categorize)
     totals, top = {"attention": 0.0, "matmul": 0.0, "communication": 0.0, "other": 0.0}, []
     for evt in prof.key_averages():
         if device_is_cuda:
@@ -139,7 +143,7 @@ def profile_step(step, device_is_cuda: bool, trace_path: str | None = None) -> d
             top.append((us / 1e3, evt.key[:120]))
     top.sort(reverse=True)
     return {"ms": {k: round(v, 3) for k, v in totals.items()}, "step_wall_ms": round(wall_ms, 1),
-            "timeline": timeline, "top_kernels": [{"ms": round(ms, 3), "name": n, "category": categorize(n)} for ms, n in top[:15]]}
+            "timeline": timeline, "phases": kernel_timeline.phases(trace, PHASES), "top_kernels": [{"ms": round(ms, 3), "name": n, "category": categorize(n)} for ms, n in top[:15]]}
 
 
 def run(args) -> dict:
@@ -202,11 +206,29 @@ def run(args) -> dict:
         "flops_per_token": per_token,
         "peak_memory_gib": peak.item(), "losses": losses, "doc_len": args.doc_len,
         "documents_per_sample": None if lengths is None else len(lengths),
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else 0.0,  # this rank
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
         "date": datetime.date.today().isoformat(), "argv": sys.argv}
     if args.profile:
         trace = f"{args.trace}.rank{rank}.json.gz" if args.trace else None
         result["profile"] = profile_step(step, cuda, trace)
+    if args.memory_breakdown:  # after the peak above was read: this resets the peak statistics
+        result["memory"] = memory_report(cfg, setup, step, world)
+    return result
+
+
+def memory_report(cfg, setup, step, world: int) -> dict:
+    """One more step with tools/memory_breakdown.py's four snapshots (this rank), beside the planner's estimate."""
+    from megatron_sp.parallel.sharding import effective_strategy
+    from megatron_sp.plan import estimate_memory, zero_setup
+    from tools import memory_breakdown
+    p = cfg.parallel
+    plan = estimate_memory(cfg, world, p.sequence_parallel_size,
+                           effective_strategy(p.sequence_parallel_strategy, p.sequence_parallel_size),
+                           p.ulysses_degree, zero_setup(cfg))
+    result = memory_breakdown.measure(setup.engine, step, setup.device.type == "cuda")
+    result["planner"] = {k: int(v) for k, v in plan.parts.items()}
     return result
 
 
@@ -231,6 +253,14 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="one more step under torch.profiler")
     p.add_argument("--trace", default=None, help="with --profile: keep each rank's chrome trace as TRACE.rankN.json.gz")
+    p.add_argument("--memory-breakdown", action="store_true",
+                   help="one more step with snapshots of its memory (parameters, fp32 master weights, optimizer "
+                        "states, gradients and DeepSpeed's buffers, the rest) after forward, after backward, inside "
+                        "the optimizer step and after it (tools/memory_breakdown.py), beside the planner's estimate")
+    p.add_argument("--expandable-segments", action="store_true",
+                   help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before CUDA starts: the allocator grows "
+                        "segments in place instead of caching fixed blocks, which can cut reserved-but-unused "
+                        "memory (fragmentation); expected: peak reserved closer to peak allocated, speed unchanged")
     p.add_argument("--out", default="bench_e2e.json", help="JSON file; an existing list in it is appended to")
     p.add_argument("extra", nargs="*", help="more Megatron flags, after --")
     args = p.parse_args(argv)
@@ -261,7 +291,11 @@ def main(argv=None) -> dict:
     previous_results(args.out)  # refuse a bad --out before the run, not after it
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args.expandable_segments:  # read when the CUDA allocator starts: before the first CUDA tensor
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(
+            filter(None, [os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "expandable_segments:True"]))
     from megatron_sp.errors import ConfigError
+    from tools import kernel_timeline
     try:
         result = run(args)
     except ConfigError as err:  # flags, or a kernel this device lacks
@@ -278,6 +312,13 @@ def main(argv=None) -> dict:
             timeline = r["profile"]["timeline"]
             if timeline:
                 print("  timeline: " + json.dumps({k: v for k, v in timeline.items() if k != "top_other"}), flush=True)
+            print("\n".join(["  phases of the profiled step:"] + kernel_timeline.phase_table(r["profile"]["phases"])),
+                  flush=True)
+        if "memory" in r:
+            from tools import memory_breakdown
+            print("\n".join(["  memory of one step (rank 0):"] + memory_breakdown.table(r["memory"])), flush=True)
+            print("  planner's estimate (GiB): " + ", ".join(f"{k} {v / 2 ** 30:.2f}" for k, v in
+                                                           r["memory"]["planner"].items()), flush=True)
         previous = previous_results(args.out)
         with open(args.out, "w") as fh:
             json.dump(previous + [result], fh, indent=1)

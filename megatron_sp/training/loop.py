@@ -10,11 +10,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from megatron_sp.attention.documents import Documents
 from megatron_sp.errors import RankError
 from megatron_sp.data.loader import get_batch
 from megatron_sp.parallel.sharding import SequenceLayout
+
+
+PHASES = ("step.forward", "step.backward", "step.optimizer")  # the profiler ranges train_step opens
 
 
 @dataclass
@@ -88,12 +92,16 @@ def train_step(engine, micro_batches: list[dict], ctx: StepContext):
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     grad_norm = None
     for i, b in enumerate(batches):
-        token_loss = engine(*model_inputs(b))  # [b, s/P] fp32
-        local_sum = (token_loss * b["loss_mask"]).sum()
-        engine.backward(local_sum * scale.to(local_sum.dtype), scale_wrt_gas=False)
+        # named ranges for tools/bench_e2e.py --profile; without a running profiler each costs a few us
+        with record_function(PHASES[0]):
+            token_loss = engine(*model_inputs(b))  # [b, s/P] fp32
+            local_sum = (token_loss * b["loss_mask"]).sum()
+        with record_function(PHASES[1]):
+            engine.backward(local_sum * scale.to(local_sum.dtype), scale_wrt_gas=False)
         if i == len(batches) - 1:
             grad_norm = fp32_grad_norm(engine)
-        engine.step()
+        with record_function(PHASES[2]):
+            engine.step()
         loss_sum += local_sum.detach().double()
     return _global_sum(loss_sum), global_count, grad_norm
 
