@@ -3,7 +3,7 @@ file write or GPU memory. Each check_* function only reads; derive_schedule is t
 (the global batch and the iteration count, which follow from the checked flags)."""
 import os
 
-from megatron_sp.config import RunConfig, fill_defaults
+from megatron_sp.config import RunConfig, fill_defaults, zero_stage_of
 from megatron_sp.errors import ConfigError
 
 
@@ -70,6 +70,9 @@ def check_model(cfg: RunConfig) -> None:
     if m.recompute_granularity == "selective" and m.checkpoint_activations:
         raise ConfigError("--recompute-granularity selective and --checkpoint-activations (full recompute) "
                           "exclude each other; pick one")
+    if m.compile_layers and zero_stage_of(cfg) == 3:
+        raise ConfigError("--compile-layers does not work with ZeRO stage 3 (torch.compile cannot trace the layers "
+                          "DeepSpeed builds under zero.Init, nor its parameter-gathering hooks); use --zero-stage 1 or 2")
 
 
 def check_parallel(cfg: RunConfig, world_size: int) -> None:

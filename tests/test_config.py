@@ -14,7 +14,7 @@ from megatron_sp.data.indexed import IndexedDatasetWriter
 FROZEN_FLAGS = """
     --DDP-impl --adam-beta1 --adam-beta2 --adam-eps --apply-query-key-layer-scaling
     --attention-backend --attention-dropout --bf16 --checkpoint-activations --checkpoint-in-cpu
-    --checkpoint-num-layers --clip-grad --contigious-checkpointing --data-cache-path --data-impl
+    --checkpoint-num-layers --clip-grad --compile-layers --contigious-checkpointing --data-cache-path --data-impl
     --data-path --deepspeed --deepspeed-activation-checkpointing --deepspeed-config
     --deepspeed_config --disable-bias-linear --distributed-backend --distributed-timeout-minutes
     --dry-run --ds-sequence-parallel-fpdt --ds-sequence-parallel-fpdt-chunk-size

@@ -1,7 +1,9 @@
-"""torch.compile for the memory-bound glue between big kernels (norms, SwiGLU, rotary, all-to-all packing)."""
-from typing import Callable
+"""torch.compile for the memory-bound glue between big kernels (norms, SwiGLU, rotary, all-to-all packing),
+or for whole transformer layers (compile_layers, --compile-layers)."""
+from typing import Callable, Iterable
 
 import torch
+from torch import nn
 
 
 def _device_type(args) -> str | None:
@@ -34,3 +36,25 @@ class Fused:
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, backend=self.backend, dynamic=None, fullgraph=True)
         return self._compiled(*args)
+
+
+LAYER_BACKEND = "inductor"  # compile_layers' default; tests on CPU swap in aot_eager (no code generation)
+
+
+def compile_layers(layers: Iterable[nn.Module], backend: str | None = None) -> None:
+    """torch.compile each transformer layer in place, as torchtitan compiles each block.
+
+    nn.Module.compile keeps the layer's parameter names (checkpoints load unchanged) and works under
+    activation checkpointing (the checkpoint calls the compiled layer; selective recompute inside the
+    layer traces as a checkpoint region). The inner attention slot stays eager: torch.compiler.disable
+    makes each layer two graphs, before and after it (norm, QKV, rotary | output projection, residual,
+    norm, MLP, residual), because the slot's strategies communicate and call private aten attention ops
+    that a whole-layer graph (fullgraph) cannot hold. Inside a compiled layer the Fused pieces trace into
+    the layer's graph, so the compiler can also fuse the residual adds, the QKV split and their backward.
+    Dropout draws other random masks than eager mode."""
+    for layer in layers:
+        for module in layer.modules():
+            slot = getattr(module, "inner_attention", None)
+            if slot is not None:
+                slot.forward = torch.compiler.disable(slot.forward, recursive=True)
+        layer.compile(backend=backend or LAYER_BACKEND)

@@ -16,7 +16,7 @@ parameter column. Activations are counted per local token (b * s / P) in ``activ
 """
 from dataclasses import dataclass, field
 
-from megatron_sp.config import RunConfig
+from megatron_sp.config import RunConfig, zero_stage_of
 from megatron_sp.plan.activations import activation_bytes, logits_bytes
 from megatron_sp.parallel.sharding import effective_strategy
 
@@ -63,7 +63,7 @@ class ZeroSetup:
     @classmethod
     def from_config(cls, cfg: RunConfig, ds_json: dict) -> "ZeroSetup":
         zero = ds_json.get("zero_optimization", {})
-        stage = cfg.training.zero_stage if cfg.training.zero_stage is not None else zero.get("stage", 0)
+        stage = zero_stage_of(cfg, ds_json)
         offloaded = lambda key: str(zero.get(key, {}).get("device", "none")).lower() in ("cpu", "nvme")  # noqa: E731
         return cls(stage=int(stage), offload_optimizer=offloaded("offload_optimizer"),
                    offload_param=offloaded("offload_param") and int(stage) == 3,

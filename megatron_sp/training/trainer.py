@@ -15,6 +15,7 @@ from megatron_sp.config import RunConfig
 from megatron_sp.data.gpt_dataset import build_gpt_datasets
 from megatron_sp.data.loader import build_data_iterator
 from megatron_sp.errors import ConfigError
+from megatron_sp.kernels.compiled import compile_layers
 from megatron_sp.model.gpt import GPTModel
 from megatron_sp.parallel.layout import gpus_per_node_from_env, layout_lines
 from megatron_sp.parallel.sharding import effective_strategy, ulysses_degree_of
@@ -89,10 +90,13 @@ def build(cfg: RunConfig, tokenizer) -> Setup:
     seed_everything(cfg.training.seed)
 
     def make_model():
-        return GPTModel(m, lambda: build_inner_attention(strategy, ps, causal=True, backend=p.attention_backend,
-                                                         ulysses_head_groups=p.ulysses_head_groups,
-                                                         fused=m.fused_elementwise),
-                        cfg.padded_vocab_size)
+        model = GPTModel(m, lambda: build_inner_attention(strategy, ps, causal=True, backend=p.attention_backend,
+                                                          ulysses_head_groups=p.ulysses_head_groups,
+                                                          fused=m.fused_elementwise),
+                         cfg.padded_vocab_size)
+        if m.compile_layers:
+            compile_layers(model.layers)
+        return model
 
     engine, scheduler, ds_config, notes = ds_engine.initialize(make_model, cfg, ps, self_group)
     n_params = sum(math.prod(ds_engine.full_shape(q)) for q in engine.module.parameters())
