@@ -21,6 +21,7 @@ FROZEN_FLAGS = """
     --ds-sequence-parallel-fpdt-offloading --ds-sequence-parallel-size
     --empty-unused-memory-level --eod-mask-loss --eval-interval --eval-iters
     --exit-duration-in-mins --exit-interval --exit-signal-handler --ffn-hidden-size --finetune --fp16
+    --fused-grad-norm
     --fp16-lm-cross-entropy
     --global-batch-size --gpu-memory-gb --group-query-attention --help --hidden-dropout --hidden-size
     --hysteresis --init-method-std --initial-loss-scale --kv-channels --layernorm-epsilon --load

@@ -7,6 +7,7 @@ import torch
 from megatron_sp.config import RunConfig, read_deepspeed_json
 from megatron_sp.errors import ConfigError
 from megatron_sp.parallel.state import ParallelState
+from megatron_sp.training import fused_norm
 from megatron_sp.training.schedule import LRSchedule
 
 
@@ -135,4 +136,6 @@ def initialize(make_model, cfg: RunConfig, ps: ParallelState, self_group):
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=parameter_groups(model, t.weight_decay), config=ds_config,
         mpu=mpu, lr_scheduler=lambda opt: LRSchedule(opt, cfg))
+    if t.fused_grad_norm and (note := fused_norm.install(engine.optimizer)):
+        notes.append(note)
     return engine, scheduler, ds_config, notes
