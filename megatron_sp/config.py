@@ -54,9 +54,9 @@ class ModelConfig:
                                   "(torch.compile); --no-fused-elementwise runs them eagerly.")
     compile_layers: bool = arg(False, "torch.compile each transformer layer whole, as torchtitan does, instead of "
                                "the separate fused pieces (the attention slot stays outside the two graphs each layer "
-                               "becomes); the first steps include the compile time. Expected on one H200 at 32k: a few "
-                               "ms less elementwise work per step (residual adds, the QKV split's backward fused); "
-                               "dropout then draws other masks than eager.")
+                               "becomes); the first step includes 1-2 minutes of compilation. Expected on one H200 at 32k: "
+                               "5-15 ms less elementwise work per step (residual adds and the QKV split's backward "
+                               "fused too); not with ZeRO-3; dropout then draws other masks than eager.")
     recompute_granularity: str | None = arg(None, "full = --checkpoint-activations; selective = recompute only each "
                                             "layer's MLP sublayer (norm, fc1, activation, fc2): most of a layer's "
                                             "activations for ~3-4%% more FLOPs at long sequences; attention is kept.",
@@ -145,8 +145,8 @@ class TrainingConfig:
     clip_grad: float = arg(1.0, "Clip the global gradient norm to this (0 = off).")
     fused_grad_norm: bool = arg(False, "ZeRO 1/2: take the gradient norm in one fp32 multi-tensor pass instead of "
                                 "DeepSpeed's per-parameter fp64 norms, and skip its per-parameter inf/NaN scan (an inf/NaN "
-                                "gradient still skips the step, through the norm). Expected on one H200: ~5 ms less "
-                                "optimizer tail per step; the clipping factor moves by fp32 rounding (~1e-7).")
+                                "gradient still skips the step, through the norm). Expected on one H200 at 32k: 5-15 ms "
+                                "less per step; the clipping factor moves by fp32 rounding (~1e-7).")
     adam_beta1: float = arg(0.9, "AdamW beta1.")
     adam_beta2: float = arg(0.999, "AdamW beta2.")
     adam_eps: float = arg(1e-8, "AdamW epsilon.")

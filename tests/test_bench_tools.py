@@ -172,6 +172,28 @@ def test_bench_e2e_refuses_an_out_file_it_cannot_append_to(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
+    (["--seq-length", "1"], "error: --seq-length must be at least 2"),
+    (["--mode", "ddp"], "argument --mode: invalid choice: 'ddp'"),
+    (["--out", "{bad}"], "bench_torchtitan: error: --out"),
+])
+def test_torchtitan_peer_refuses_bad_arguments_in_one_line(tmp_path, argv, message):
+    """The peer script (tools/peers; torchtitan is not installed here) says what is wrong before it imports
+    torchtitan or touches a device."""
+    import pathlib
+    import subprocess
+    import sys
+    tool = pathlib.Path(__file__).resolve().parents[1] / "tools" / "peers" / "bench_torchtitan.py"
+    bad = tmp_path / "results.json"
+    bad.write_text('{"a": 1}')
+    argv = [a.replace("{bad}", str(bad)) for a in argv]
+    proc = subprocess.run([sys.executable, str(tool), "--device", "cpu", *argv], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert bad.read_text() == '{"a": 1}'
+
+
+@pytest.mark.parametrize("argv, message", [
     (["--backends", "cudnn,foo"], "argument --backends: unknown foo"),
     (["--skip", "cpp"], "argument --skip: unknown cpp"),
     (["--seqs", "16k"], "argument --seqs: invalid int_list value: '16k'"),

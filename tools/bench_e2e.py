@@ -269,19 +269,19 @@ def parse_args(argv=None):
     return args
 
 
-def previous_results(path: str) -> list:
+def previous_results(path: str, tool: str = "bench_e2e") -> list:
     """The results list already in `path` (appended to), [] if there is none; SystemExit with one line
-    if the file holds something else, so a user's file is never overwritten."""
+    (`tool`: error: ...) if the file holds something else, so a user's file is never overwritten."""
     if not os.path.exists(path):
         return []
     try:
         with open(path) as fh:
             previous = json.load(fh)
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"bench_e2e: error: --out {path} exists but is not a JSON list of results "
+        raise SystemExit(f"{tool}: error: --out {path} exists but is not a JSON list of results "
                          f"({type(exc).__name__}); choose another --out") from None
     if not isinstance(previous, list):
-        raise SystemExit(f"bench_e2e: error: --out {path} exists but is not a JSON list of results; "
+        raise SystemExit(f"{tool}: error: --out {path} exists but is not a JSON list of results; "
                          "choose another --out")
     return previous
 
