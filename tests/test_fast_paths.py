@@ -40,6 +40,17 @@ def test_compiled_layers_equal_eager_and_share_their_graphs(recompute):
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in eager.named_parameters()]  # checkpoints load
 
 
+def test_fused_pieces_trace_into_an_enclosing_compiled_graph():
+    """On the GPU the norms, SwiGLU and rotary are Fused (each its own compiled function); inside a compiled
+    layer they are traced as plain code into the layer's graph, not compiled again on their own."""
+    from megatron_sp.model import fused
+    piece = compiled.Fused(fused.swiglu, True, backend="aot_eager", devices=("cpu",))
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    outer = torch.compile(lambda t: piece(t * 2) + 1, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(outer(x), fused.swiglu(x * 2) + 1, rtol=0, atol=0)
+    assert piece._compiled is None
+
+
 def test_compiled_layers_with_inductor_code_match_eager_in_fp32():
     """The real compiler (inductor's generated CPU code) on one layer: fp32 loss and gradients within 1e-5."""
     import torch._inductor.config

@@ -31,7 +31,8 @@ class Fused:
         self._compiled = None
 
     def __call__(self, *args):
-        if not (self.enabled and _device_type(args) in self.devices):
+        # inside a compiled region (compile_layers) the enclosing graph traces fn and fuses it with its neighbours
+        if not (self.enabled and _device_type(args) in self.devices) or torch.compiler.is_compiling():
             return self.fn(*args)
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, backend=self.backend, dynamic=None, fullgraph=True)
