@@ -119,9 +119,9 @@ def phases(trace: dict, names: Iterable[str], top: int = 3) -> list[dict]:
     A phase is a host-side profiler range (record_function; chrome trace category "user_annotation").
     A device event belongs to the phase whose range holds the host call that launched it (matched by
     the trace's "correlation" id), whichever thread made that call: the autograd engine launches the
-    backward's kernels from its own thread, outside the main thread's range. (The trace's
-    "gpu_user_annotation" spans follow the launching thread; their ms are kept as gpu_annotation_ms
-    to compare.) A phase's GPU window runs from its first device event to the next phase's first one
+    backward's kernels from its own thread, outside the main thread's range. (The trace's own
+    "gpu_user_annotation" spans rest on per-thread correlation and may leave those kernels out; their
+    ms are kept as gpu_annotation_ms to compare.) A phase's GPU window runs from its first device event to the next phase's first one
     (the last phase: to the last device event), so the windows tile the step and idle time at a
     boundary is charged to the phase before it. Ranges with the same name (one per micro batch) add
     up. The row "outside" collects what was launched outside all ranges (input copies, the loss
