@@ -319,6 +319,11 @@ def main(argv=None) -> dict:
             print("\n".join(["  memory of one step (rank 0):"] + memory_breakdown.table(r["memory"])), flush=True)
             print("  planner's estimate (GiB): " + ", ".join(f"{k} {v / 2 ** 30:.2f}" for k, v in
                                                            r["memory"]["planner"].items()), flush=True)
+            if "peak_reserved" in r["memory"]:
+                mem = r["memory"]
+                print(f"  in that step: peak allocated {mem['peak_allocated'] / 2 ** 30:.2f} GiB, peak reserved "
+                      f"{mem['peak_reserved'] / 2 ** 30:.2f} GiB, expandable segments "
+                      f"{'on' if mem['expandable_segments'] else 'off'}", flush=True)
         previous = previous_results(args.out)
         with open(args.out, "w") as fh:
             json.dump(previous + [result], fh, indent=1)

@@ -136,7 +136,9 @@ def measure(engine, step, cuda: bool) -> dict:
     result = {"moments": {m: moments[m] for m in MOMENTS if m in moments}}
     if cuda:
         result.update(peak_allocated=max(r.get("peak since previous", 0) for r in result["moments"].values()),
-                      peak_reserved=torch.cuda.max_memory_reserved())
+                      peak_reserved=torch.cuda.max_memory_reserved(),
+                      # what the allocator did, whatever PYTORCH_CUDA_ALLOC_CONF said
+                      expandable_segments=any(s.get("is_expandable", False) for s in torch.cuda.memory_snapshot()))
     return result
 
 
