@@ -7,6 +7,7 @@ model a different ``make_inner_attention``. Everything else (norms, MLP, loss) i
 Packed samples (--reset-attention-mask) add ``documents``, the whole samples' document ids
 (megatron_sp.attention.documents), which the model hands to the inner attention untouched.
 """
+import hashlib
 import math
 from typing import Callable
 
@@ -103,21 +104,37 @@ class TransformerLayer(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """forward(tokens, position_ids, labels, documents=None) -> per-token loss [b, s_local] in fp32."""
+    """forward(tokens, position_ids, labels, documents=None) -> per-token loss [b, s_local] in fp32.
 
-    def __init__(self, cfg: ModelConfig, make_inner_attention: Callable[[], nn.Module], padded_vocab_size: int):
+    Built whole by default. A pipeline stage (megatron_sp/model/stage.py) builds a slice: ``layer_ids``
+    the transformer layers it holds, ``embedding`` whether it holds the input embeddings, ``head`` whether
+    it holds the final norm and the output layer (with tied embeddings a head without the embedding holds
+    its own copy of the word embedding). Layers keep the whole model's numbering (``layers.7.mlp.fc1.weight``)
+    and every parameter is initialised from (init_seed, its name) alone, so a slice holds exactly the
+    whole model's parameters, under the same names.
+    """
+
+    def __init__(self, cfg: ModelConfig, make_inner_attention: Callable[[], nn.Module], padded_vocab_size: int,
+                 *, init_seed: int | None = None, layer_ids: range | None = None, embedding: bool = True,
+                 head: bool = True):
         super().__init__()
         self.cfg = cfg
         self.head_dim = cfg.head_dim
-        self.word_embeddings = nn.Embedding(padded_vocab_size, cfg.hidden_size)
-        self.position_embeddings = (nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-                                    if cfg.learned_positions else None)
-        self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
-        self.layers = nn.ModuleList(TransformerLayer(cfg, self.head_dim, make_inner_attention())
-                                    for _ in range(cfg.num_layers))
-        self.final_norm = Norm(cfg, cfg.hidden_size)
-        self.output_layer = (nn.Linear(cfg.hidden_size, padded_vocab_size, bias=False)
-                             if cfg.untie_embeddings_and_output_weights else None)
+        # default: a seed drawn from torch's generator, so torch.manual_seed still decides the init
+        self.init_seed = int(torch.randint(2 ** 62, ())) if init_seed is None else init_seed
+        tied = not cfg.untie_embeddings_and_output_weights
+        if embedding or (head and tied):
+            self.word_embeddings = nn.Embedding(padded_vocab_size, cfg.hidden_size)
+        if embedding:
+            self.position_embeddings = (nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+                                        if cfg.learned_positions else None)
+            self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
+        layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, self.head_dim, make_inner_attention())
+                                     for i in layer_ids})
+        if head:
+            self.final_norm = Norm(cfg, cfg.hidden_size)
+            self.output_layer = None if tied else nn.Linear(cfg.hidden_size, padded_vocab_size, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -127,41 +144,61 @@ class GPTModel(nn.Module):
     def init_parameter(self, name: str, p: torch.Tensor) -> None:
         """Megatron init of one parameter: N(0, std) for matrices, std / sqrt(2 L) for the projections
         into the residual stream, ones for norm weights, zeros for biases. One parameter at a time so
-        a caller that holds parameters sharded (ZeRO-3) can gather, init and re-shard each in turn."""
+        a caller that holds parameters sharded (ZeRO-3) can gather, init and re-shard each in turn; the
+        random draws come from a generator seeded by (init_seed, name), whoever builds the parameter."""
         std = self.cfg.init_method_std
+        generator = torch.Generator(p.device).manual_seed(parameter_seed(self.init_seed, name))
         if p.dim() == 1:
             nn.init.ones_(p) if "norm" in name and name.endswith("weight") else nn.init.zeros_(p)
         elif name.endswith(("attention.out.weight", "mlp.fc2.weight")):
-            nn.init.normal_(p, 0.0, std / math.sqrt(2.0 * self.cfg.num_layers))
+            nn.init.normal_(p, 0.0, std / math.sqrt(2.0 * self.cfg.num_layers), generator=generator)
         else:
-            nn.init.normal_(p, 0.0, std)
+            nn.init.normal_(p, 0.0, std, generator=generator)
 
     def output_weight(self) -> torch.Tensor:
         return self.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
 
-    def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor, documents=None) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """[b, s_local] tokens and their positions (in the sample, or in their document with
-        --reset-position-ids) -> final-norm hidden states [b, s_local, h]. documents: see the module doc."""
+        --reset-position-ids) -> embeddings [b, s_local, h]."""
         x = self.word_embeddings(tokens)
-        rotary = None
         if self.position_embeddings is not None:
             x = x + self.position_embeddings(position_ids)
+        return self.embedding_dropout(x)
+
+    def run_layers(self, x: torch.Tensor, position_ids: torch.Tensor, documents=None) -> torch.Tensor:
+        """The transformer layers on [b, s_local, h], each recomputed in backward with --checkpoint-activations.
+        documents: see the module doc."""
+        rotary = None
         if self.cfg.use_rotary_position_embeddings:
             rotary = rotary_cos_sin(position_ids, self.head_dim, self.cfg.rotary_percent,
                                     self.cfg.rotary_position_embeddings_theta, x.dtype)
-        x = self.embedding_dropout(x)
-        for layer in self.layers:
+        for layer in self.layers.values():
             if self.cfg.checkpoint_activations and self.training:
                 x = checkpoint(layer, x, rotary, documents, use_reentrant=False)
             else:
                 x = layer(x, rotary, documents)
-        return self.final_norm(x)
+        return x
+
+    def loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Last layer's output [b, s_local, h] -> per-token loss [b, s_local] (final norm, output layer)."""
+        return chunked_cross_entropy(self.final_norm(x), self.output_weight(), labels,
+                                     fused=self.cfg.fused_elementwise)
+
+    def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor, documents=None) -> torch.Tensor:
+        """[b, s_local] tokens and their positions -> final-norm hidden states [b, s_local, h]."""
+        return self.final_norm(self.run_layers(self.embed(tokens, position_ids), position_ids, documents))
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
                 documents=None) -> torch.Tensor:
-        hidden = self.hidden_states(tokens, position_ids, documents)
-        return chunked_cross_entropy(hidden, self.output_weight(), labels, fused=self.cfg.fused_elementwise)
+        return self.loss(self.run_layers(self.embed(tokens, position_ids), position_ids, documents), labels)
 
     def logits(self, tokens: torch.Tensor, position_ids: torch.Tensor, documents=None) -> torch.Tensor:
         """Full logits [b, s_local, vocab] (inference and tests; training never builds them)."""
         return self.hidden_states(tokens, position_ids, documents) @ self.output_weight().t()
+
+
+def parameter_seed(init_seed: int, name: str) -> int:
+    """The seed of one parameter's random init: a stable 63-bit hash of the run's seed and its name."""
+    digest = hashlib.blake2b(f"{init_seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
