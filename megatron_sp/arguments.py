@@ -60,7 +60,7 @@ IGNORED_FLAGS = [Ignored(*entry) for entry in [
     ("--log-world-size-to-tensorboard", False, "the layout is printed at start"),
     ("--group-query-attention", False, "implied by --num-query-groups / --num-key-value-heads"),
     ("--deepspeed", False, "training always runs on DeepSpeed"),
-    ("--no-pipeline-parallel", False, "pipelining is off unless --pipeline-model-parallel-size is above 1"),
+    ("--no-pipeline-parallel", False, "stages come from --pipeline-model-parallel-size alone"),
     ("--num-workers", True, "batches are read in-process from memory-mapped files"),
     ("--local-rank", True, None, ("--local_rank",)),  # the deepspeed launcher's; LOCAL_RANK says the same
 ]]

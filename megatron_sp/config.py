@@ -91,7 +91,10 @@ class ParallelConfig:
                                  "length (a measured table; triton where cuDNN cannot run, e.g. fp32), else torch.",
                                  choices=("auto", "cudnn", "sdpa_flash", "flash_attn", "triton", "torch"))
     tensor_model_parallel_size: int = arg(1, "Tensor parallelism: accepted for compatibility, only 1 is supported.")
-    pipeline_model_parallel_size: int = arg(1, "Pipeline parallelism: accepted for compatibility, only 1 is supported.")
+    pipeline_model_parallel_size: int = arg(1, "Pipeline stages (PP): each holds an equal share of the layers (the first "
+                                            "the embedding, the last the output layer and loss) on world / PP ranks, "
+                                            "which split the sequence and the batch as without a pipeline; micro "
+                                            "batches run 1F1B.")
     distributed_backend: str = arg("auto", "torch.distributed backend: auto = nccl with GPUs, gloo on CPU.",
                                    choices=("auto", "nccl", "gloo"))
     distributed_timeout_minutes: float | None = arg(None, "How long a collective waits for the other ranks "

@@ -31,7 +31,8 @@ def check_ranges(cfg: RunConfig) -> None:
     m, p, t = cfg.model, cfg.parallel, cfg.training
     positive = dict(num_layers=m.num_layers, hidden_size=m.hidden_size, seq_length=m.seq_length,
                     num_attention_heads=m.num_attention_heads, micro_batch_size=t.micro_batch_size,
-                    sequence_parallel_size=p.sequence_parallel_size)
+                    sequence_parallel_size=p.sequence_parallel_size,
+                    pipeline_model_parallel_size=p.pipeline_model_parallel_size)
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"{flag(name)} must be positive, got {value}")
@@ -81,8 +82,7 @@ def check_parallel(cfg: RunConfig, world_size: int) -> None:
     if p.tensor_model_parallel_size != 1:
         raise ConfigError(f"--tensor-model-parallel-size {p.tensor_model_parallel_size} is not supported: "
                           "megatron_sp splits the sequence instead (--sequence-parallel-size); use 1")
-    if p.pipeline_model_parallel_size != 1:
-        raise ConfigError(f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size} is not supported; use 1")
+    check_pipeline(cfg, world_size)
     if p.ulysses_degree is not None and p.sequence_parallel_strategy != "hybrid":
         raise ConfigError("--ulysses-degree only applies to --sequence-parallel-strategy hybrid")
     if t.bf16 and t.fp16:
@@ -91,23 +91,57 @@ def check_parallel(cfg: RunConfig, world_size: int) -> None:
         validate_attention_config(
             strategy=p.sequence_parallel_strategy, num_heads=m.num_attention_heads,
             num_kv_heads=m.num_key_value_heads, sp_size=p.sequence_parallel_size,
-            ulysses_degree=p.ulysses_degree, seq_length=m.seq_length, world_size=world_size,
+            ulysses_degree=p.ulysses_degree, seq_length=m.seq_length,
+            world_size=world_size // p.pipeline_model_parallel_size,  # the ranks of one stage
             ulysses_head_groups=p.ulysses_head_groups, documents=cfg.data.reset_attention_mask,
             backend=p.attention_backend)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
 
+def check_pipeline(cfg: RunConfig, world_size: int) -> None:
+    """Stages hold equal shares of the layers and of the ranks."""
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    pp, sp = p.pipeline_model_parallel_size, p.sequence_parallel_size
+    if pp > m.num_layers:
+        raise ConfigError(f"--pipeline-model-parallel-size {pp} is more than --num-layers {m.num_layers}: "
+                          "every stage needs at least one layer")
+    if m.num_layers % pp:
+        raise ConfigError(f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}: "
+                          "the stages hold equal shares of the layers")
+    if world_size % (pp * sp):
+        raise ConfigError(f"world size {world_size} is not divisible by --pipeline-model-parallel-size {pp} x "
+                          f"--sequence-parallel-size {sp}")
+    if pp > 1 and _zero_stage(cfg) == 3:
+        raise ConfigError("ZeRO stage 3 does not combine with --pipeline-model-parallel-size above 1 (DeepSpeed "
+                          "checks its parameter-gathering order against every rank, and the stages hold other "
+                          "layers); use --zero-stage 1 or 2")
+    if pp > 1 and t.fp16:
+        raise ConfigError("--fp16 does not combine with --pipeline-model-parallel-size above 1 (every stage would "
+                          "keep its own loss scale); use --bf16")
+    if pp > 1 and t.universal_checkpoint:
+        raise ConfigError("--universal-checkpoint does not combine with --pipeline-model-parallel-size above 1 "
+                          "(DeepSpeed's conversion reads the stages as tensor-parallel slices); resume on the "
+                          "saved number of ranks per stage")
+
+
+def _zero_stage(cfg: RunConfig) -> int:
+    """The ZeRO stage the run will use: the flag, else the DeepSpeed JSON's, else 0."""
+    from megatron_sp.plan import zero_setup
+    return zero_setup(cfg).stage
+
+
 def derive_schedule(cfg: RunConfig, world_size: int) -> None:
     """The global batch (default micro x DP) and the iteration count from --train-iters/-samples/-tokens."""
     m, p, t = cfg.model, cfg.parallel, cfg.training
-    dp = world_size // p.sequence_parallel_size
+    dp = world_size // (p.pipeline_model_parallel_size * p.sequence_parallel_size)
     if t.global_batch_size is None:
         t.global_batch_size = t.micro_batch_size * dp
     if t.global_batch_size % (t.micro_batch_size * dp):
+        pipeline = f"pipeline-parallel {p.pipeline_model_parallel_size} x " if p.pipeline_model_parallel_size > 1 else ""
         raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
                           f"{t.micro_batch_size} x data-parallel size {dp} (world {world_size} / "
-                          f"sequence-parallel {p.sequence_parallel_size})")
+                          f"{pipeline}sequence-parallel {p.sequence_parallel_size})")
     if t.train_iters is None and t.train_samples is None:
         raise ConfigError("give --train-iters or --train-samples")
     if t.train_iters is not None and t.train_samples is not None and t.train_iters * t.global_batch_size != t.train_samples:

@@ -1,9 +1,17 @@
 """Small training runs on forked CPU ranks, shared by the training and checkpoint tests: a learnable corpus,
 the flags of a tiny model over it, and train() that runs megatron_sp.configure + trainer.run on N ranks."""
+import deepspeed.ops
 import numpy as np
+# What a run imports on its way (the trainer; DeepSpeed's optimizer set-up reaches torch.compile), imported once
+# here so that the forked ranks of every run inherit it instead of each importing it again (seconds of CPU each)
+import torch._dynamo  # noqa: F401
+import torch._inductor.compile_fx  # noqa: F401
 
 from megatron_sp.data.indexed import IndexedDatasetWriter
+from megatron_sp.training import trainer  # noqa: F401
 from tests.distributed import run_ranks
+
+deepspeed.ops.__compatible_ops__  # noqa: B018 - the first read probes DeepSpeed's C++ ops (compiling test programs)
 
 VOCAB = 64  # NullTokenizer: ids 0..63, eod = 64
 

@@ -14,31 +14,45 @@ from megatron_sp.training.schedule import LRSchedule
 class DeepSpeedMPU:
     """What DeepSpeed asks of Megatron's ``mpu``, answered from a ParallelState.
 
-    DeepSpeed is shown every rank (DP x SP) as a data-parallel rank: ZeRO shards parameters,
-    gradients and optimizer state over all of them and averages gradients over all of them
-    (the loop scales each rank's loss so that this average is the exact global-batch gradient).
-    DeepSpeed's own sequence-parallel hooks are deliberately not offered: with them, DeepSpeed
+    DeepSpeed is shown every rank of a pipeline stage (DP x SP; all ranks without a pipeline) as a
+    data-parallel rank: ZeRO shards parameters, gradients and optimizer state over them and averages
+    gradients over them (the loop scales each rank's loss so that this average is the exact global-batch
+    gradient). DeepSpeed's own sequence-parallel hooks are deliberately not offered: with them, DeepSpeed
     0.19.8's ZeRO-3 reduces wrong gradients (tests/test_training.py would catch it).
-    No tensor or pipeline parallelism: the model-parallel group is each rank on its own.
+    The model-parallel group is the pipeline group (one rank per stage): DeepSpeed sums gradient norms
+    over it, so clipping sees the whole model, and names each stage's checkpoint files by its rank in it
+    (mp_rank_01_model_states.pt for stage 1). No tensor parallelism: that group is each rank on its own.
     """
 
     def __init__(self, ps: ParallelState, self_group):
         self.ps, self._self_group = ps, self_group
-        self._all_ranks = torch.distributed.group.WORLD
 
-    def get_data_parallel_group(self): return self._all_ranks
-    def get_data_parallel_world_size(self): return self.ps.world_size
-    def get_data_parallel_rank(self): return self.ps.rank
-    # no tensor / pipeline parallelism
-    def get_model_parallel_group(self): return self._self_group
-    def get_model_parallel_world_size(self): return 1
-    def get_model_parallel_rank(self): return 0
-    get_tensor_model_parallel_group = get_model_parallel_group
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_rank = get_model_parallel_rank
+    def get_data_parallel_group(self): return self.ps.stage_group
+    def get_data_parallel_world_size(self): return self.ps.stage_size
+    def get_data_parallel_rank(self): return self.ps.rank % self.ps.stage_size
+    # the pipeline: every stage holds other parameters
+    def get_model_parallel_group(self): return self.ps.pipeline_group
+    def get_model_parallel_world_size(self): return self.ps.pp_size
+    def get_model_parallel_rank(self): return self.ps.pp_rank
+    get_pipeline_model_parallel_group = get_model_parallel_group
+    get_pipeline_model_parallel_world_size = get_model_parallel_world_size
+    get_pipeline_model_parallel_rank = get_model_parallel_rank
 
-    def get_pipeline_model_parallel_world_size(self): return 1
-    def get_pipeline_model_parallel_rank(self): return 0
+    # no tensor parallelism
+    def get_tensor_model_parallel_group(self): return self._self_group
+    def get_tensor_model_parallel_world_size(self): return 1
+    def get_tensor_model_parallel_rank(self): return 0
+
+
+def mark_pipeline_parameters(stage: torch.nn.Module, replicas: list[torch.nn.Parameter]) -> None:
+    """Tell DeepSpeed's gradient norm (summed over its model-parallel group, the pipeline) which parameters a
+    stage counts: all of its own (`model_parallel`: distinct on every stage; the model-parallel rank > 0 of
+    later stages would otherwise leave them out), not `replicas` (`ds_pipe_replicated`: the last stage's
+    copy of the tied word embedding, which the first stage counts)."""
+    replica_ids = {id(p) for p in replicas}
+    for p in stage.parameters():
+        p.model_parallel = id(p) not in replica_ids
+        p.ds_pipe_replicated = id(p) in replica_ids
 
 
 def deepspeed_config(cfg: RunConfig, dp_size: int) -> tuple[dict, list[str]]:
@@ -103,16 +117,17 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_model(make_model, ds_config: dict, mpu: DeepSpeedMPU, rank: int) -> torch.nn.Module:
-    """The model, built so that no rank ever holds all of it under ZeRO-3.
+    """The model (or this rank's pipeline stage), built so that no rank ever holds all of it under ZeRO-3.
 
-    ZeRO-3: under deepspeed.zero.Init each parameter is partitioned over all ranks as soon as its
+    ZeRO-3: under deepspeed.zero.Init each parameter is partitioned over the stage's ranks as soon as its
     module is built (a 30B model would otherwise be materialised whole on every rank and moved
-    whole to its GPU); then each parameter in turn is gathered, given the Megatron init on rank 0
-    and re-partitioned. Other stages: built whole; DeepSpeed broadcasts rank 0's copy.
+    whole to its GPU); then each parameter in turn is gathered, given the Megatron init on the stage's
+    first rank (`rank` is the rank in the stage) and re-partitioned. Other stages: built whole; DeepSpeed
+    broadcasts the first rank's copy.
     """
     if ds_config["zero_optimization"]["stage"] != 3:
         return make_model()
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=mpu):
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=mpu, data_parallel_group=mpu.get_data_parallel_group()):
         model = make_model()  # its reset_parameters saw only empty shards: a no-op
     for name, p in model.named_parameters():
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
@@ -132,7 +147,9 @@ def initialize(make_model, cfg: RunConfig, ps: ParallelState, self_group):
         "fused": True}}  # torch's one-kernel AdamW (CPU and GPU): no DeepSpeed op to build
     ds_config.setdefault("zero_allow_untested_optimizer", True)
     mpu = DeepSpeedMPU(ps, self_group)
-    model = build_model(make_model, ds_config, mpu, ps.rank)
+    model = build_model(make_model, ds_config, mpu, mpu.get_data_parallel_rank())
+    if ps.pp_size > 1:
+        mark_pipeline_parameters(model, model.tied_parameters() if ps.is_last_stage else [])
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=parameter_groups(model, t.weight_decay), config=ds_config,
         mpu=mpu, lr_scheduler=lambda opt: LRSchedule(opt, cfg))

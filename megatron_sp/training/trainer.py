@@ -17,13 +17,15 @@ from megatron_sp.data.loader import build_data_iterator
 from megatron_sp.errors import ConfigError
 from megatron_sp.kernels.compiled import compile_layers
 from megatron_sp.model.gpt import GPTModel
+from megatron_sp.model.stage import GPTStage
 from megatron_sp.parallel.layout import gpus_per_node_from_env, layout_lines
+from megatron_sp.parallel.pipeline import StageLink, schedule_lines
 from megatron_sp.parallel.sharding import effective_strategy, ulysses_degree_of
 from megatron_sp.parallel.state import ParallelState
 from megatron_sp.training import checkpoint, engine as ds_engine
 from megatron_sp.training.early_exit import EarlyExit
 from megatron_sp.training.logger import Logger, LogWindow, iteration_line
-from megatron_sp.training.loop import StepContext, evaluate, train_step
+from megatron_sp.training.loop import PipelinePlace, StepContext, evaluate, train_step
 
 
 def init_distributed(cfg: RunConfig) -> torch.device:
@@ -85,24 +87,49 @@ def build(cfg: RunConfig, tokenizer) -> Setup:
         raise ConfigError(str(err)) from None
     strategy = effective_strategy(p.sequence_parallel_strategy, p.sequence_parallel_size)
     ps = ParallelState.build(p.sequence_parallel_size,
-                             ulysses_degree_of(strategy, p.sequence_parallel_size, p.ulysses_degree))
-    self_group = [dist.new_group([r]) for r in range(world)][rank]  # DeepSpeed's "model parallel" group
+                             ulysses_degree_of(strategy, p.sequence_parallel_size, p.ulysses_degree),
+                             pp_size=p.pipeline_model_parallel_size)
+    self_group = [dist.new_group([r]) for r in range(world)][rank]  # DeepSpeed's "tensor parallel" group
     seed_everything(cfg.training.seed)
 
     def make_model():
-        model = GPTModel(m, lambda: build_inner_attention(strategy, ps, causal=True, backend=p.attention_backend,
-                                                          ulysses_head_groups=p.ulysses_head_groups,
-                                                          fused=m.fused_elementwise),
-                         cfg.padded_vocab_size)
+        def attention():
+            return build_inner_attention(strategy, ps, causal=True, backend=p.attention_backend,
+                                         ulysses_head_groups=p.ulysses_head_groups, fused=m.fused_elementwise)
+        if ps.pp_size == 1:
+            model = GPTModel(m, attention, cfg.padded_vocab_size, init_seed=cfg.training.seed)
+        else:
+            model = GPTStage(m, attention, cfg.padded_vocab_size, init_seed=cfg.training.seed, pp_size=ps.pp_size,
+                             pp_rank=ps.pp_rank)
         if m.compile_layers:
-            compile_layers(model.layers)
+            compile_layers(model.layers)  # a stage's layers only
         return model
 
     engine, scheduler, ds_config, notes = ds_engine.initialize(make_model, cfg, ps, self_group)
-    n_params = sum(math.prod(ds_engine.full_shape(q)) for q in engine.module.parameters())
-    ctx = StepContext(ps.sequence_layout(), ps.sp_rank, ps.world_size, tokenizer.eod,
-                      d.reset_position_ids, d.eod_mask_loss, device, cfg.padded_vocab_size, d.reset_attention_mask)
+    n_params = model_parameters(engine.module, ps.pipeline_group, device)
+    ctx = StepContext(ps.sequence_layout(), ps.sp_rank, ps.stage_size, tokenizer.eod, d.reset_position_ids,
+                      d.eod_mask_loss, device, cfg.padded_vocab_size, pipeline_place(cfg, ps, engine, dtype, device),
+                      reset_attention_mask=d.reset_attention_mask, stage_group=ps.stage_group)
     return Setup(device, ps, engine, scheduler, ds_config, notes, n_params, ctx)
+
+
+def model_parameters(module: torch.nn.Module, pipeline_group, device: torch.device) -> int:
+    """Parameters of the whole model: this stage's, summed over the pipeline (a tied copy counted once)."""
+    count = sum(math.prod(ds_engine.full_shape(q)) for q in module.parameters()
+                if not getattr(q, "ds_pipe_replicated", False))
+    total = torch.tensor(count, dtype=torch.int64, device=device)
+    dist.all_reduce(total, group=pipeline_group)
+    return int(total)
+
+
+def pipeline_place(cfg: RunConfig, ps: ParallelState, engine, dtype: torch.dtype, device: torch.device) -> PipelinePlace:
+    """This rank's stage: its links to the neighbouring stages (activations [micro batch, s/SP, h] in the
+    model dtype) and the tied embedding copy it keeps in sync with the other end of the pipeline."""
+    m = cfg.model
+    shape = (cfg.training.micro_batch_size, m.seq_length // ps.sp_size, m.hidden_size)
+    link = StageLink(ps.pipeline_ranks, ps.pp_rank, ps.pipeline_group, shape, dtype, device)
+    tied = engine.module.tied_parameters() if isinstance(engine.module, GPTStage) else []
+    return PipelinePlace(link, ps.pp_size, ps.pp_rank, ps.pipeline_group, tied, ps.embedding_group)
 
 
 def run(cfg: RunConfig, tokenizer) -> dict:
@@ -151,6 +178,8 @@ class Run:
                      f"{s.ds_config['gradient_accumulation_steps']} x DP {s.ps.dp_size}; {m.seq_length} tokens/sample, "
                      f"{m.seq_length // s.ps.sp_size} per rank; ZeRO stage {s.ds_config['zero_optimization']['stage']}; "
                      f"{cfg.precision}",
+                     *(schedule_lines(s.ps.pp_size, m.num_layers, s.ds_config["gradient_accumulation_steps"])
+                       if s.ps.pp_size > 1 else []),
                      *[f"note: {n}" for n in s.notes + cfg.ignored]]:
             self.log.print(line)
 
