@@ -1,6 +1,9 @@
 """Pipeline parallelism: the rank grid, stages as slices of the model, the 1F1B order, one-line refusals of
 bad layouts, and training on forked CPU ranks equal to the run without a pipeline (also with SP, recompute,
 and across a checkpoint)."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -195,3 +198,30 @@ def test_pipeline_training_equals_single_device(corpus, reference, tmp_path, wor
     np.testing.assert_allclose(losses, reference[0], rtol=1e-5)
     np.testing.assert_allclose(grad_norms, reference[1], rtol=1e-5)  # over all stages, the tied copy once
     np.testing.assert_allclose(validation, reference[2], rtol=1e-5)  # evaluation through the stages
+
+
+def test_pipeline_with_data_parallel_resumes_exactly_and_keeps_the_tied_copies_equal(corpus, reference, tmp_path):
+    """PP 2 x DP 2 saves at step 3 (each stage its own files, one `latest`) and resumes bit for bit; the same
+    checkpoint resumes as PP 2 x SP 2 (the stage's 2 ranks split the other way). The word embedding's copies
+    on the first and the last stage are bit-equal in every checkpoint."""
+    import torch
+    common = _run_flags(corpus, "--pipeline-model-parallel-size", "2")
+    uninterrupted = train(4, common)
+    np.testing.assert_allclose(uninterrupted, reference[0], rtol=1e-5)
+    ckpt = tmp_path / "ckpt"
+    assert train(4, [*common, "--save", str(ckpt), "--exit-interval", "3"]) == uninterrupted[:3]
+    resumed_as_sp = train(4, [*common, "--load", str(ckpt), "--sequence-parallel-size", "2"])
+    np.testing.assert_allclose(resumed_as_sp, uninterrupted[3:], rtol=1e-5)
+    assert train(4, [*common, "--save", str(ckpt), "--load", str(ckpt)]) == uninterrupted[3:]
+    assert (ckpt / "latest").read_text() == "global_step5"
+    with pytest.raises(AssertionError, match="saved by a pipeline of 2 stage"):  # the ranks' one-line ConfigError
+        train(2, [*_run_flags(corpus), "--load", str(ckpt)])
+    convert = subprocess.run([sys.executable, "tools/universal_checkpoint.py", "--load", str(ckpt)],
+                             capture_output=True, text=True)
+    assert convert.returncode == 2 and "was saved by a pipeline" in convert.stderr
+    assert convert.stderr.strip().count("\n") == 0
+    for step in ("global_step3", "global_step5"):
+        first, last = (torch.load(ckpt / step / f"mp_rank_0{r}_model_states.pt", weights_only=False)["module"]
+                       for r in (0, 1))
+        assert torch.equal(first["word_embeddings.weight"], last["word_embeddings.weight"])
+        assert "final_norm.weight" in last and "final_norm.weight" not in first and "layers.2.mlp.fc1.weight" in last

@@ -36,6 +36,9 @@ def convert(args: argparse.Namespace) -> str:
         raise InputError(f"--load {args.load}: '{LATEST}' names {tag}, which is not there")
     if os.path.exists(target):
         raise InputError(f"{target} exists already; remove it to convert {tag} again")
+    if os.path.isfile(os.path.join(source, "mp_rank_01_model_states.pt")):  # a second pipeline stage's files
+        raise InputError(f"{source} was saved by a pipeline (--pipeline-model-parallel-size above 1), whose stages "
+                         "ds_to_universal would merge as tensor-parallel slices; resume it on as many ranks per stage")
     out = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", source,
                           "--output_folder", target, "--num_extract_workers", str(args.workers),
                           "--num_merge_workers", str(max(1, args.workers // 2))], capture_output=True, text=True)

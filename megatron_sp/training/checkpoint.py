@@ -95,9 +95,10 @@ def _universal_tag(load_dir: str, run_stage: int) -> str:
     return tag
 
 
-def _saved_layout(tag_dir: str) -> tuple[int, int, bool]:
-    """(ZeRO stage, ranks, bf16) of the run that saved tag_dir, from DeepSpeed's model states (memory-mapped,
-    so that the weights in that file are not read). DeepSpeed counts every rank (DP x SP) as data-parallel."""
+def _saved_layout(tag_dir: str) -> tuple[int, int, bool, int]:
+    """(ZeRO stage, ranks per pipeline stage, bf16, pipeline stages) of the run that saved tag_dir, from the first
+    stage's DeepSpeed model states (memory-mapped, so that the weights in that file are not read). DeepSpeed
+    counts every rank of a stage (DP x SP) as data-parallel, and the stages as model-parallel ranks."""
     latest = os.path.join(os.path.dirname(tag_dir), LATEST)
     names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # stages 0-2, stage 3
     for name in names:
@@ -115,7 +116,7 @@ def _saved_layout(tag_dir: str) -> tuple[int, int, bool]:
                               f"point {latest} at an earlier step directory") from None
         config = states.get("ds_config") or {}
         return (config.get("zero_optimization", {}).get("stage", 0), states.get("dp_world_size", 0),
-                bool(config.get("bf16", {}).get("enabled")))
+                bool(config.get("bf16", {}).get("enabled")), states.get("mp_world_size", 1))
     raise ConfigError(f"{tag_dir} holds no DeepSpeed model states ({' or '.join(names)}): this checkpoint is "
                       f"incomplete; point {latest} at an earlier step directory")
 
@@ -126,8 +127,11 @@ def _check_layout(load_dir: str, tag_dir: str, engine, load_optimizer: bool) -> 
     with the optimizer, stage 0 <-> 1/2, or ZeRO partitions (stages 1-3, or bf16) split for another number of
     ranks. Weights alone load across stages 0-2 and rank counts; the optimizer across stages 1 and 2, and across
     DP x SP splits of the same number of ranks."""
-    stage, dp, bf16 = _saved_layout(tag_dir)
+    stage, dp, bf16, pp = _saved_layout(tag_dir)
     run_stage, run_dp = engine.zero_optimization_stage(), engine.seq_dp_world_size
+    if pp != engine.mp_world_size:  # each stage's files hold its own layers
+        raise ConfigError(f"--load {load_dir}: saved by a pipeline of {pp} stage(s), and a stage loads only the "
+                          f"layers it saved (this run: {engine.mp_world_size}); use --pipeline-model-parallel-size {pp}")
     where = f"--load {load_dir}: saved under ZeRO stage {stage}"
     if (stage == 3) != (run_stage == 3):
         raise ConfigError(f"{where}, and DeepSpeed loads a stage-3 checkpoint only under stage 3 and others only "
@@ -139,9 +143,11 @@ def _check_layout(load_dir: str, tag_dir: str, engine, load_optimizer: bool) -> 
         raise ConfigError(f"{where}, whose optimizer state does not load under stage {run_stage}; "
                           f"resume with --zero-stage {stage}, {fresh}")
     if (stage > 0 or bf16) and dp != run_dp:
-        raise ConfigError(f"{where} by {dp} ranks; its optimizer state is split {dp} ways and DeepSpeed cannot "
-                          f"re-split it for this run's {run_dp}: resume on as many (any DP x SP), convert it with "
-                          f"tools/universal_checkpoint.py and add --universal-checkpoint, {fresh}")
+        per_stage, universal = (" per pipeline stage", "") if pp > 1 else (
+            "", "convert it with tools/universal_checkpoint.py and add --universal-checkpoint, ")
+        raise ConfigError(f"{where} by {dp} ranks{per_stage}; its optimizer state is split {dp} ways and DeepSpeed "
+                          f"cannot re-split it for this run's {run_dp}: resume on as many (any DP x SP), "
+                          f"{universal}{fresh}")
 
 
 def load(engine, load_dir: str, rank: int, load_optimizer: bool = True, load_rng: bool = True) -> tuple[int, int]:
