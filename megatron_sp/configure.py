@@ -34,7 +34,8 @@ def configure(argv: list[str] | None, world: int, gpus_per_node: int | None = No
         return cfg, attach_tokenizer(cfg)
     probe = copy.deepcopy(cfg)
     probe.parallel.sequence_parallel_size, probe.training.global_batch_size = 1, None
-    validate(probe, 1)  # every check that does not depend on the SP size, as one line
+    validate(probe, max(1, probe.parallel.pipeline_model_parallel_size))  # every check that does not depend on
+    # the SP size, as one line (on one rank per pipeline stage)
     fill_defaults(cfg)
     tokenizer = attach_tokenizer(cfg)
     from megatron_sp.parallel.layout import gpus_per_node_from_env

@@ -155,6 +155,30 @@ def test_bad_pipeline_layouts_are_one_line(argv, world, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_dry_run_prints_each_ranks_coordinates_and_warns_of_a_pipeline_that_never_fills():
+    from megatron_sp.configure import configure, dry_run_lines
+    cfg, _ = configure([*BASE, "--pipeline-model-parallel-size", "2", "--sequence-parallel-size", "2",
+                        "--global-batch-size", "2"], 8)
+    text = "\n".join(dry_run_lines(cfg, 8, 8))
+    assert "world 8 = PP 2 x DP 2 x SP 2" in text and "pipeline groups (p2p):    [[0, 4], [1, 5], [2, 6], [3, 7]]" in text
+    assert "stage 0 [0, 1, 2, 3]: layers 0-1 + embedding; stage 1 [4, 5, 6, 7]: layers 2-3 + output layer and loss" in text
+    assert "5: stage 1 DP 0 SP 1" in text and "bubble (PP - 1) / (m + PP - 1) = 50%" in text
+    assert "WARNING: 1 micro batches per step for 2 pipeline stages" in text
+    cfg, _ = configure([*BASE, "--pipeline-model-parallel-size", "2", "--global-batch-size", "8"], 2)
+    assert "WARNING" not in "\n".join(dry_run_lines(cfg, 2, 2))
+
+
+@pytest.mark.parametrize("untie", [False, True])
+def test_planner_counts_each_stages_parameters_exactly(untie):
+    from megatron_sp.configure import configure
+    from megatron_sp.plan.memory import stage_parameters
+    cfg, _ = configure([*BASE, "--pipeline-model-parallel-size", "2", "--tokenizer-type", "NullTokenizer",
+                        "--vocab-size", "300"] + (["--untie-embeddings-and-output-weights"] if untie else []), 2)
+    for rank in range(2):
+        stage = GPTStage(cfg.model, LocalAttention, cfg.padded_vocab_size, init_seed=0, pp_size=2, pp_rank=rank)
+        assert stage_parameters(cfg, rank) == sum(p.numel() for p in stage.parameters())
+
+
 def _run_flags(corpus, *extra, iters=5):
     """4 layers, global batch 8 of micro batches of 2: 4 micro batches per step at DP 1, 2 at DP 2. Gradients
     are clipped at every step (their norm is ~1), so the norm must cover every stage's parameters exactly once,

@@ -1,8 +1,10 @@
-"""How the ranks of a launch are laid out: the printout of the DP x SP grid (and hybrid's Ulysses and ring
-groups) that a run prints at start and --dry-run / tools/plan.py print without starting one."""
+"""How the ranks of a launch are laid out: the printout of the PP x DP x SP grid (and hybrid's Ulysses and ring
+groups, each rank's coordinates) that a run prints at start and --dry-run / tools/plan.py print without
+starting one."""
 import os
 
 from megatron_sp.config import RunConfig
+from megatron_sp.parallel.pipeline import stage_layers
 from megatron_sp.parallel.sharding import effective_strategy, ulysses_degree_of
 from megatron_sp.parallel.state import rank_grid
 
@@ -41,20 +43,47 @@ def _groups(groups: list[list[int]], compact: bool) -> str:
 
 
 def layout_lines(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
-    """Which ranks form each SP and DP group (and hybrid's Ulysses and ring groups)."""
+    """Which ranks form each SP and DP group (and hybrid's Ulysses and ring groups); with a pipeline also
+    the stages, the pipeline groups and each rank's (stage, DP, SP) coordinates."""
     p = cfg.parallel
-    sp = p.sequence_parallel_size
+    sp, pp = p.sequence_parallel_size, p.pipeline_model_parallel_size
     strategy = effective_strategy(p.sequence_parallel_strategy, sp)
     u = ulysses_degree_of(strategy, sp, p.ulysses_degree)
-    grid = rank_grid(world, sp, u)
+    grid = rank_grid(world, sp, u, pp)
     compact = world >= COMPACT_FROM
     nodes, span = -(-world // gpus_per_node), -(-sp // gpus_per_node)
-    lines = [f"layout: world {world} = DP {world // sp} x SP {sp} ({strategy}, attention backend "
-             f"{p.attention_backend}); {nodes} node(s) of {min(world, gpus_per_node)} GPUs, each SP group "
-             + ("inside one node" if span == 1 else f"spans {span} nodes (its communication crosses nodes)"),
-             f"  sequence-parallel groups: {_groups(grid['sp'], compact)}",
-             f"  data-parallel groups:     {_groups(grid['dp'], compact)}"]
+    lines = [f"layout: world {world} = {f'PP {pp} x ' if pp > 1 else ''}DP {world // (pp * sp)} x SP {sp} "
+             f"({strategy}, attention backend {p.attention_backend}); {nodes} node(s) of "
+             f"{min(world, gpus_per_node)} GPUs, each SP group "
+             + ("inside one node" if span == 1 else f"spans {span} nodes (its communication crosses nodes)")]
+    if pp > 1:
+        lines += pipeline_lines(cfg, grid, compact)
+    lines += [f"  sequence-parallel groups: {_groups(grid['sp'], compact)}",
+              f"  data-parallel groups:     {_groups(grid['dp'], compact)}"]
     if strategy == "hybrid":
         lines += [f"  ulysses groups (all-to-all): {_groups(grid['ulysses'], compact)}",
                   f"  ring groups (p2p):           {_groups(grid['ring'], compact)}"]
+    if pp > 1:
+        lines += coordinate_lines(world, pp, sp, compact)
     return lines
+
+
+def pipeline_lines(cfg: RunConfig, grid: dict, compact: bool) -> list[str]:
+    """The stages (their ranks and layers) and the pipeline groups that pass activations between them."""
+    pp, layers = len(grid["stage"]), cfg.model.num_layers
+    ends = {0: " + embedding", pp - 1: " + output layer and loss"}
+    stages = [f"stage {i} {_group(ranks)}: layers {stage_layers(layers, pp, i).start}-"
+              f"{stage_layers(layers, pp, i).stop - 1}{ends.get(i, '')}" for i, ranks in enumerate(grid["stage"])]
+    shown = stages if len(stages) <= 4 else stages[:2] + ["..."] + stages[-1:]
+    return [f"  pipeline stages: {'; '.join(shown)}",
+            f"  pipeline groups (p2p):    {_groups(grid['pipeline'], compact)}"]
+
+
+def coordinate_lines(world: int, pp: int, sp: int, compact: bool) -> list[str]:
+    """Each rank's (stage, DP, SP) coordinates: listed for small worlds, as the formula for large ones."""
+    stage_size = world // pp
+    if compact:
+        return [f"  rank r: stage r // {stage_size}, DP (r % {stage_size}) // {sp}, SP r % {sp}"]
+    cells = [f"{r}: stage {r // stage_size} DP {r % stage_size // sp} SP {r % sp}" for r in range(world)]
+    return ["  rank coordinates: " + " | ".join(cells[i:i + 4]) if i == 0 else "                     "
+            + " | ".join(cells[i:i + 4]) for i in range(0, world, 4)]

@@ -9,6 +9,7 @@ choose.py: the SP-size and strategy search; report.py: the printout.
 from megatron_sp.config import RunConfig, fill_defaults, read_deepspeed_json
 from megatron_sp.errors import ConfigError
 from megatron_sp.parallel.layout import layout_lines
+from megatron_sp.parallel.pipeline import schedule_lines
 from megatron_sp.plan.choose import MEMORY_RESERVE, candidates, choose
 from megatron_sp.plan.memory import GIB, ZeroSetup, count_parameters, detect_gpu_memory_gib, estimate_memory
 from megatron_sp.plan.report import flops_lines, memory_lines
@@ -41,7 +42,7 @@ def resolve_auto(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
     p.ulysses_degree = pick.ulysses_degree
     lines = [f"--sequence-parallel-size auto over {world} GPUs ({gpus_per_node} per node, {gib:.1f} GiB each, "
              f"fit = under {MEMORY_RESERVE:.0%}; s/iter at global batch "
-             f"{cfg.training.global_batch_size or cfg.training.micro_batch_size * world}):",
+             f"{cfg.training.global_batch_size or cfg.training.micro_batch_size * world // p.pipeline_model_parallel_size}):",
              f"  {'candidate':<40} {'memory GiB':>10} {'SP GB/iter':>10} {'s/iter':>8}  fits"]
     for c in cands:
         lines.append(f"  {c.name:<40} {c.memory.total / GIB:>10.1f} {c.comm_bytes / 1e9:>10.2f} {c.seconds:>8.2f}  "
@@ -52,8 +53,18 @@ def resolve_auto(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
 
 def plan_report(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
     """Report lines (layout, FLOPs, memory, then any warning) for a validated config."""
-    return [*layout_lines(cfg, world, gpus_per_node), *flops_lines(cfg, world, gpus_per_node),
-            *memory_lines(cfg, world, zero_setup(cfg), gpu_memory_gib(cfg))]
+    return [*layout_lines(cfg, world, gpus_per_node), *pipeline_schedule_lines(cfg, world),
+            *flops_lines(cfg, world, gpus_per_node), *memory_lines(cfg, world, zero_setup(cfg), gpu_memory_gib(cfg))]
+
+
+def pipeline_schedule_lines(cfg: RunConfig, world: int) -> list[str]:
+    """The stages' 1F1B schedule and its bubble (nothing without a pipeline)."""
+    p, t = cfg.parallel, cfg.training
+    pp = p.pipeline_model_parallel_size
+    if pp == 1:
+        return []
+    dp = world // (pp * p.sequence_parallel_size)
+    return schedule_lines(pp, cfg.model.num_layers, t.global_batch_size // (t.micro_batch_size * dp))
 
 
 __all__ = ["resolve_auto", "plan_report", "count_parameters", "estimate_memory", "ZeroSetup", "zero_setup"]

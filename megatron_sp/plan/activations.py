@@ -88,11 +88,14 @@ def mlp_sublayer_bytes(cfg: RunConfig, elem: int) -> float:
             + (m.hidden_size if m.hidden_dropout > 0 else 0))
 
 
-def activation_bytes(cfg: RunConfig, sp: int, strategy: str, ulysses_degree: int | None, elem: int) -> dict:
+def activation_bytes(cfg: RunConfig, sp: int, strategy: str, ulysses_degree: int | None, elem: int,
+                     layers: int | None = None) -> dict:
     """Bytes per local token: {"layer": one layer, "full": all layers + outside them, "checkpointed":
     layer inputs + outside, "selective": layers without their MLP share + outside, "mlp": that share,
-    "comm": SP buffers, "grad_work": backward gradients}."""
+    "comm": SP buffers, "grad_work": backward gradients}. `layers`: how many a rank holds (default all;
+    a pipeline stage holds its share)."""
     m = cfg.model
+    layers = m.num_layers if layers is None else layers
     degree = ulysses_degree_of(strategy, sp, ulysses_degree)
     layer = sum(layer_terms(cfg, strategy, degree, elem).values())
     mlp = mlp_sublayer_bytes(cfg, elem)
@@ -102,9 +105,9 @@ def activation_bytes(cfg: RunConfig, sp: int, strategy: str, ulysses_degree: int
     # indices and the batch (tokens, labels, positions int64; mask, loss fp32), embedding dropout mask
     outside = (2 * elem * m.hidden_size + stats + 2 * rot_dim * elem + 8 + 3 * 8 + 2 * 4
                + (m.hidden_size if m.hidden_dropout > 0 else 0))
-    return {"layer": layer, "full": m.num_layers * layer + outside,
-            "checkpointed": m.num_layers * elem * m.hidden_size + outside,
-            "selective": m.num_layers * (layer - mlp) + outside, "mlp": mlp,
+    return {"layer": layer, "full": layers * layer + outside,
+            "checkpointed": layers * elem * m.hidden_size + outside,
+            "selective": layers * (layer - mlp) + outside, "mlp": mlp,
             "comm": comm_buffer_bytes(cfg, strategy, degree, elem),
             "grad_work": gradient_work_bytes(cfg, strategy, degree, elem)}
 

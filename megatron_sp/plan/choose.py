@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from megatron_sp.attention import validate_attention_config
 from megatron_sp.config import RunConfig
 from megatron_sp.plan.activations import kv_heads_seen
-from megatron_sp.plan.memory import GIB, MemoryEstimate, ZeroSetup, estimate_memory
+from megatron_sp.parallel.pipeline import bubble_fraction
+from megatron_sp.plan.memory import GIB, MemoryEstimate, ZeroSetup, heaviest_stage
 from megatron_sp.flops import attention_fwd_flops, flops_per_token
 
 A2A_BW, P2P_BW, INTER_NODE_BW = 240e9, 260e9, 25e9  # bytes/s out per GPU
@@ -62,13 +63,17 @@ def sp_comm_per_layer(cfg: RunConfig, sp: int, strategy: str, u: int | None, ele
 
 def iteration_seconds(cfg: RunConfig, world: int, sp: int, strategy: str, u: int | None,
                       gpus_per_node: int, global_batch: int) -> tuple[float, float]:
-    """(modelled seconds per iteration per GPU, SP bytes sent per GPU per iteration)."""
+    """(modelled seconds per iteration per GPU, SP bytes sent per GPU per iteration). With a pipeline every
+    stage runs PP times as many micro batches through 1/PP of the layers (the same work per GPU) and the
+    step takes 1 / (1 - bubble) as long."""
     m, t = cfg.model, cfg.training
-    elem = cfg.elem_bytes
-    micro_batches = global_batch * sp // (t.micro_batch_size * world)  # per GPU per iteration
+    elem, pp = cfg.elem_bytes, cfg.parallel.pipeline_model_parallel_size
+    stage_micro_batches = global_batch * sp * pp // (t.micro_batch_size * world)  # each stage's m per iteration
+    micro_batches = stage_micro_batches / pp  # through all layers, per GPU
+    stretch = 1 / (1 - bubble_fraction(pp, stage_micro_batches))
     compute = flops_per_token(cfg, True) * global_batch * m.seq_length / world / ACHIEVED_FLOPS
     if sp == 1:
-        return compute, 0.0
+        return stretch * compute, 0.0
     c = sp_comm_per_layer(cfg, sp, strategy, u, elem)
     recompute = 2 if m.checkpoint_activations else 1  # the forward's communication runs again
     crosses = sp > gpus_per_node  # ranks of an SP group are adjacent: it spans nodes iff P > node size
@@ -81,17 +86,18 @@ def iteration_seconds(cfg: RunConfig, world: int, sp: int, strategy: str, u: int
                + recompute * max(0.0, c["p2p_fwd"] / p2p_bw - attention_fwd)
                + max(0.0, c["p2p_bwd"] / p2p_bw - 2 * attention_fwd))
     sent = (recompute * (c["a2a_fwd"] + c["p2p_fwd"]) + c["a2a_bwd"] + c["p2p_bwd"]) * m.num_layers * micro_batches
-    return compute + exposed * m.num_layers * micro_batches, sent
+    return stretch * (compute + exposed * m.num_layers * micro_batches), sent
 
 
 def candidates(cfg: RunConfig, world: int, gpus_per_node: int, zero: ZeroSetup, gpu_gib: float) -> list[Candidate]:
     """Every (P, strategy, Ulysses degree) the flags allow, with its memory and modelled time."""
     m, t = cfg.model, cfg.training
+    stage_ranks = world // cfg.parallel.pipeline_model_parallel_size  # SP and DP split each pipeline stage
     found = []
-    for sp in (p for p in range(1, world + 1) if world % p == 0):
+    for sp in (p for p in range(1, stage_ranks + 1) if stage_ranks % p == 0):
         # unset global batch (micro x DP) grows with DP: time every P at the P = 1 batch instead
-        gb = t.global_batch_size or t.micro_batch_size * world
-        if gb % (t.micro_batch_size * world // sp):
+        gb = t.global_batch_size or t.micro_batch_size * stage_ranks
+        if gb % (t.micro_batch_size * stage_ranks // sp):
             continue
         options = [("local", None)] if sp == 1 else [("ulysses", None), ("ring", None)] + [
             ("hybrid", u) for u in range(2, min(sp, gpus_per_node + 1)) if sp % u == 0]
@@ -99,10 +105,10 @@ def candidates(cfg: RunConfig, world: int, gpus_per_node: int, zero: ZeroSetup, 
             try:
                 validate_attention_config(strategy=strategy, num_heads=m.num_attention_heads,
                                           num_kv_heads=m.num_key_value_heads, sp_size=sp, ulysses_degree=u,
-                                          seq_length=m.seq_length, world_size=world)
+                                          seq_length=m.seq_length, world_size=stage_ranks)
             except ValueError:
                 continue
-            memory = estimate_memory(cfg, world, sp, strategy, u, zero)
+            _, memory = heaviest_stage(cfg, world, sp, strategy, u, zero)
             seconds, sent = iteration_seconds(cfg, world, sp, strategy, u, gpus_per_node, gb)
             found.append(Candidate(sp, strategy, u, memory, sent, seconds,
                                    memory.total <= MEMORY_RESERVE * gpu_gib * GIB))

@@ -1,7 +1,8 @@
 """Per-GPU memory of a run, from the flags alone: parameters, gradients, optimizer, activations, buffers.
 
-Model states follow the ZeRO paper's accounting (Ψ parameters, N = every rank, since DeepSpeed sees
-DP x SP ranks as data-parallel, see training/engine.py), checked against DeepSpeed 0.19.8:
+Model states follow the ZeRO paper's accounting (Ψ parameters of a pipeline stage, N = its ranks, since
+DeepSpeed sees a stage's DP x SP ranks as data-parallel, see training/engine.py), checked against DeepSpeed
+0.19.8:
 
     bytes per parameter     params   grads    optimizer (fp32 master + Adam m, v)
     stage 0, fp32           4        4        8         (torch AdamW on the fp32 weights)
@@ -51,6 +52,29 @@ def count_parameters(cfg: RunConfig) -> int:
     return embeddings + m.num_layers * layer_parameters(cfg) + norm_parameters(cfg) + output
 
 
+def stage_parameters(cfg: RunConfig, pp_rank: int) -> int:
+    """Exactly sum(p.numel() for p in GPTStage(..., pp_rank=pp_rank).parameters()): its share of the layers,
+    the embeddings on the first stage, the final norm and the output layer on the last (with tied embeddings
+    the last stage's output layer is its own copy of the word embedding)."""
+    m, pp, vocab = cfg.model, cfg.parallel.pipeline_model_parallel_size, cfg.padded_vocab_size
+    if pp == 1:
+        return count_parameters(cfg)
+    params = m.num_layers // pp * layer_parameters(cfg)
+    if pp_rank == 0:
+        params += vocab * m.hidden_size + (m.max_position_embeddings * m.hidden_size if m.learned_positions else 0)
+    if pp_rank == pp - 1:
+        params += norm_parameters(cfg) + vocab * m.hidden_size
+    return params
+
+
+def in_flight_micro_batches(cfg: RunConfig, world: int, sp: int, pp_rank: int) -> int:
+    """Micro batches whose activations stage pp_rank holds at its peak under 1F1B: min(PP - pp_rank, m)."""
+    p, t = cfg.parallel, cfg.training
+    dp = world // (p.pipeline_model_parallel_size * sp)
+    micro_batches = (t.global_batch_size or t.micro_batch_size * dp) // (t.micro_batch_size * dp)
+    return max(1, min(p.pipeline_model_parallel_size - pp_rank, micro_batches))
+
+
 @dataclass
 class ZeroSetup:
     """What the memory model needs from the DeepSpeed JSON (flags win, as in training/engine.py)."""
@@ -95,19 +119,21 @@ class MemoryEstimate:
 
 
 def estimate_memory(cfg: RunConfig, world: int, sp: int, strategy: str, ulysses_degree: int | None,
-                    zero: ZeroSetup) -> MemoryEstimate:
-    """Peak GPU bytes per rank for SP size `sp` (strategy ulysses/ring/hybrid; 'local' when sp == 1)."""
+                    zero: ZeroSetup, pp_rank: int = 0) -> MemoryEstimate:
+    """Peak GPU bytes per rank of pipeline stage pp_rank for SP size `sp` (strategy ulysses/ring/hybrid;
+    'local' when sp == 1). ZeRO splits a stage's model states over the stage's world / PP ranks; under 1F1B
+    the stage holds the activations of in_flight_micro_batches micro batches for its share of the layers."""
     t, m = cfg.training, cfg.model
-    elem = cfg.elem_bytes
-    params = count_parameters(cfg)
-    states = model_state_bytes(params, world, zero.stage, elem)
+    elem, pp = cfg.elem_bytes, cfg.parallel.pipeline_model_parallel_size
+    params = stage_parameters(cfg, pp_rank)
+    states = model_state_bytes(params, world // pp, zero.stage, elem)
     host = {}
     if zero.offload_optimizer and zero.stage >= 1:
         host["optimizer"] = states.pop("optimizer")
     if zero.offload_param:
         host["parameters"] = states.pop("parameters")
     local_tokens = t.micro_batch_size * m.seq_length // sp
-    acts = activation_bytes(cfg, sp, effective_strategy(strategy, sp), ulysses_degree, elem)
+    acts = activation_bytes(cfg, sp, effective_strategy(strategy, sp), ulysses_degree, elem, m.num_layers // pp)
     if m.checkpoint_activations:  # one layer at a time is rebuilt in backward
         stored, workspace = acts["checkpointed"], acts["layer"]
     elif m.recompute_granularity == "selective":  # one MLP at a time is rebuilt
@@ -116,14 +142,23 @@ def estimate_memory(cfg: RunConfig, world: int, sp: int, strategy: str, ulysses_
         stored, workspace = acts["full"], 0
     workspace += acts["comm"] + acts["grad_work"]
     parts = {**states,
-             "activations": local_tokens * stored,
-             "backward workspace": local_tokens * workspace,
-             "logits/loss": logits_bytes(cfg, local_tokens, elem)}
+             "activations": local_tokens * stored * in_flight_micro_batches(cfg, world, sp, pp_rank),
+             "backward workspace": local_tokens * workspace}
+    if pp_rank == pp - 1:
+        parts["logits/loss"] = logits_bytes(cfg, local_tokens, elem)
     if zero.stage >= 1:  # gradient reduce bucket (stages 1-2) / reduce-scatter bucket (stage 3)
         parts["ZeRO buckets"] = elem * min(zero.reduce_bucket, params)
     if zero.stage == 3:  # gathered full parameters of the layers in flight (the prefetch window)
         parts["ZeRO buckets"] += elem * max(2 * layer_parameters(cfg), zero.prefetch_bucket)
     return MemoryEstimate(parts=parts, host=host, local_tokens=local_tokens)
+
+
+def heaviest_stage(cfg: RunConfig, world: int, sp: int, strategy: str, ulysses_degree: int | None,
+                   zero: ZeroSetup) -> tuple[int, MemoryEstimate]:
+    """(pp_rank, its estimate) of the pipeline stage that needs the most memory (the only one without a pipeline)."""
+    estimates = [estimate_memory(cfg, world, sp, strategy, ulysses_degree, zero, pp_rank)
+                 for pp_rank in range(cfg.parallel.pipeline_model_parallel_size)]
+    return max(enumerate(estimates), key=lambda pair: pair[1].total)
 
 
 def detect_gpu_memory_gib() -> float:

@@ -6,7 +6,8 @@ from megatron_sp.config import RunConfig
 from megatron_sp.parallel.sharding import effective_strategy, ulysses_degree_of
 from megatron_sp.plan.activations import layer_terms
 from megatron_sp.plan.choose import ACHIEVED_FLOPS, MEMORY_RESERVE, iteration_seconds
-from megatron_sp.plan.memory import GIB, ZeroSetup, count_parameters, estimate_memory
+from megatron_sp.plan.memory import (GIB, ZeroSetup, count_parameters, estimate_memory, heaviest_stage,
+                                     in_flight_micro_batches)
 from megatron_sp.flops import flops_per_token
 
 def _gib(nbytes: float) -> str:
@@ -18,17 +19,23 @@ def memory_lines(cfg: RunConfig, world: int, zero: ZeroSetup, gpu_gib: float) ->
     m, p, t = cfg.model, cfg.parallel, cfg.training
     sp = p.sequence_parallel_size
     strategy, elem = effective_strategy(p.sequence_parallel_strategy, sp), cfg.elem_bytes
-    est = estimate_memory(cfg, world, sp, strategy, p.ulysses_degree, zero)
+    pp = p.pipeline_model_parallel_size
+    stage, est = heaviest_stage(cfg, world, sp, strategy, p.ulysses_degree, zero)
     ckpt = "on" if m.checkpoint_activations else "selective (MLP)" if m.recompute_granularity == "selective" else "off"
-    lines = [f"memory per GPU (estimate): ZeRO {zero.stage} over {world} ranks, {cfg.precision}, activation "
-             f"checkpointing {ckpt}, {est.local_tokens} local tokens (micro batch {t.micro_batch_size} x "
+    where = (f" of pipeline stage {stage} (the largest; {in_flight_micro_batches(cfg, world, sp, stage)} micro batches "
+             f"in flight under 1F1B)") if pp > 1 else ""
+    lines = [f"memory per GPU{where} (estimate): ZeRO {zero.stage} over {world // pp} ranks, {cfg.precision}, "
+             f"activation checkpointing {ckpt}, {est.local_tokens} local tokens (micro batch {t.micro_batch_size} x "
              f"{m.seq_length} / SP {sp})"]
     lines += [f"  {name:<20}{_gib(value)}" for name, value in est.parts.items()]
     lines.append(f"  {'total':<20}{_gib(est.total)} of {gpu_gib:.1f} GiB")
+    if pp > 1:
+        totals = [estimate_memory(cfg, world, sp, strategy, p.ulysses_degree, zero, r).total for r in range(pp)]
+        lines.append("  per stage: " + ", ".join(f"{r}: {value / GIB:.2f}" for r, value in enumerate(totals)) + " GiB")
     flipped = copy.copy(cfg)
     flipped.model = dataclasses.replace(m, checkpoint_activations=not m.checkpoint_activations,
                                         recompute_granularity=None)
-    alt = estimate_memory(flipped, world, sp, strategy, p.ulysses_degree, zero)
+    alt = estimate_memory(flipped, world, sp, strategy, p.ulysses_degree, zero, stage)
     lines.append(f"  with activation checkpointing {'off' if m.checkpoint_activations else 'on'}: activations "
                  f"{_gib(alt.parts['activations']).strip()}, total {_gib(alt.total).strip()}")
     for name, value in est.host.items():
@@ -47,7 +54,7 @@ def memory_lines(cfg: RunConfig, world: int, zero: ZeroSetup, gpu_gib: float) ->
 
 def memory_remedies(cfg: RunConfig, zero: ZeroSetup) -> str:
     """The memory levers this configuration has not pulled yet, as one phrase."""
-    levers = ["a larger --sequence-parallel-size (or auto)"]
+    levers = ["a larger --sequence-parallel-size (or auto) or --pipeline-model-parallel-size"]
     if not cfg.model.checkpoint_activations:
         if cfg.model.recompute_granularity != "selective":
             levers.append("--recompute-granularity selective")
@@ -74,7 +81,8 @@ def flops_lines(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
              f"FLOPs per iteration ({t.global_batch_size} x {m.seq_length} tokens): {model:.3e} model, "
              f"{hardware:.3e} with recompute; {model / world:.3e} model FLOPs per GPU",
              f"  modelled time: {seconds:.2f} s per iteration (compute at an assumed {ACHIEVED_FLOPS / 1e12:.0f} "
-             "TFLOP/s per GPU, plus the SP communication the model does not hide)"]
+             "TFLOP/s per GPU, plus the SP communication the model does not hide"
+             + (", stretched by the pipeline bubble)" if p.pipeline_model_parallel_size > 1 else ")")]
     if sp > 1:
         lines.append(f"  SP communication: {sent / 1e9:.2f} GB sent per GPU per iteration")
     return lines
