@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 2 tools/bench_e2e.py --seq-length 32768 --zero-stage 3 --out e2e.json
     torchrun --nproc_per_node 2 tools/bench_e2e.py --seq-length 65536 --zero-stage 3 --checkpoint-activations
+    torchrun --nproc_per_node 4 tools/bench_e2e.py --seq-length 65536 --zero-stage 1 --pp 2 --sp 2 --micro-batches 8
     torchrun --nproc_per_node 2 tools/bench_e2e.py --model tiny --device cpu --seq-length 256 --steps 2   # CI
     torchrun --nproc_per_node 1 tools/bench_e2e.py --sp 1 --seq-length 131072 --checkpoint-activations --doc-len 4096
 
@@ -48,11 +49,12 @@ SHAPE = ["--swiglu", "--normalization", "rmsnorm", "--use-rotary-position-embedd
 
 
 def flags(args, world: int) -> list[str]:
-    """The Megatron flags of one benchmark configuration (global batch = one sample per DP rank)."""
-    dp = world // args.sp
+    """The Megatron flags of one benchmark configuration (global batch = --micro-batches samples per DP rank)."""
+    dp = world // (args.sp * args.pp)
     argv = MODELS[args.model] + SHAPE + [
         "--seq-length", str(args.seq_length), "--max-position-embeddings", str(args.seq_length),
-        "--micro-batch-size", "1", "--global-batch-size", str(dp),
+        "--micro-batch-size", "1", "--global-batch-size", str(dp * args.micro_batches),
+        "--pipeline-model-parallel-size", str(args.pp),
         "--train-iters", str(args.warmup + args.steps + args.profile + args.memory_breakdown),
         "--lr", "1e-4", "--lr-warmup-iters", "0", "--lr-decay-style", "constant", "--clip-grad", "1.0",
         "--weight-decay", "0.1", "--zero-stage", str(args.zero_stage),
@@ -199,7 +201,8 @@ def run(args) -> dict:
     result = {
         "seq_length": m.seq_length, "zero_stage": ds_config["zero_optimization"]["stage"],
         "checkpoint_activations": m.checkpoint_activations, "strategy": p.sequence_parallel_strategy,
-        "backend": p.attention_backend, "sp": p.sequence_parallel_size, "gpus": world, "model": args.model,
+        "backend": p.attention_backend, "sp": p.sequence_parallel_size, "pp": p.pipeline_model_parallel_size,
+        "global_batch": t.global_batch_size, "gpus": world, "model": args.model,
         "parameters": n_params, "warmup": args.warmup, "steps": args.steps, "step_ms": [round(x, 2) for x in times],
         "ms_per_step": ms, "tokens_per_s": tokens / ms * 1e3,
         "model_tflops_per_gpu": tokens * per_token / (ms / 1e3) / world / 1e12,
@@ -249,6 +252,9 @@ def parse_args(argv=None):
                    help="pack the mock samples with documents (N tokens each, or an indexed dataset prefix whose "
                         "document lengths to use) and train with --reset-attention-mask --reset-position-ids "
                         "--eod-mask-loss")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="micro batches (of one sample) per step per data-parallel rank: the pipeline's m")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="one more step under torch.profiler")
@@ -303,7 +309,8 @@ def main(argv=None) -> dict:
     if dist.get_rank() == 0:
         r = result
         print(f"bench_e2e: {r['model']} ({r['parameters'] / 1e9:.2f} B) seq {r['seq_length']} ZeRO-{r['zero_stage']} "
-              f"ckpt {'on' if r['checkpoint_activations'] else 'off'} {r['strategy']}/{r['backend']} x{r['gpus']}"
+              f"ckpt {'on' if r['checkpoint_activations'] else 'off'} {r['strategy']}/{r['backend']} x{r['gpus']} "
+              f"(PP {r['pp']}, SP {r['sp']}, global batch {r['global_batch']})"
               f"{'' if r['doc_len'] is None else ', documents --doc-len ' + str(r['doc_len'])}: "
               f"{r['ms_per_step']:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s, "
               f"{r['model_tflops_per_gpu']:.1f} model TFLOP/s per GPU, peak {r['peak_memory_gib']:.1f} GiB", flush=True)
