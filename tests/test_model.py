@@ -73,9 +73,9 @@ def test_no_position_embedding_drops_the_learned_table(rotary):
 def test_megatron_init():
     model = build(tiny(num_layers=8, hidden_size=256, ffn_hidden_size=512), vocab=128)
     std = 0.02
-    assert abs(model.layers["0"].attention.qkv.weight.std().item() - std) < 2e-3
-    assert abs(model.layers["0"].mlp.fc2.weight.std().item() - std / math.sqrt(16)) < 5e-4
-    assert torch.all(model.layers["0"].attention.qkv.bias == 0) and torch.all(model.final_norm.weight == 1)
+    assert abs(model.layers[0].attention.qkv.weight.std().item() - std) < 2e-3
+    assert abs(model.layers[0].mlp.fc2.weight.std().item() - std / math.sqrt(16)) < 5e-4
+    assert torch.all(model.layers[0].attention.qkv.bias == 0) and torch.all(model.final_norm.weight == 1)
 
 
 def test_rotary_scores_depend_only_on_relative_position():

@@ -68,7 +68,7 @@ def _zero3_build(rank, world, argv):
     ds_config, _ = ds_engine.deepspeed_config(cfg, ps.dp_size)
     model = ds_engine.build_model(lambda: GPTModel(cfg.model, LocalAttention, cfg.padded_vocab_size), ds_config,
                                   ds_engine.DeepSpeedMPU(ps, self_group), rank)
-    qkv = model.layers["0"].attention.qkv.weight
+    qkv = model.layers[0].attention.qkv.weight
     with deepspeed.zero.GatheredParameters([qkv]):
         full_std = qkv.detach().double().std().item()
     return {"holds": qkv.numel(), "shard": qkv.ds_tensor.numel(), "full": qkv.ds_numel, "std": full_std}

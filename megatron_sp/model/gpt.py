@@ -103,6 +103,17 @@ class TransformerLayer(nn.Module):
         return x + self.mlp_sublayer(x)
 
 
+class Layers(nn.ModuleDict):
+    """Transformer layers keyed by their index in the whole model (a pipeline stage holds a range of them), used
+    like a ModuleList: iteration yields them in order, layers[i] is the whole model's layer i."""
+
+    def __iter__(self):
+        return iter(self.values())
+
+    def __getitem__(self, index: int | str) -> nn.Module:
+        return super().__getitem__(str(index))
+
+
 class GPTModel(nn.Module):
     """forward(tokens, position_ids, labels, documents=None) -> per-token loss [b, s_local] in fp32.
 
@@ -130,8 +141,7 @@ class GPTModel(nn.Module):
                                         if cfg.learned_positions else None)
             self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
         layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, self.head_dim, make_inner_attention())
-                                     for i in layer_ids})
+        self.layers = Layers({str(i): TransformerLayer(cfg, self.head_dim, make_inner_attention()) for i in layer_ids})
         if head:
             self.final_norm = Norm(cfg, cfg.hidden_size)
             self.output_layer = None if tied else nn.Linear(cfg.hidden_size, padded_vocab_size, bias=False)
@@ -173,7 +183,7 @@ class GPTModel(nn.Module):
         if self.cfg.use_rotary_position_embeddings:
             rotary = rotary_cos_sin(position_ids, self.head_dim, self.cfg.rotary_percent,
                                     self.cfg.rotary_position_embeddings_theta, x.dtype)
-        for layer in self.layers.values():
+        for layer in self.layers:
             if self.cfg.checkpoint_activations and self.training:
                 x = checkpoint(layer, x, rotary, documents, use_reentrant=False)
             else:
