@@ -176,9 +176,10 @@ class GPTModel(nn.Module):
             x = x + self.position_embeddings(position_ids)
         return self.embedding_dropout(x)
 
-    def run_layers(self, x: torch.Tensor, position_ids: torch.Tensor, documents=None) -> torch.Tensor:
-        """The transformer layers on [b, s_local, h], each recomputed in backward with --checkpoint-activations.
-        documents: see the module doc."""
+    def decoder(self, x: torch.Tensor, position_ids: torch.Tensor, documents=None) -> torch.Tensor:
+        """The transformer layers (with their rotary angles) on [b, s_local, h]: where every way of running them
+        (each layer recomputed in backward with --checkpoint-activations) is chosen, for the whole model and
+        for a pipeline stage alike. documents: see the module doc."""
         rotary = None
         if self.cfg.use_rotary_position_embeddings:
             rotary = rotary_cos_sin(position_ids, self.head_dim, self.cfg.rotary_percent,
@@ -197,11 +198,11 @@ class GPTModel(nn.Module):
 
     def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor, documents=None) -> torch.Tensor:
         """[b, s_local] tokens and their positions -> final-norm hidden states [b, s_local, h]."""
-        return self.final_norm(self.run_layers(self.embed(tokens, position_ids), position_ids, documents))
+        return self.final_norm(self.decoder(self.embed(tokens, position_ids), position_ids, documents))
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
                 documents=None) -> torch.Tensor:
-        return self.loss(self.run_layers(self.embed(tokens, position_ids), position_ids, documents), labels)
+        return self.loss(self.decoder(self.embed(tokens, position_ids), position_ids, documents), labels)
 
     def logits(self, tokens: torch.Tensor, position_ids: torch.Tensor, documents=None) -> torch.Tensor:
         """Full logits [b, s_local, vocab] (inference and tests; training never builds them)."""

@@ -2,7 +2,7 @@
 
 The first stage holds the embeddings and turns tokens into hidden states; the last holds the final norm and
 the output layer and turns hidden states into per-token losses; every stage runs its share of the layers
-through GPTModel.run_layers, so activation recompute works per stage as it does for the whole model.
+through GPTModel.decoder, so activation recompute works per stage as it does for the whole model.
 """
 import torch
 from torch import nn
@@ -33,5 +33,5 @@ class GPTStage(GPTModel):
     def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
                 documents=None) -> torch.Tensor:
         x = self.embed(inputs, position_ids) if self.is_first else inputs
-        x = self.run_layers(x, position_ids, documents)
+        x = self.decoder(x, position_ids, documents)
         return self.loss(x, labels) if self.is_last else x
