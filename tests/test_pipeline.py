@@ -1,6 +1,6 @@
 """Pipeline parallelism: the rank grid, stages as slices of the model, the 1F1B order, one-line refusals of
 bad layouts, and training on forked CPU ranks equal to the run without a pipeline (also with SP, recompute,
-and across a checkpoint)."""
+across a checkpoint, and with the opt-in fast paths)."""
 import subprocess
 import sys
 
@@ -222,6 +222,20 @@ def test_pipeline_training_equals_single_device(corpus, reference, tmp_path, wor
     np.testing.assert_allclose(losses, reference[0], rtol=1e-5)
     np.testing.assert_allclose(grad_norms, reference[1], rtol=1e-5)  # over all stages, the tied copy once
     np.testing.assert_allclose(validation, reference[2], rtol=1e-5)  # evaluation through the stages
+
+
+def test_pipeline_with_compiled_layers_and_the_fused_gradient_norm_equals_single_device(corpus, reference,
+                                                                                       tmp_path, monkeypatch):
+    """--compile-layers compiles each stage's layers; --fused-grad-norm counts the tied copy once over the
+    stages, as DeepSpeed's norm does (counting it on both ends makes every clipped step's norm too large)."""
+    from megatron_sp.kernels import compiled
+    monkeypatch.setattr(compiled, "LAYER_BACKEND", "aot_eager")  # the forked ranks inherit it
+    tb = tmp_path / "tb"
+    losses = train(2, _run_flags(corpus, "--pipeline-model-parallel-size", "2", "--compile-layers",
+                                 "--fused-grad-norm", "--eval-iters", "1", "--log-interval", "1",
+                                 "--tensorboard-dir", str(tb)))
+    np.testing.assert_allclose(losses, reference[0], rtol=1e-5)
+    np.testing.assert_allclose(_logged(tb)[0], reference[1], rtol=1e-5)
 
 
 def test_pipeline_with_data_parallel_resumes_exactly_and_keeps_the_tied_copies_equal(corpus, reference, tmp_path):

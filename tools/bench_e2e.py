@@ -222,14 +222,15 @@ def run(args) -> dict:
 
 
 def memory_report(cfg, setup, step, world: int) -> dict:
-    """One more step with tools/memory_breakdown.py's four snapshots (this rank), beside the planner's estimate."""
+    """One more step with tools/memory_breakdown.py's four snapshots (this rank), beside the planner's estimate
+    (for this rank's pipeline stage)."""
     from megatron_sp.parallel.sharding import effective_strategy
     from megatron_sp.plan import estimate_memory, zero_setup
     from tools import memory_breakdown
     p = cfg.parallel
     plan = estimate_memory(cfg, world, p.sequence_parallel_size,
                            effective_strategy(p.sequence_parallel_strategy, p.sequence_parallel_size),
-                           p.ulysses_degree, zero_setup(cfg))
+                           p.ulysses_degree, zero_setup(cfg), pp_rank=setup.ps.pp_rank)  # this rank's stage
     result = memory_breakdown.measure(setup.engine, step, setup.device.type == "cuda")
     result["planner"] = {k: int(v) for k, v in plan.parts.items()}
     return result

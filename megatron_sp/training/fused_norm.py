@@ -2,6 +2,8 @@
 per-parameter fp64 norms and per-parameter inf/NaN scan; the step is still skipped on an inf/NaN gradient."""
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.constants import PIPE_REPLICATED
+from deepspeed.runtime.utils import is_model_parallel_parameter
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
 
@@ -26,14 +28,25 @@ class FusedNormZeroOptimizer(DeepSpeedZeroOptimizer):
         """||gradients of all ranks||_2 as a float32 device tensor, inf if any gradient is inf/NaN."""
         if norm_type != 2:
             raise ValueError("only the L2 gradient norm is supported")
-        grads = [g for i in range(len(self.bit16_groups)) for g in self.averaged_gradients[i]
-                 if not getattr(g, "_zero_padding", False)]  # ZeRO's alignment padding is not a gradient
+        grads = list(self._counted_gradients())
         device = torch.device(self.device) if grads == [] else grads[0].device
         squares = (torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum() if grads
                    else torch.zeros((), dtype=torch.float32, device=device))
         dist.all_reduce(squares, group=self.dp_process_group)
         self._model_parallel_all_reduce(tensor=squares, op=dist.ReduceOp.SUM)
         return squares.nan_to_num_(nan=float("inf")).sqrt()
+
+    def _counted_gradients(self):
+        """This rank's gradient pieces that DeepSpeed's own norm counts: ZeRO's alignment padding is no gradient;
+        under a pipeline (model-parallel group = the stages) a replicated copy (ds_pipe_replicated: the last
+        stage's tied word embedding) is counted on its other stage only, and a parameter not marked
+        model-parallel on model-parallel rank 0 only."""
+        for i in range(len(self.bit16_groups)):
+            grads = (g for g in self.averaged_gradients[i] if not getattr(g, "_zero_padding", False))
+            for g, p in zip(grads, self.params_in_partition[i]):
+                if not getattr(p, PIPE_REPLICATED, False) and (is_model_parallel_parameter(p)
+                                                               or self.model_parallel_rank == 0):
+                    yield g
 
 
 def install(optimizer) -> str | None:
