@@ -71,6 +71,14 @@ def test_30b_dry_run_on_32_gpus(tmp_path):
     assert "total" in out.stdout and "FLOPs per iteration" in out.stdout
 
 
+def test_pipeline_stages_from_pp_size(tmp_path):
+    """PP_SIZE reaches pretrain_gpt.py and the planner: 8 GPUs = PP 2 x DP 1 x SP 4, a stage per 4 adjacent ranks."""
+    out = recipe("1.3B", tmp_path, DRY_RUN="1", NUM_GPUS="8", GPUS_PER_NODE="8", PP_SIZE="2", SP_SIZE="4")
+    assert out.returncode == 0, out.stderr
+    assert "8 GPUs = PP 2 x DP 1 x SP 4" in out.stdout and "world 8 = PP 2 x DP 1 x SP 4" in out.stdout
+    assert "stage 0 [0, 1, 2, 3]: layers 0-11 + embedding" in out.stdout and "_g8_pp2_sp4_ulysses" in out.stdout
+
+
 @pytest.mark.parametrize("env, expected", [
     ({"HF_TOKENIZER": "/tok/llama3"}, ["--tokenizer-type", "HFTokenizer", "--tokenizer-model", "/tok/llama3"]),
     ({"VOCAB_FILE": "v.json", "MERGE_FILE": "m.txt"},
@@ -115,6 +123,8 @@ def test_multi_node_launch_commands(tmp_path):
     ({"OFFLOAD_OPTIMIZER": "nvme"}, "error: OFFLOAD_OPTIMIZER must be none or cpu, got 'nvme'"),
     ({"SEQ_LEN": "64k"}, "error: SEQ_LEN must be a whole number, got '64k'"),
     ({"SP_SIZE": "x"}, "error: SP_SIZE must be a positive whole number or auto, got 'x'"),
+    ({"PP_SIZE": "0"}, "error: PP_SIZE must be a positive whole number, got '0'"),
+    ({"PP_SIZE": "3", "SP_SIZE": "2"}, "error: 8 GPUs are not divisible by PP_SIZE=3 x SP_SIZE=2"),
     ({"ACTIVATION_CHECKPOINT": "maybe"}, "error: ACTIVATION_CHECKPOINT must be true, selective or false, got 'maybe'"),
     ({"DATA_PATH": "/data/c_text_document"}, "error: DATA_PATH needs the tokenizer that made it: VOCAB_FILE and "
      "MERGE_FILE (GPT-2 BPE), TOKENIZER_MODEL (SentencePiece) or HF_TOKENIZER (a Hugging Face tokenizer directory)"),

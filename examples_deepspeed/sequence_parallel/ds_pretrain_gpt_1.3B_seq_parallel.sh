@@ -34,8 +34,10 @@ lr_decay_style=${LR_DECAY_STYLE:-cosine}
 lr_warmup_tokens=${LR_WARMUP_TOKENS:-3000000000}
 lr_decay_tokens=${LR_DECAY_TOKENS:-$train_tokens}
 
-### Parallelism: SP ranks split each sample; DP = GPUs / SP. No tensor or pipeline parallelism.
+### Parallelism: SP ranks split each sample; PP stages hold consecutive layers; DP = GPUs / (PP x SP).
+### No tensor parallelism.
 sp_size=${SP_SIZE:-8}                        # or auto: the planner picks size and strategy
+pp_size=${PP_SIZE:-1}                        # pipeline stages (docs/pipeline.md); each splits the sequence over SP
 sp_strategy=${SP_STRATEGY:-ulysses}          # ulysses | ring | hybrid (see README.md)
 ulysses_degree=${ULYSSES_DEGREE:-}           # hybrid only: Ulysses ranks per ring step (GPUs per node)
 zero_stage=${ZERO_STAGE:-1}
@@ -58,7 +60,7 @@ vocab_file=${VOCAB_FILE:-}
 merge_file=${MERGE_FILE:-}
 
 ### Output: --load = --save, so rerunning resumes from $checkpoint_path/latest
-output_dir=${OUTPUT_DIR:-$root/runs/gpt_${model_size}B_seq${seq_len}_gbs${global_batch_size}_sp${sp_size}_${sp_strategy}_z${zero_stage}}
+output_dir=${OUTPUT_DIR:-$root/runs/gpt_${model_size}B_seq${seq_len}_gbs${global_batch_size}_sp${sp_size}$([ "$pp_size" = 1 ] || echo "_pp$pp_size")_${sp_strategy}_z${zero_stage}}
 checkpoint_path=${CHECKPOINT_PATH:-$output_dir/checkpoint}
 tensorboard_path=${TENSORBOARD_DIR:-$output_dir/tensorboard}
 

@@ -22,6 +22,7 @@ for name in num_layers hidden_size num_attn_heads seq_len global_batch_size micr
   [[ "${!name}" =~ ^[0-9]+$ ]] || bad_setting "${name^^}" "a whole number" "${!name}"
 done
 [[ "$sp_size" =~ ^([1-9][0-9]*|auto)$ ]] || bad_setting SP_SIZE "a positive whole number or auto" "$sp_size"
+[[ "$pp_size" =~ ^[1-9][0-9]*$ ]] || bad_setting PP_SIZE "a positive whole number" "$pp_size"
 [[ -z "${NUM_GPUS:-}" || "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]] || bad_setting NUM_GPUS "a positive whole number" "$NUM_GPUS"
 case "$precision" in bf16|fp32) ;; *) bad_setting PRECISION "bf16 or fp32" "$precision" ;; esac
 case "$offload_optimizer" in none|cpu) ;; *) bad_setting OFFLOAD_OPTIMIZER "none or cpu" "$offload_optimizer" ;; esac
@@ -41,10 +42,10 @@ else
   num_nodes=${NUM_NODES:-1}
 fi
 num_gpus=${NUM_GPUS:-$(( num_nodes * num_gpus_per_node ))}
-if [ "$sp_size" != auto ] && (( num_gpus % sp_size )); then
-  echo "error: $num_gpus GPUs are not divisible by SP_SIZE=$sp_size" >&2; exit 2
+if (( num_gpus % pp_size )) || { [ "$sp_size" != auto ] && (( num_gpus % (pp_size * sp_size) )); }; then
+  echo "error: $num_gpus GPUs are not divisible by PP_SIZE=$pp_size x SP_SIZE=$sp_size" >&2; exit 2
 fi
-dp_size=$([ "$sp_size" = auto ] && echo auto || echo $(( num_gpus / sp_size )))
+dp_size=$([ "$sp_size" = auto ] && echo auto || echo $(( num_gpus / (pp_size * sp_size) )))
 
 ## Data and tokenizer: the shipped sample with its SentencePiece model, or DATA_PATH with the tokenizer that
 ## made it. One without the other would train on ids that mean other tokens, with no error anywhere.
@@ -68,7 +69,7 @@ else  # TOKENIZER_TYPE=GPTSentencePieceTokenizer for a model used as is (eod = i
   fi
 fi
 
-jobname=gpt_${model_size}B_seq${seq_len}_gbs${global_batch_size}_mbs${micro_batch_size}_g${num_gpus}_sp${sp_size}_${sp_strategy}_z${zero_stage}
+jobname=gpt_${model_size}B_seq${seq_len}_gbs${global_batch_size}_mbs${micro_batch_size}_g${num_gpus}_pp${pp_size}_sp${sp_size}_${sp_strategy}_z${zero_stage}
 log_path=$output_dir/log
 mkdir -p "$checkpoint_path" "$tensorboard_path" "$log_path"
 
@@ -109,7 +110,7 @@ args=(
   --save "$checkpoint_path" "${load_options[@]}" --save-interval "$save_interval"
   --tensorboard-dir "$tensorboard_path"
   --deepspeed --deepspeed_config "$config_json" --zero-stage "$zero_stage"
-  --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --no-pipeline-parallel
+  --tensor-model-parallel-size 1 --pipeline-model-parallel-size "$pp_size"
 )
 [ -n "${ulysses_degree:-}" ] && args+=(--ulysses-degree "$ulysses_degree")
 [ "$precision" = bf16 ] && args+=(--bf16)
@@ -120,7 +121,7 @@ esac
 [ -n "${GPU_MEMORY_GB:-}" ] && args+=(--gpu-memory-gb "$GPU_MEMORY_GB")
 args+=(${EXTRA_ARGS:-})  # anything else, word-split on purpose: EXTRA_ARGS="--use-rotary-position-embeddings"
 
-echo "$jobname: $num_gpus GPUs = DP $dp_size x SP $sp_size ($sp_strategy), ZeRO $zero_stage, $precision; $output_dir"
+echo "$jobname: $num_gpus GPUs = PP $pp_size x DP $dp_size x SP $sp_size ($sp_strategy), ZeRO $zero_stage, $precision; $output_dir"
 cd "$root"
 if [ "${DRY_RUN:-0}" = 1 ]; then  # the plan only: layout, memory per GPU, FLOPs; nothing is allocated
   exec "$PYTHON" tools/plan.py --world-size "$num_gpus" --gpus-per-node "$num_gpus_per_node" "${args[@]}"
