@@ -20,7 +20,9 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        # Hugging Face import (--load-hf) and export (tools/convert_checkpoint.py); neither pulls torch
+        "hf": ["transformers>=4.45,<6", "safetensors>=0.4.3"],
+        "test": ["pytest>=7", "transformers>=5,<6", "safetensors>=0.4.3"],
         "flash": ["flash-attn>=2.5"],
     },
 )

@@ -42,6 +42,9 @@ class ModelConfig:
                                    "then has no position signal).")
     rotary_percent: float = arg(1.0, "Fraction of each head's dimensions that rotary embeddings rotate.")
     rotary_position_embeddings_theta: float = arg(10000.0, "Rotary base (theta).", flags=("--rotary-base",))
+    use_rope_scaling: bool = arg(False, "Llama 3.1's rotary frequency scaling (as Megatron: low/high frequency "
+                                 "factors 1 and 4 over an original context of 8192 tokens).")
+    rope_scaling_factor: float = arg(8.0, "Llama 3.1's rotary scaling factor, with --use-rope-scaling (3.1: 8, 3.2: 32).")
     disable_bias_linear: bool = arg(False, "No bias in the attention and MLP linear layers.")
     untie_embeddings_and_output_weights: bool = arg(False, "Separate output projection instead of the input embedding.")
     init_method_std: float = arg(0.02, "Std of the normal init; output projections use std/sqrt(2*num_layers).")

@@ -39,7 +39,7 @@ FROZEN_FLAGS = """
     --num-query-groups --num-workers --optimizer --override-opt_param-scheduler --partition-activations
     --pipeline-model-parallel-size --position-embedding-type --recompute-activations
     --recompute-granularity --recompute-method --recompute-num-layers --reset-attention-mask --reset-position-ids
-    --rotary-base --rotary-percent --rotary-position-embeddings-theta --save --save-interval
+    --rope-scaling-factor --rotary-base --rotary-percent --rotary-position-embeddings-theta --save --save-interval
     --seed --seq-length --sequence-parallel --sequence-parallel-size
     --sequence-parallel-strategy --split --swiglu --synchronize-each-layer
     --tensor-model-parallel-size --tensorboard-dir --tensorboard-log-interval
@@ -48,7 +48,7 @@ FROZEN_FLAGS = """
     --ulysses-degree --ulysses-head-groups --universal-checkpoint --untie-embeddings-and-output-weights
     --use-cpu-initialization
     --use-distributed-optimizer --use-flash-attn --use-flash-attn-triton --use-flash-attn-v1
-    --use-flash-attn-v2 --use-rotary-position-embeddings --valid-data-path --vocab-file
+    --use-flash-attn-v2 --use-rope-scaling --use-rotary-position-embeddings --valid-data-path --vocab-file
     --vocab-size --weight-decay --zero-stage -h
 """.split()
 

@@ -183,3 +183,18 @@ def test_fused_cross_entropy_traces_whole_and_matches_eager():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     (g_got,), (g_expected,) = (torch.autograd.grad(x.sum(), logits) for x in (got, expected))
     torch.testing.assert_close(g_got, g_expected, rtol=0, atol=0)
+
+
+def test_llama3_rope_scaling_is_transformers_own():
+    """--use-rope-scaling: cos/sin bit for bit those of transformers' Llama with rope_type llama3 (and without)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    llama3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}  # Llama 3.2's
+    positions = torch.tensor([[0, 1, 7, 100, 5000, 60000, 131071]])
+    for scaling, factor in ((None, None), (llama3, 32.0)):
+        config = LlamaConfig(hidden_size=256, num_attention_heads=4, rope_theta=500000.0, rope_scaling=scaling,
+                             max_position_embeddings=131072)
+        cos, sin = LlamaRotaryEmbedding(config)(torch.zeros(1, 7, 64), positions)
+        ours = rotary_cos_sin(positions, 64, 1.0, 500000.0, torch.float32, factor)  # [1, 7, 1, 64]
+        assert torch.equal(ours[0][:, :, 0], cos) and torch.equal(ours[1][:, :, 0], sin)

@@ -183,7 +183,8 @@ class GPTModel(nn.Module):
         rotary = None
         if self.cfg.use_rotary_position_embeddings:
             rotary = rotary_cos_sin(position_ids, self.head_dim, self.cfg.rotary_percent,
-                                    self.cfg.rotary_position_embeddings_theta, x.dtype)
+                                    self.cfg.rotary_position_embeddings_theta, x.dtype,
+                                    self.cfg.rope_scaling_factor if self.cfg.use_rope_scaling else None)
         for layer in self.layers:
             if self.cfg.checkpoint_activations and self.training:
                 x = checkpoint(layer, x, rotary, documents, use_reentrant=False)
