@@ -1,4 +1,7 @@
-"""Checkpoints through DeepSpeed, plus what an exact resume needs: data position and RNG states."""
+"""Checkpoints through DeepSpeed, plus what an exact resume needs: data position and RNG states, and the run's
+configuration (megatron_sp_config.json, read by tools/convert_checkpoint.py)."""
+import dataclasses
+import json
 import os
 import pickle
 import random
@@ -9,6 +12,7 @@ import torch
 from megatron_sp.errors import ConfigError
 
 RNG_FILE = "rng_state_rank{rank}.pt"
+RUN_FILE = "megatron_sp_config.json"  # the run's configuration and tokenizer, in each step directory
 LATEST = "latest"  # DeepSpeed's file naming the newest step directory
 LATEST_UNIVERSAL = "latest_universal"  # and the universal checkpoint to load with "load_universal"
 # What DeepSpeed's ds_to_universal needs in a checkpoint to convert it: no tensor or pipeline parallel patterns.
@@ -54,9 +58,34 @@ def prepare_save_dir(save_dir: str, load_dir: str | None, finetune: bool = False
     return None
 
 
-def save(engine, save_dir: str, iteration: int, consumed_samples: int, rank: int) -> str:
-    """Write global_step{iteration}/ (model, optimizer, schedule via DeepSpeed) and this rank's RNG."""
+def run_record(cfg, tokenizer) -> dict:
+    """What a checkpoint's reader needs to rebuild the model and its tokenizer without the command line: the
+    whole RunConfig, and the tokenizer (its files as absolute paths, its size and end-of-document id)."""
+    d = cfg.data
+    files = {key: os.path.abspath(path) for key, path in (("tokenizer_model", d.tokenizer_model),
+                                                           ("vocab_file", d.vocab_file), ("merge_file", d.merge_file))
+             if path}
+    return {"config": dataclasses.asdict(cfg), "tokenizer": {"type": d.tokenizer_type, **files,
+                                                              "vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod}}
+
+
+def read_run_record(tag_dir: str) -> dict | None:
+    """The run_record a step directory holds; None for a checkpoint saved without one."""
+    path = os.path.join(tag_dir, RUN_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def save(engine, save_dir: str, iteration: int, consumed_samples: int, rank: int, record: dict | None = None) -> str:
+    """Write global_step{iteration}/ (model, optimizer, schedule via DeepSpeed), this rank's RNG, and (rank 0)
+    the run's record (run_record)."""
     tag = f"global_step{iteration}"
+    if record is not None and rank == 0:
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        with open(os.path.join(save_dir, tag, RUN_FILE), "w") as f:
+            json.dump(record, f, indent=1)
     client_state = {"iteration": iteration, "consumed_samples": consumed_samples, **UNIVERSAL_INFO}
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state)
     torch.save(_rng_state(), os.path.join(save_dir, tag, RNG_FILE.format(rank=rank)))

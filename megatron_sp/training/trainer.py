@@ -73,6 +73,7 @@ class Setup:
     notes: list[str]
     n_params: int
     ctx: StepContext
+    record: dict  # what each checkpoint saves about the run (checkpoint.run_record)
 
 
 def build(cfg: RunConfig, tokenizer) -> Setup:
@@ -110,7 +111,7 @@ def build(cfg: RunConfig, tokenizer) -> Setup:
     ctx = StepContext(ps.sequence_layout(), ps.sp_rank, ps.stage_size, tokenizer.eod, d.reset_position_ids,
                       d.eod_mask_loss, device, cfg.padded_vocab_size, pipeline_place(cfg, ps, engine, dtype, device),
                       reset_attention_mask=d.reset_attention_mask, stage_group=ps.stage_group)
-    return Setup(device, ps, engine, scheduler, ds_config, notes, n_params, ctx)
+    return Setup(device, ps, engine, scheduler, ds_config, notes, n_params, ctx, checkpoint.run_record(cfg, tokenizer))
 
 
 def model_parameters(module: torch.nn.Module, pipeline_group, device: torch.device) -> int:
@@ -249,7 +250,7 @@ class Run:
                 self.evaluate(self.datasets[1], "validation", self.iteration // t.eval_interval - 1,
                               f"iteration {self.iteration}")
             if t.save and (t.save_interval and self.iteration % t.save_interval == 0 or final):
-                path = checkpoint.save(engine, t.save, self.iteration, self.consumed, ps.rank)
+                path = checkpoint.save(engine, t.save, self.iteration, self.consumed, ps.rank, s.record)
                 self.log.print(f"saved checkpoint at iteration {self.iteration} to {path}")
         self.losses = losses[:self.iteration - first].tolist()
         return stop_reason
