@@ -49,6 +49,11 @@ class _SentencePiece:
     def eod(self) -> int:
         return self._eod
 
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Pieces matched whole in text (Megatron's specials), by id; none for the model as is."""
+        return {}
+
     def tokenize(self, text: str) -> list[int]:
         return self._sp.encode_as_ids(text)
 
@@ -78,6 +83,10 @@ class _SentencePieceWithSpecials(_SentencePiece):
             add(self._sp.id_to_piece(model_id) if 0 <= model_id < len(self._sp) else fallback)
         self._eod = self._special["<EOD>"]
         self._special_ids = {i: piece for piece, i in self._special.items()}
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._special)
 
     def tokenize(self, text: str) -> list[int]:
         ids: list[int] = []
