@@ -143,4 +143,21 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     elif ns["position_embedding_type"] == "none":
         values["model"]["position_embedding"] = False
     sections = {s: cls(**values[s]) for s, cls in SECTIONS.items()}
-    return RunConfig(**sections, ignored=notes)
+    cfg = RunConfig(**sections, ignored=notes)
+    if cfg.training.load_hf:  # its config.json gives the model flags the command line leaves out
+        from megatron_sp.hf.start import apply_hf_config
+        apply_hf_config(cfg, given_fields(argv))
+    return cfg
+
+
+def given_fields(argv: list[str] | None) -> set[str]:
+    """The config fields the command line sets explicitly ('model.num_layers'), defaults left out."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    ns = vars(parser.parse_args(argv))
+    given = {dest for dest in ns if dest.partition(".")[0] in SECTIONS}
+    kind = ns.get("position_embedding_type")
+    if kind in ("rope", "none"):
+        given.add("model.use_rotary_position_embeddings" if kind == "rope" else "model.position_embedding")
+    return given

@@ -176,6 +176,11 @@ class TrainingConfig:
     universal_checkpoint: bool = arg(False, "Resume from --load's DeepSpeed universal checkpoint (made by "
                                      "tools/universal_checkpoint.py), which loads on any number of ranks with its "
                                      "optimizer state: how a ZeRO-1/2 run changes its GPU count.")
+    load_hf: str | None = arg(None, "Start from a local Hugging Face model directory (LlamaForCausalLM or "
+                              "GPT2LMHeadModel: config.json + safetensors): its config.json sets the model flags "
+                              "(a flag that contradicts it is an error; --seq-length, --rotary-base and the rope "
+                              "scaling flags may change), its weights replace the init, its tokenizer is the default; "
+                              "iteration 0, fresh optimizer. A checkpoint in --load is resumed instead.")
     finetune: bool = arg(False, "Start a new run from --load's weights alone: iteration 0, fresh optimizer, "
                          "schedule and data order (as Megatron), e.g. to extend a trained model's context "
                          "(--seq-length, --rotary-base). --save must be another directory.")

@@ -18,10 +18,13 @@ def build_tokenizer_for(cfg):
 
 
 def attach_tokenizer(cfg):
-    """Build the tokenizer and set cfg.padded_vocab_size from it."""
+    """Build the tokenizer and set cfg.padded_vocab_size from it (--load-hf: the model's vocab_size)."""
     tokenizer = build_tokenizer_for(cfg)
     divisor = cfg.model.make_vocab_size_divisible_by
     cfg.padded_vocab_size = -(-tokenizer.vocab_size // divisor) * divisor
+    if cfg.training.load_hf:
+        from megatron_sp.hf.start import check_start
+        cfg.padded_vocab_size = check_start(cfg, tokenizer.vocab_size)
     return tokenizer
 
 

@@ -116,7 +116,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_model(make_model, ds_config: dict, mpu: DeepSpeedMPU, rank: int) -> torch.nn.Module:
+def build_model(make_model, ds_config: dict, mpu: DeepSpeedMPU, rank: int, weights=None) -> torch.nn.Module:
     """The model (or this rank's pipeline stage), built so that no rank ever holds all of it under ZeRO-3.
 
     ZeRO-3: under deepspeed.zero.Init each parameter is partitioned over the stage's ranks as soon as its
@@ -124,21 +124,33 @@ def build_model(make_model, ds_config: dict, mpu: DeepSpeedMPU, rank: int) -> to
     whole to its GPU); then each parameter in turn is gathered, given the Megatron init on the stage's
     first rank (`rank` is the rank in the stage) and re-partitioned. Other stages: built whole; DeepSpeed
     broadcasts the first rank's copy.
+    weights: name -> tensor, the values to start from instead of the init (--load-hf).
     """
+    def init(model, name, p):
+        if weights is None:
+            model.init_parameter(name, p)
+        else:
+            with torch.no_grad():
+                p.copy_(weights(name))
+
     if ds_config["zero_optimization"]["stage"] != 3:
-        return make_model()
+        model = make_model()
+        if weights is not None:
+            for name, p in model.named_parameters():
+                init(model, name, p)
+        return model
     with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=mpu, data_parallel_group=mpu.get_data_parallel_group()):
         model = make_model()  # its reset_parameters saw only empty shards: a no-op
     for name, p in model.named_parameters():
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
             if rank == 0:
-                model.init_parameter(name, p)
+                init(model, name, p)
     return model
 
 
-def initialize(make_model, cfg: RunConfig, ps: ParallelState, self_group):
-    """Build the model (build_model) and wrap it in a DeepSpeed engine with AdamW and the Megatron
-    lr schedule -> (engine, scheduler, DeepSpeed config, notes for the user)."""
+def initialize(make_model, cfg: RunConfig, ps: ParallelState, self_group, weights=None):
+    """Build the model (build_model, from `weights` if given) and wrap it in a DeepSpeed engine with AdamW and
+    the Megatron lr schedule -> (engine, scheduler, DeepSpeed config, notes for the user)."""
     ds_config, notes = deepspeed_config(cfg, ps.dp_size)
     t = cfg.training
     ds_config["optimizer"] = {"type": "AdamW", "params": {
@@ -147,7 +159,7 @@ def initialize(make_model, cfg: RunConfig, ps: ParallelState, self_group):
         "fused": True}}  # torch's one-kernel AdamW (CPU and GPU): no DeepSpeed op to build
     ds_config.setdefault("zero_allow_untested_optimizer", True)
     mpu = DeepSpeedMPU(ps, self_group)
-    model = build_model(make_model, ds_config, mpu, mpu.get_data_parallel_rank())
+    model = build_model(make_model, ds_config, mpu, mpu.get_data_parallel_rank(), weights)
     if ps.pp_size > 1:
         mark_pipeline_parameters(model, model.tied_parameters() if ps.is_last_stage else [])
     engine, optimizer, _, scheduler = deepspeed.initialize(

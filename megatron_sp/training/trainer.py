@@ -106,7 +106,11 @@ def build(cfg: RunConfig, tokenizer) -> Setup:
             compile_layers(model.layers)  # a stage's layers only
         return model
 
-    engine, scheduler, ds_config, notes = ds_engine.initialize(make_model, cfg, ps, self_group)
+    weights = None
+    if cfg.training.load_hf and not checkpoint.has_checkpoint(cfg.training.load):  # a checkpoint resumes instead
+        from megatron_sp.hf.start import hf_weights
+        weights = hf_weights(cfg.training.load_hf, m)
+    engine, scheduler, ds_config, notes = ds_engine.initialize(make_model, cfg, ps, self_group, weights)
     n_params = model_parameters(engine.module, ps.pipeline_group, device)
     ctx = StepContext(ps.sequence_layout(), ps.sp_rank, ps.stage_size, tokenizer.eod, d.reset_position_ids,
                       d.eod_mask_loss, device, cfg.padded_vocab_size, pipeline_place(cfg, ps, engine, dtype, device),
@@ -185,7 +189,8 @@ class Run:
             self.log.print(line)
 
     def resume(self) -> None:
-        """--finetune: the weights of --load only; else the whole state of --load's latest step, if any."""
+        """--finetune: the weights of --load only; else the whole state of --load's latest step, if any (which
+        a --load-hf run resumes too; without one it started from the Hugging Face weights, in build)."""
         t, engine, rank = self.cfg.training, self.s.engine, self.s.ps.rank
         if t.finetune:
             trained, _ = checkpoint.load(engine, t.load, rank, load_optimizer=False, load_rng=False)
@@ -195,6 +200,8 @@ class Run:
             self.iteration, self.consumed = checkpoint.load(engine, t.load, rank, not t.no_load_optim,
                                                             not t.no_load_rng)
             self.log.print(f"resumed from {t.load} at iteration {self.iteration} ({self.consumed} samples consumed)")
+        elif t.load_hf:
+            self.log.print(f"started from the weights of {t.load_hf} (Hugging Face); iteration 0, fresh optimizer")
         elif t.load:
             self.log.print(f"no checkpoint in {t.load}: starting from scratch")
 
