@@ -182,3 +182,28 @@ def test_a_model_without_a_hugging_face_counterpart_is_one_line(overrides, says)
     with pytest.raises(ConfigError, match="this model has no Hugging Face counterpart: ") as refused:
         architecture_of(_model(**overrides))
     assert says in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_pipeline_checkpoint_exports_every_stage(corpus, tmp_path):
+    """PP 2 under ZeRO-1: each stage saved its own files (the tied word embedding on both); the export merges
+    the stages' fp32 masters, and its logits are those of the model the stages' module weights make up."""
+    from megatron_sp.attention import LocalAttention
+    from megatron_sp.hf.export import model_config
+    from megatron_sp.model.gpt import GPTModel
+    from megatron_sp.training.checkpoint import read_run_record
+    ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
+    train(2, flags(corpus, "--zero-stage", "1", "--pipeline-model-parallel-size", "2", "--global-batch-size", "4",
+                   "--eval-iters", "0", "--save", str(ckpt), iters=2))
+    status, said, _ = convert("--load", ckpt, "--to-hf", out)
+    assert status == 0, said
+    record = read_run_record(str(ckpt / "global_step2"))
+    model = GPTModel(model_config(record), lambda: LocalAttention(causal=True, backend="torch"),
+                     record["config"]["padded_vocab_size"]).eval()
+    first, last = (torch.load(ckpt / "global_step2" / f"mp_rank_0{r}_model_states.pt", weights_only=False)["module"]
+                   for r in (0, 1))
+    model.load_state_dict({**last, **first})
+    tokens = torch.randint(0, VOCAB, (2, 32))
+    with torch.no_grad():
+        ours = model.logits(tokens, torch.arange(tokens.shape[1]).expand_as(tokens))
+        exported = hf_model(out)(input_ids=tokens).logits
+    torch.testing.assert_close(exported, ours, rtol=1e-5, atol=1e-6)

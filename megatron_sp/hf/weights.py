@@ -55,7 +55,7 @@ def parameter_shapes(m: ModelConfig, vocab_size: int) -> dict[str, torch.Size]:
     """Our model's parameter names and shapes for this config, from a model on the meta device (no memory)."""
     from megatron_sp.model.gpt import GPTModel
     with torch.device("meta"):
-        model = GPTModel(m, torch.nn.Identity, vocab_size)
+        model = GPTModel(m, torch.nn.Identity, vocab_size, init_seed=0)  # shapes only: no init is drawn
     return {name: p.shape for name, p in model.named_parameters()}
 
 

@@ -149,7 +149,8 @@ class GPTModel(nn.Module):
 
     def reset_parameters(self) -> None:
         for name, p in self.named_parameters():
-            self.init_parameter(name, p)
+            if not p.is_meta:  # a model built on the meta device for its shapes alone has nothing to draw
+                self.init_parameter(name, p)
 
     def init_parameter(self, name: str, p: torch.Tensor) -> None:
         """Megatron init of one parameter: N(0, std) for matrices, std / sqrt(2 L) for the projections
