@@ -1,7 +1,7 @@
 """Export to Hugging Face (tools/convert_checkpoint.py --to-hf): transformers loads the directory with no extra
 code and its logits are our model's (fp32, rtol 1e-5) for a Llama-style model (GQA, untied output) saved by
 ZeRO-3 at SP 2 and for a GPT-2-style one (biases, learned positions, tied) saved by ZeRO-0 at DP 2, sharded, with
-its GPT-2 BPE tokenizer; a bf16 run exports in bf16; what cannot be exported is one line."""
+its GPT-2 BPE tokenizer, and for one saved by 2 pipeline stages; a bf16 run exports in bf16; what cannot be exported is one line."""
 import contextlib
 import importlib.util
 import io

@@ -91,11 +91,15 @@ def test_a_config_written_by_transformers_4_reads_the_same(llama_dir, tmp_path):
     assert (m.rotary_position_embeddings_theta, m.rope_scaling_factor, m.seq_length) == (1e6, 64.0, 64)
 
 
-def test_a_run_from_it_trains_under_zero3_at_sp2_and_exports_the_same_bytes(corpus, llama_dir, tmp_path):
-    """lr 0: one real step (forward, backward, AdamW) that leaves the weights as loaded."""
+@pytest.mark.parametrize("layout", [("--zero-stage", "3", "--sequence-parallel-size", "2"),
+                                    ("--zero-stage", "1", "--pipeline-model-parallel-size", "2")],
+                         ids=["zero3-sp2", "zero1-pp2"])
+def test_a_run_from_it_trains_and_exports_the_same_bytes(corpus, llama_dir, tmp_path, layout):
+    """lr 0: one real step (forward, backward, AdamW) that leaves the weights as loaded; each pipeline stage
+    loads its own layers (they keep the whole model's names)."""
     from transformers import AutoConfig
     ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
-    train(2, flags(corpus, "--load-hf", str(llama_dir), "--zero-stage", "3", "--sequence-parallel-size", "2",
+    train(2, flags(corpus, "--load-hf", str(llama_dir), *layout,
                    "--lr", "0", "--lr-warmup-iters", "0", "--min-lr", "0", "--save", str(ckpt), iters=1))
     assert convert("--load", ckpt, "--to-hf", out)[0] == 0
     assert (out / "model.safetensors").read_bytes() == (llama_dir / "model.safetensors").read_bytes()

@@ -3,7 +3,7 @@
     python tools/convert_checkpoint.py --load runs/quickstart/checkpoints --to-hf runs/quickstart/hf
     lm_eval --model hf --model_args pretrained=runs/quickstart/hf --tasks hellaswag --batch_size 8
 
-Any ZeRO stage (0-3) and any DP x SP layout the run had; its latest step or --step N. Llama-style models
+Any ZeRO stage (0-3), any DP x SP layout and any pipeline the run had; its latest step or --step N. Llama-style models
 become LlamaForCausalLM, GPT-2-style ones GPT2LMHeadModel; another model is refused in one line saying why.
 The other way needs no conversion: pretrain_gpt.py --load-hf DIR starts a run from a Hugging Face directory.
 Needs the [hf] extra: pip install -e .[hf]. More in docs/hf.md.

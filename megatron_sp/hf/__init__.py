@@ -4,7 +4,7 @@ export a checkpoint of ours as one (tools/convert_checkpoint.py --to-hf) for eva
     config.py         config.json <-> ModelConfig, and which models have a Hugging Face counterpart
     weights.py        parameter names and layouts both ways; safetensors files read and written (sharded)
     start.py          --load-hf: config.json as the model flags, the weights as the init
-    export.py         a checkpoint of ours (any ZeRO stage, any DP x SP layout) -> a Hugging Face directory
+    export.py         a checkpoint of ours (any ZeRO stage, DP x SP layout, pipeline) -> a Hugging Face directory
     tokenizer.py      the run's tokenizer in Hugging Face form; sentencepiece.py builds one from a .model file
 
 Nothing is downloaded: every path is a local directory. transformers and safetensors are optional

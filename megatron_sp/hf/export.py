@@ -2,8 +2,8 @@
 the run's tokenizer) that transformers' AutoModelForCausalLM / AutoTokenizer load with no extra code.
 
 The weights: where ZeRO keeps fp32 master weights in optimizer partitions (stages 1-3, and bf16 runs),
-DeepSpeed's zero_to_fp32 merges them over all the ranks that saved (any DP x SP layout); a stage-0 checkpoint
-holds the module's weights whole. They are written in the run's precision unless --dtype says otherwise.
+DeepSpeed's zero_to_fp32 merges them over the ranks that saved (any DP x SP layout), one pipeline stage at a
+time; a stage-0 checkpoint holds each stage's module weights whole. They are written in the run's precision unless --dtype says otherwise.
 The vocabulary keeps its padding (make_vocab_size_divisible_by): config.json's vocab_size is the embedding's
 rows, so the exported model's softmax, and so every log-likelihood an evaluation computes, is the trained
 model's; Hugging Face models commonly have more rows than tokens (Llama 3, Qwen, Pythia).
@@ -13,6 +13,8 @@ import glob
 import io
 import json
 import os
+import re
+import tempfile
 from dataclasses import dataclass, fields
 
 import torch
@@ -62,16 +64,34 @@ def model_config(record: dict) -> ModelConfig:
 
 
 def read_state_dict(tag_dir: str) -> dict[str, torch.Tensor]:
-    """Our model's parameters from a step directory: fp32 master weights merged by zero_to_fp32 where ZeRO
-    saved optimizer partitions, else the module's weights from mp_rank_00_model_states.pt (stage 0)."""
-    if glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
-            return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir), tag=os.path.basename(tag_dir))
-    path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
-    if not os.path.isfile(path):
+    """Our model's parameters from a step directory, every pipeline stage's (a tied word embedding's copies on
+    the first and the last stage are equal: the first is kept)."""
+    stages = sorted(set(re.findall(r"mp_rank_(\d+)_model_states\.pt", " ".join(os.listdir(tag_dir)))))
+    if not stages:
         raise ConfigError(f"{tag_dir} holds no DeepSpeed model states: this checkpoint is incomplete")
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["module"]
+    state = {}
+    for stage in stages:
+        for name, tensor in _stage_state_dict(tag_dir, stage).items():
+            state.setdefault(name, tensor)
+    return state
+
+
+def _stage_state_dict(tag_dir: str, stage: str) -> dict[str, torch.Tensor]:
+    """One pipeline stage's parameters (all of the model without a pipeline): fp32 master weights merged by
+    zero_to_fp32 where ZeRO saved optimizer partitions, else the module's weights (stage 0). zero_to_fp32 reads
+    every rank's files in a step directory, so it is shown only this stage's, linked into a directory of their own."""
+    mine = [f for f in os.listdir(tag_dir) if f"mp_rank_{stage}_" in f]
+    if not any(f.endswith("_optim_states.pt") for f in mine):
+        path = os.path.join(tag_dir, f"mp_rank_{stage}_model_states.pt")
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with tempfile.TemporaryDirectory() as view:
+        tag = os.path.basename(tag_dir)
+        os.mkdir(os.path.join(view, tag))
+        for f in mine:
+            os.symlink(os.path.abspath(os.path.join(tag_dir, f)), os.path.join(view, tag, f))
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
+            return get_fp32_state_dict_from_zero_checkpoint(view, tag=tag)
 
 
 def _checked(state: dict[str, torch.Tensor], m: ModelConfig, vocab: int, tag_dir: str) -> dict[str, torch.Tensor]:
