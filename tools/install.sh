@@ -5,6 +5,7 @@
 #   EXTRAS=test             pip extras to install (default: none)
 # On a machine without a GPU and without torch, torch==2.13.0 (a CPU build) is installed first:
 # an unpinned torch would pull a multi-GB CUDA build. With a GPU, pip picks torch as usual.
+# The recipes (examples_deepspeed/) use the same environment: $PYTHON, else ./.venv.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -16,9 +17,10 @@ else
 fi
 extras=${EXTRAS:-}
 spec="."; [ -n "$extras" ] && spec=".[$extras]"
-stamp=".venv-stamp-$(cat setup.py | cksum | cut -d' ' -f1)-${extras:-none}"
-marker="$("$py" -c 'import sys; print(sys.prefix)')/$stamp"
-if [ ! -f "$marker" ]; then
+prefix=$("$py" -c 'import sys; print(sys.prefix)')
+# one stamp per setup.py version and extras; an install with extras also counts as the plain one
+stamp="$prefix/.venv-stamp-$(cksum < setup.py | cut -d' ' -f1)"
+if [ ! -f "$stamp-${extras:-none}" ] && ! { [ -z "$extras" ] && compgen -G "$stamp-*" >/dev/null; }; then
   if ! "$py" -c 'import torch' 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
       "$py" -m pip install -q torch >&2
@@ -27,8 +29,8 @@ if [ ! -f "$marker" ]; then
       "$py" -m pip install -q torch==2.13.0 >&2
     fi
   fi
-  echo "installing megatron_sp ($spec) into $("$py" -c 'import sys; print(sys.prefix)')" >&2
+  echo "installing megatron_sp ($spec) into $prefix" >&2
   DS_BUILD_OPS=0 "$py" -m pip install -q -e "$spec" >&2
-  touch "$marker"
+  touch "$stamp-${extras:-none}"
 fi
 echo "$py"

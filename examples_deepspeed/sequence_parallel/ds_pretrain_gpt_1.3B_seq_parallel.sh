@@ -4,14 +4,14 @@
 #   SEQ_LEN=131072 SP_SIZE=8 bash ds_pretrain_gpt_1.3B_seq_parallel.sh
 #   HOSTFILE=hosts bash ...          multi-node through the deepspeed launcher (ssh)
 #   LAUNCHER=srun bash ...           inside a SLURM allocation (sbatch/salloc), one task per GPU
-#   DRY_RUN=1 NUM_GPUS=32 bash ...   print layout, memory per GPU and FLOPs (tools/plan.py); no training
-#   TINY=1 bash ...                  2-layer model, 2 iterations on 2 CPU ranks (gloo); what the tests run
+#   DRY_RUN=1 NUM_GPUS=32 bash ...   print layout, memory per GPU and FLOPs (tools/plan.py); writes nothing
+#   TINY=1 bash ...                  2-layer model, 20 iterations on 2 CPU ranks (gloo); what the tests run
 #   FINETUNE_FROM=dir SEQ_LEN=... bash ...   start from another run's weights (--finetune), e.g. a longer context
-# Rerunning resumes from the latest checkpoint in $CHECKPOINT_PATH (--load = --save).
+# Rerunning resumes from the latest checkpoint in $CHECKPOINT_PATH (--load = --save). Python: $PYTHON, else the
+# project's .venv (tools/install.sh), else python3. One node: the deepspeed launcher on a free port (MASTER_PORT).
 set -euo pipefail
 dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$dir/../.." && pwd)
-PYTHON=${PYTHON:-python3}
 
 ### Model (GPT-3 XL)
 model_size=1.3
@@ -39,7 +39,7 @@ lr_decay_tokens=${LR_DECAY_TOKENS:-$train_tokens}
 sp_size=${SP_SIZE:-8}                        # or auto: the planner picks size and strategy
 pp_size=${PP_SIZE:-1}                        # pipeline stages (docs/pipeline.md); each splits the sequence over SP
 sp_strategy=${SP_STRATEGY:-ulysses}          # ulysses | ring | hybrid (see README.md)
-ulysses_degree=${ULYSSES_DEGREE:-}           # hybrid only: Ulysses ranks per ring step (GPUs per node)
+ulysses_degree=${ULYSSES_DEGREE:-}           # hybrid only: Ulysses ranks per ring step (default: GPUs per node)
 zero_stage=${ZERO_STAGE:-1}
 offload_optimizer=${OFFLOAD_OPTIMIZER:-none}  # none | cpu
 attention_backend=${ATTENTION_BACKEND:-auto}

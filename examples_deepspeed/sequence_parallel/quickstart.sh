@@ -1,24 +1,33 @@
 #!/usr/bin/env bash
 # The README's main job: install, prepare the shipped sample corpus, and pretrain a small GPT with
 # sequence parallelism (SP=2) through the deepspeed launcher — 2 CPU ranks on gloo without GPUs,
-# the first 2 GPUs otherwise. Overridable: ITERS, SP_STRATEGY (ulysses|ring|hybrid), OUT_DIR, PYTHON.
+# the first 2 GPUs otherwise. Overridable: ITERS (default 40; rerun with more and it resumes),
+# SP_STRATEGY (ulysses | ring | hybrid), ULYSSES_DEGREE (hybrid's Ulysses group size, default 1: two
+# one-rank groups around a ring of 2; 2 makes one Ulysses pair and a ring of one), OUT_DIR (default
+# runs/quickstart, runs/quickstart_<strategy> for ring and hybrid), PYTHON, MASTER_PORT (default: a free
+# port, so that two jobs on one machine do not meet).
 set -euo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$dir/../.." && pwd)
 cd "$root"
+source "$dir/launch_env.sh"
 python=$(bash tools/install.sh | tail -n 1)
 PYTHON=$python bash data/prepare_sample.sh
 
-out=${OUT_DIR:-runs/quickstart}
 iters=${ITERS:-40}
+strategy=${SP_STRATEGY:-ulysses}
+out=${OUT_DIR:-runs/quickstart$([ "$strategy" = ulysses ] || echo "_$strategy")}
+strategy_options=(--sequence-parallel-strategy "$strategy")
+[ "$strategy" = hybrid ] && strategy_options+=(--ulysses-degree "${ULYSSES_DEGREE:-1}")
 mkdir -p "$out"
-if command -v nvidia-smi >/dev/null 2>&1 && [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
+if [ "$(visible_gpus "$python")" -ge 2 ]; then
   precision="--bf16"; echo "quickstart: 2 GPUs, NCCL"
 else
-  precision=""; export DS_ACCELERATOR=cpu; echo "quickstart: no GPUs; 2 CPU ranks on gloo"
+  precision=""; export DS_ACCELERATOR=cpu; echo "quickstart: fewer than 2 GPUs; 2 CPU ranks on gloo"
 fi
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
-"$(dirname "$python")/deepspeed" --num_gpus 2 pretrain_gpt.py \
-  --sequence-parallel-size 2 --sequence-parallel-strategy "${SP_STRATEGY:-ulysses}" \
+"$python" -m deepspeed.launcher.runner --num_gpus 2 --master_port "$(rendezvous_port "$python")" pretrain_gpt.py \
+  --sequence-parallel-size 2 "${strategy_options[@]}" \
   --num-layers 4 --hidden-size 128 --num-attention-heads 4 --seq-length 256 \
   --normalization rmsnorm --swiglu --use-rotary-position-embeddings --disable-bias-linear \
   --micro-batch-size 4 --global-batch-size 4 --train-iters "$iters" \
@@ -30,5 +39,6 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
   --log-interval 5 --eval-interval 20 --eval-iters 2 \
   --save "$out/checkpoints" --load "$out/checkpoints" --save-interval 20 \
   --tensorboard-dir "$out/tensorboard"
-echo "quickstart: checkpoints in $out/checkpoints, TensorBoard logs in $out/tensorboard"
-echo "            (tensorboard --logdir $out/tensorboard)"
+abs_out=$(cd "$out" && pwd)
+echo "quickstart: checkpoints in $abs_out/checkpoints, TensorBoard logs in $abs_out/tensorboard"
+echo "            (view them: $(dirname "$python")/tensorboard --logdir $abs_out/tensorboard)"
