@@ -42,8 +42,9 @@ from megatron_sp.attention.backends import BACKENDS  # noqa: E402
 from megatron_sp.parallel.sharding import layout_for  # noqa: E402
 from megatron_sp.parallel.state import ParallelState  # noqa: E402
 from megatron_sp.attention.documents import Documents  # noqa: E402
+from megatron_sp.flops import attention_fwd_flops  # noqa: E402
 from tools.doc_lengths import document_ids_of, document_lengths, parse_doc_len  # noqa: E402
-from tools.timing import attention_fwd_flops, back_to_back_ms, time_ms  # noqa: E402
+from tools.timing import back_to_back_ms, time_ms  # noqa: E402
 
 
 class Bench:

@@ -4,8 +4,6 @@ import time
 
 import torch
 
-from megatron_sp.flops import attention_fwd_flops  # noqa: F401  (the benchmarks count FLOPs with it)
-
 
 def _warm_up(fn, warmup: int, cuda: bool) -> None:
     """`warmup` calls (compilation, autotuning, allocator), then an idle GPU to start timing on."""

@@ -1,7 +1,7 @@
 """Rebuild data/sample/austen.jsonl from Debian's r-cran-janeaustenr package (run once, by hand).
 
-    apt-get download r-cran-janeaustenr && dpkg -x r-cran-janeaustenr_*.deb /tmp/ja
-    python3 data/sample/make_corpus.py /tmp/ja/usr/lib/R/site-library/janeaustenr/data
+    apt-get download r-cran-janeaustenr && dpkg -x r-cran-janeaustenr_*.deb janeaustenr
+    python3 data/sample/make_corpus.py janeaustenr/usr/lib/R/site-library/janeaustenr/data
 
 The package keeps each novel as an R character vector (one line of text per element) in R's
 lazy-load database: Rdata.rdx (gzip'd serialized index of offsets) and Rdata.rdb (for each object
