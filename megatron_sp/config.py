@@ -86,7 +86,7 @@ class ParallelConfig:
     ulysses_degree: int | None = arg(None, "Hybrid only: ranks in each Ulysses group (P = ulysses x ring).")
     ulysses_head_groups: int | None = arg(None, "Ulysses only: pipeline the all-to-alls over this many head groups, "
                                           "each group's transfers overlapping another group's attention; default 1 = off "
-                                          "(measured slower on 2 x H200 at 16k; see docs/benchmarks.md).")
+                                          "(measured slower on 2 x H200 at 16k; see docs/benchmarks_history.md).")
     attention_backend: str = arg("auto", "Local attention kernel: cudnn or sdpa_flash (PyTorch's cuDNN and "
                                  "FlashAttention-2 SDPA kernels, GPU, bf16/fp16), flash_attn (the flash-attn "
                                  "package), triton (ours; head dims 32, 64, 80, 96, 128, 192, 256), torch (reference, "

@@ -74,7 +74,7 @@ def test_pipelined_ulysses_matches_reference_and_unpipelined(world, cases):
 
 
 def test_head_groups_policy():
-    assert head_groups_for(16, 16, 2) == 1          # default: no pipelining (measured slower, docs/benchmarks.md)
+    assert head_groups_for(16, 16, 2) == 1          # default: no pipelining (measured slower, docs/benchmarks_history.md)
     assert head_groups_for(16, 4, 2, requested=2) == 2  # kv heads bound G: 4 % (G * 2) == 0
     assert head_groups_for(16, 4, 2, requested=1) == 1
     assert head_groups_for(16, 16, 4, requested=4) == 4

@@ -15,7 +15,7 @@ from megatron_sp.kernels.compiled import Fused
 from megatron_sp.parallel.comm import AsyncAllToAll, send_layout
 
 DEFAULT_HEAD_GROUPS = 1
-"""No head-group pipelining unless asked: on 2 x H200 (docs/benchmarks.md) G = 2 lost 11-20 % at 16k and
+"""No head-group pipelining unless asked: on 2 x H200 (docs/benchmarks_history.md) G = 2 lost 11-20 % at 16k and
 0-1 % at 64k, G = 4 lost 40 % at 16k, and end to end at 32k G = 2 gained nothing: the per-group
 collectives and smaller kernels cost more than the overlap saves while NCCL and the kernel share the GPU."""
 

@@ -2,7 +2,7 @@
 
 In eager mode RMSNorm is ~5 kernels forward and more backward, SwiGLU 3, rotary ~6 per tensor, each
 reading and writing the whole activation: together up to ~15 % of a 1.3B step at 64k tokens
-(docs/benchmarks.md). Compiled, each becomes one kernel forward and one backward. The Python below
+(docs/benchmarks_history.md). Compiled, each becomes one kernel forward and one backward. The Python below
 is the single definition: CPU (and --no-fused-elementwise) runs it eagerly, CUDA compiles it
 (kernels/compiled.py's Fused).
 """
