@@ -168,9 +168,12 @@ class TrainingConfig:
     deepspeed_config: str | None = arg(None, "DeepSpeed JSON; batch sizes and ZeRO stage are filled in or checked.",
                                       flags=("--deepspeed_config",))
     save: str | None = arg(None, "Checkpoint directory to save to; created at start. One that already holds "
-                                 "checkpoints is refused unless --load names it too (resume there).")
+                                 "checkpoints is refused unless --load names it too (resume there); so is one "
+                                 "another run is using (its lock file, run.lock).")
     load: str | None = arg(None, "Checkpoint directory to resume from (latest tag); missing = start fresh.")
     save_interval: int | None = arg(None, "Save every this many steps (and at the end).")
+    keep_checkpoints: int | None = arg(None, "Keep only the newest this many complete checkpoints in --save "
+                                       "(an older one is deleted once a newer one is complete); default: all.")
     no_load_optim: bool = arg(False, "Resume weights only, not optimizer state.")
     no_load_rng: bool = arg(False, "Do not restore RNG states on resume.")
     universal_checkpoint: bool = arg(False, "Resume from --load's DeepSpeed universal checkpoint (made by "

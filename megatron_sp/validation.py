@@ -38,7 +38,7 @@ def check_ranges(cfg: RunConfig) -> None:
             raise ConfigError(f"{flag(name)} must be positive, got {value}")
     optional = dict(ffn_hidden_size=m.ffn_hidden_size, kv_channels=m.kv_channels, gpu_memory_gb=t.gpu_memory_gb,
                     exit_duration_in_mins=t.exit_duration_in_mins,
-                    distributed_timeout_minutes=p.distributed_timeout_minutes)
+                    distributed_timeout_minutes=p.distributed_timeout_minutes, keep_checkpoints=t.keep_checkpoints)
     for name, value in optional.items():
         if value is not None and value <= 0:  # 0 would silently mean "the default", an empty MLP, or no time
             raise ConfigError(f"{flag(name)} must be positive, got {value}")

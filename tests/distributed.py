@@ -7,11 +7,14 @@ starting torchrun per test would cost 5-15 s each. Usage:
         return (x * rank).sum().item()  # picklable return value
     results = run_ranks(2, body, x)     # list of return values, index = rank
 
-An exception in any rank fails the test with that rank's traceback; a hang fails after `timeout`.
+An exception in any rank fails the test with that rank's traceback, a rank that dies (a signal, os._exit) with
+its exit code, and a hang after `timeout`.
 """
 import multiprocessing as mp
 import os
+import queue as queues
 import socket
+import time
 import traceback
 
 
@@ -49,16 +52,23 @@ def run_ranks(world: int, fn, *args, timeout: float = 300.0, env: dict | None = 
     for p in procs:
         p.start()
     results, errors = {}, []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world):
-            rank, status, value = queue.get(timeout=timeout)
+        while len(results) < world and not errors:
+            try:
+                rank, status, value = queue.get(timeout=1.0)
+            except queues.Empty:
+                dead = [f"rank {r} died (exit code {p.exitcode})" for r, p in enumerate(procs)
+                        if p.exitcode not in (None, 0) and r not in results]
+                if dead:  # it cannot report; the others may wait for it in a collective
+                    errors.append("; ".join(dead))
+                elif time.monotonic() > deadline:
+                    errors.append(f"ranks timed out after {timeout}s; finished: {sorted(results)}")
+                continue
             if status == "ok":
                 results[rank] = value
             else:
-                errors.append(f"rank {rank} failed:\n{value}")
-                break  # the other ranks are probably blocked in a collective
-    except Exception as exc:  # queue.Empty on timeout
-        errors.append(f"ranks timed out after {timeout}s ({type(exc).__name__}); finished: {sorted(results)}")
+                errors.append(f"rank {rank} failed:\n{value}")  # the others are probably blocked in a collective
     finally:
         for p in procs:
             p.join(timeout=5 if not errors else 0.5)

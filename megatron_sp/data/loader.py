@@ -51,7 +51,9 @@ def build_data_iterator(dataset, consumed_samples: int, micro_batch_size: int, d
 
     Ends when the dataset is exhausted (no further full global batch)."""
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
-    return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate))
+    # its own generator: a DataLoader iterator otherwise draws its seed from torch's global RNG, which would shift
+    # the dropout masks of the steps after every evaluation or resume (the order comes from the sampler anyway)
+    return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate, generator=torch.Generator()))
 
 
 def document_starts(tokens: torch.Tensor, eod: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """The pretraining run: process groups, model, data, DeepSpeed engine, the train/eval/save loop."""
+import contextlib
 import math
 import os
 import random
@@ -23,9 +24,11 @@ from megatron_sp.parallel.pipeline import StageLink, schedule_lines
 from megatron_sp.parallel.sharding import effective_strategy, ulysses_degree_of
 from megatron_sp.parallel.state import ParallelState
 from megatron_sp.training import checkpoint, engine as ds_engine
+from megatron_sp.training.checkpoint_files import set_rng_state
 from megatron_sp.training.early_exit import EarlyExit
 from megatron_sp.training.logger import Logger, LogWindow, iteration_line
 from megatron_sp.training.loop import PipelinePlace, StepContext, evaluate, train_step
+from megatron_sp.training.run_lock import lock_save_dir
 
 
 def init_distributed(cfg: RunConfig) -> torch.device:
@@ -146,18 +149,20 @@ def run(cfg: RunConfig, tokenizer) -> dict:
     if t.save and (problem := checkpoint.prepare_save_dir(t.save, t.load, t.finetune)):
         raise ConfigError(f"--save {t.save}: {problem}")
     with EarlyExit(t.exit_duration_in_mins, t.exit_signal_handler) as early_exit:
-        job = Run(cfg, build(cfg, tokenizer))
-        try:
-            job.print_header()
-            job.resume()
-            job.build_data(tokenizer)
-            stop_reason = job.train(early_exit)
-            if stop_reason is not None:
-                job.log.print(f"exiting at iteration {job.iteration} of {t.train_iters}: {stop_reason}")
-            elif job.iteration == t.train_iters:
-                job.final_evaluation()
-        finally:
-            job.log.close()
+        setup = build(cfg, tokenizer)
+        with lock_save_dir(t.save, setup.ps.rank) if t.save else contextlib.nullcontext():  # before any write there
+            job = Run(cfg, setup)
+            try:
+                job.print_header()
+                job.resume()
+                job.build_data(tokenizer)
+                stop_reason = job.train(early_exit)
+                if stop_reason is not None:
+                    job.log.print(f"exiting at iteration {job.iteration} of {t.train_iters}: {stop_reason}")
+                elif job.iteration == t.train_iters:
+                    job.final_evaluation()
+            finally:
+                job.log.close()
         return {"losses": job.losses, "iteration": job.iteration}
 
 
@@ -168,6 +173,7 @@ class Run:
         self.cfg, self.s = cfg, setup
         self.log = Logger(setup.ps.rank, cfg.logging.tensorboard_dir)
         self.iteration, self.consumed = 0, 0
+        self.rng_state = None  # a resumed run's saved random state, restored once the data is built (train)
         self.losses: list[float] = []
         self.datasets = (None, None, None)  # train, validation, test
         t = cfg.training
@@ -193,12 +199,12 @@ class Run:
         a --load-hf run resumes too; without one it started from the Hugging Face weights, in build)."""
         t, engine, rank = self.cfg.training, self.s.engine, self.s.ps.rank
         if t.finetune:
-            trained, _ = checkpoint.load(engine, t.load, rank, load_optimizer=False, load_rng=False)
+            trained = checkpoint.load(engine, t.load, rank, load_optimizer=False, load_rng=False).iteration
             self.log.print(f"loaded the weights of {t.load} (iteration {trained} there); --finetune: training "
                            "starts at iteration 0 with a fresh optimizer")
         elif checkpoint.has_checkpoint(t.load):
-            self.iteration, self.consumed = checkpoint.load(engine, t.load, rank, not t.no_load_optim,
-                                                            not t.no_load_rng)
+            self.iteration, self.consumed, self.rng_state = checkpoint.load(engine, t.load, rank, not t.no_load_optim,
+                                                                            not t.no_load_rng)
             self.log.print(f"resumed from {t.load} at iteration {self.iteration} ({self.consumed} samples consumed)")
         elif t.load_hf:
             self.log.print(f"started from the weights of {t.load_hf} (Hugging Face); iteration 0, fresh optimizer")
@@ -232,35 +238,50 @@ class Run:
 
     def train(self, early_exit: EarlyExit) -> str | None:
         """Steps until the last iteration or an early exit (its reason is returned): log, evaluate, save."""
-        s, t = self.s, self.cfg.training
-        ps, engine = s.ps, s.engine
-        train_iter = build_data_iterator(self.datasets[0], self.consumed, t.micro_batch_size, ps.dp_rank, ps.dp_size)
-        grad_acc = s.ds_config["gradient_accumulation_steps"]
+        s, t, log_interval = self.s, self.cfg.training, self.cfg.logging.log_interval
+        train_iter = build_data_iterator(self.datasets[0], self.consumed, t.micro_batch_size, s.ps.dp_rank,
+                                         s.ps.dp_size)
+        if self.rng_state is not None:  # last: whatever was built before may have drawn random numbers
+            set_rng_state(self.rng_state)
         first, last = self.iteration, self.last_iteration()
         # per-step losses stay on the device (no host sync per step); read once at the end
         losses = torch.zeros(last - first, dtype=torch.float64, device=s.device)
-        window = LogWindow(self.cfg, ps.world_size)
+        window = LogWindow(self.cfg, s.ps.world_size)
         stop_reason = None
         while self.iteration < last and stop_reason is None:
-            loss_sum, count, step_grad_norm = train_step(engine, micro_batches_of(train_iter, grad_acc), s.ctx)
-            losses[self.iteration - first] = loss_sum / count
-            self.iteration += 1
-            self.consumed += t.global_batch_size
+            loss_sum, count, grad_norm = self.step(train_iter)
+            losses[self.iteration - first - 1] = loss_sum / count
             window.add(loss_sum, count)
             stop_reason = early_exit.reason(s.device, dist.group.WORLD)
             final = self.iteration == last or stop_reason is not None
-            if self.cfg.logging.log_interval and self.iteration % self.cfg.logging.log_interval == 0 or final:
-                grad_norm = engine.get_global_grad_norm() if step_grad_norm is None else step_grad_norm
+            log_now = bool(log_interval) and self.iteration % log_interval == 0 or final
+            save_now = bool(t.save) and (bool(t.save_interval) and self.iteration % t.save_interval == 0 or final)
+            if log_now:
                 self.log_iteration(window.close(self.consumed, s.scheduler.get_lr()[0], grad_norm, s.device))
             if (self.datasets[1] is not None and t.eval_interval and self.iteration % t.eval_interval == 0
                     and t.eval_iters and stop_reason is None):  # a job near its time limit saves first
                 self.evaluate(self.datasets[1], "validation", self.iteration // t.eval_interval - 1,
                               f"iteration {self.iteration}")
-            if t.save and (t.save_interval and self.iteration % t.save_interval == 0 or final):
-                path = checkpoint.save(engine, t.save, self.iteration, self.consumed, ps.rank, s.record)
-                self.log.print(f"saved checkpoint at iteration {self.iteration} to {path}")
+            if save_now:
+                self.save()
         self.losses = losses[:self.iteration - first].tolist()
         return stop_reason
+
+    def step(self, train_iter) -> tuple:
+        """One optimizer step -> (loss sum, token count, grad norm), not synced."""
+        s = self.s
+        loss_sum, count, step_grad_norm = train_step(
+            s.engine, micro_batches_of(train_iter, s.ds_config["gradient_accumulation_steps"]), s.ctx)
+        self.iteration += 1
+        self.consumed += self.cfg.training.global_batch_size
+        grad_norm = s.engine.get_global_grad_norm() if step_grad_norm is None else step_grad_norm
+        return loss_sum, count, grad_norm
+
+    def save(self) -> None:
+        t, s = self.cfg.training, self.s
+        path = checkpoint.save(s.engine, t.save, self.iteration, self.consumed, s.ps.rank, s.record,
+                               t.keep_checkpoints)
+        self.log.print(f"saved checkpoint at iteration {self.iteration} to {path}")
 
     def log_iteration(self, stats: dict) -> None:
         t = self.cfg.training
