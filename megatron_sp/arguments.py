@@ -97,8 +97,10 @@ def _add_section(parser: argparse.ArgumentParser, section: str, cls) -> None:
         meta, kind = f.metadata, _base_type(hints[f.name])
         names = [_flag(f.name), *meta["flags"]]
         common = dict(dest=f"{section}.{f.name}", help=meta["help"], default=f.default)
-        if kind is bool and f.default:
-            group.add_argument("--no-" + names[0][2:], *meta["flags"], action="store_false", **common)
+        if kind is bool and f.default:  # other spellings of an on-by-default switch say the default explicitly
+            group.add_argument("--no-" + names[0][2:], action="store_false", **common)
+            if meta["flags"]:
+                group.add_argument(*meta["flags"], action="store_true", **{**common, "help": "On by default."})
         elif kind is bool:
             group.add_argument(*names, action="store_true", **common)
         else:

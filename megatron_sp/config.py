@@ -187,6 +187,14 @@ class TrainingConfig:
     finetune: bool = arg(False, "Start a new run from --load's weights alone: iteration 0, fresh optimizer, "
                          "schedule and data order (as Megatron), e.g. to extend a trained model's context "
                          "(--seq-length, --rotary-base). --save must be another directory.")
+    check_for_nan_in_loss_and_grad: bool = arg(True, "Report each iteration whose loss or gradient norm is not "
+                                               "finite, count them in the log line, never save such a state and stop "
+                                               "after --max-nonfinite-iterations of them in a row (on by default; "
+                                               "--no-check-for-nan-in-loss-and-grad turns it off).",
+                                               flags=("--check-for-nan-in-loss-and-grad",))
+    max_nonfinite_iterations: int = arg(5, "Stop the run (exit 2, no checkpoint of the broken state) after this many "
+                                        "iterations in a row whose loss or gradient norm is nan/inf (under --fp16 "
+                                        "the loss only: the loss scaler skips overflowing steps by design).")
     eval_interval: int = arg(1000, "Evaluate every this many steps.")
     eval_iters: int = arg(10, "Global batches per evaluation (of validation data, and of test data at the end).")
     exit_interval: int | None = arg(None, "Stop at the next iteration that is a multiple of this, saving first "

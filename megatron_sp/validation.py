@@ -32,7 +32,8 @@ def check_ranges(cfg: RunConfig) -> None:
     positive = dict(num_layers=m.num_layers, hidden_size=m.hidden_size, seq_length=m.seq_length,
                     num_attention_heads=m.num_attention_heads, micro_batch_size=t.micro_batch_size,
                     sequence_parallel_size=p.sequence_parallel_size,
-                    pipeline_model_parallel_size=p.pipeline_model_parallel_size)
+                    pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+                    max_nonfinite_iterations=t.max_nonfinite_iterations)
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"{flag(name)} must be positive, got {value}")

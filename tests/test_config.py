@@ -13,8 +13,9 @@ from megatron_sp.data.indexed import IndexedDatasetWriter
 # Changing this set breaks users' recipes: add flags deliberately, never drop or rename one.
 FROZEN_FLAGS = """
     --DDP-impl --adam-beta1 --adam-beta2 --adam-eps --apply-query-key-layer-scaling
-    --attention-backend --attention-dropout --bf16 --checkpoint-activations --checkpoint-in-cpu
-    --checkpoint-num-layers --clip-grad --compile-layers --contigious-checkpointing --data-cache-path --data-impl
+    --attention-backend --attention-dropout --bf16 --check-for-nan-in-loss-and-grad --checkpoint-activations
+    --checkpoint-in-cpu --checkpoint-num-layers --clip-grad --compile-layers --contigious-checkpointing
+    --data-cache-path --data-impl
     --data-path --deepspeed --deepspeed-activation-checkpointing --deepspeed-config
     --deepspeed_config --disable-bias-linear --distributed-backend --distributed-timeout-minutes
     --dry-run --ds-sequence-parallel-fpdt --ds-sequence-parallel-fpdt-chunk-size
@@ -32,7 +33,8 @@ FROZEN_FLAGS = """
     --log-validation-ppl-to-tensorboard --loss-scale --loss-scale-window --lr --lr-decay-iters
     --lr-decay-samples --lr-decay-style --lr-decay-tokens --lr-warmup-fraction --lr-warmup-iters
     --lr-warmup-samples --lr-warmup-tokens --make-vocab-size-divisible-by
-    --max-position-embeddings --merge-file --micro-batch-size --min-loss-scale --min-lr --no-position-embedding
+    --max-nonfinite-iterations --max-position-embeddings --merge-file --micro-batch-size --min-loss-scale --min-lr
+    --no-check-for-nan-in-loss-and-grad --no-position-embedding
     --mock-data --no-async-tensor-model-parallel-allreduce --no-bias-dropout-fusion
     --no-bias-gelu-fusion --no-fused-elementwise --no-gradient-accumulation-fusion --no-load-optim --no-load-rng
     --no-masked-softmax-fusion --no-pipeline-parallel --no-query-key-layer-scaling

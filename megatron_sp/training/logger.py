@@ -48,7 +48,9 @@ def iteration_line(iteration: int, total: int, stats: dict) -> str:
              f"learning rate: {stats['lr']:.3E}",
              f"global batch size: {stats['global_batch_size']:5d}",
              f"lm loss: {stats['loss']:.6E}",
-             f"grad norm: {stats['grad_norm']:.3f}"]
+             f"grad norm: {stats['grad_norm']:.3f}",
+             f"number of skipped iterations: {stats.get('skipped_iterations', 0):3d}",
+             f"number of nan iterations: {stats.get('nan_iterations', 0):3d}"]
     if "loss_scale" in stats:
         parts.append(f"loss scale: {stats['loss_scale']:.1f}")
     parts += [f"tokens/s: {stats['tokens_per_sec']:.0f}",

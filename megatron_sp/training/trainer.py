@@ -26,6 +26,7 @@ from megatron_sp.parallel.state import ParallelState
 from megatron_sp.training import checkpoint, engine as ds_engine
 from megatron_sp.training.checkpoint_files import set_rng_state
 from megatron_sp.training.early_exit import EarlyExit
+from megatron_sp.training.guard import NonFiniteGuard, weights_are_finite
 from megatron_sp.training.logger import Logger, LogWindow, iteration_line
 from megatron_sp.training.loop import PipelinePlace, StepContext, evaluate, train_step
 from megatron_sp.training.run_lock import lock_save_dir
@@ -174,10 +175,13 @@ class Run:
         self.log = Logger(setup.ps.rank, cfg.logging.tensorboard_dir)
         self.iteration, self.consumed = 0, 0
         self.rng_state = None  # a resumed run's saved random state, restored once the data is built (train)
+        self.skipped_logged = 0  # DeepSpeed's count of skipped updates (kept in checkpoints) at the last log line
         self.losses: list[float] = []
         self.datasets = (None, None, None)  # train, validation, test
         t = cfg.training
         self.eval_runs = t.train_iters // t.eval_interval + 1 if t.eval_interval else 0  # 0: no evaluation
+        self.guard = NonFiniteGuard(t.max_nonfinite_iterations, setup.device, loss_only=t.fp16,
+                                    say=self.log.print) if t.check_for_nan_in_loss_and_grad else None
 
     def print_header(self) -> None:
         cfg, s = self.cfg, self.s
@@ -243,6 +247,7 @@ class Run:
                                          s.ps.dp_size)
         if self.rng_state is not None:  # last: whatever was built before may have drawn random numbers
             set_rng_state(self.rng_state)
+        self.skipped_logged = s.engine.skipped_steps
         first, last = self.iteration, self.last_iteration()
         # per-step losses stay on the device (no host sync per step); read once at the end
         losses = torch.zeros(last - first, dtype=torch.float64, device=s.device)
@@ -256,6 +261,7 @@ class Run:
             final = self.iteration == last or stop_reason is not None
             log_now = bool(log_interval) and self.iteration % log_interval == 0 or final
             save_now = bool(t.save) and (bool(t.save_interval) and self.iteration % t.save_interval == 0 or final)
+            self.check_finite(settle=log_now or save_now)
             if log_now:
                 self.log_iteration(window.close(self.consumed, s.scheduler.get_lr()[0], grad_norm, s.device))
             if (self.datasets[1] is not None and t.eval_interval and self.iteration % t.eval_interval == 0
@@ -264,21 +270,50 @@ class Run:
                               f"iteration {self.iteration}")
             if save_now:
                 self.save()
+        self.check_finite(settle=True)
+        if self.guard is not None and self.guard.last_was_bad:
+            raise ConfigError(f"training ended on a non-finite iteration ({self.iteration}); {self.newest_saved()}")
         self.losses = losses[:self.iteration - first].tolist()
         return stop_reason
 
     def step(self, train_iter) -> tuple:
-        """One optimizer step -> (loss sum, token count, grad norm), not synced."""
+        """One optimizer step -> (loss sum, token count, grad norm), not synced; its flags go to the guard."""
         s = self.s
         loss_sum, count, step_grad_norm = train_step(
             s.engine, micro_batches_of(train_iter, s.ds_config["gradient_accumulation_steps"]), s.ctx)
         self.iteration += 1
         self.consumed += self.cfg.training.global_batch_size
         grad_norm = s.engine.get_global_grad_norm() if step_grad_norm is None else step_grad_norm
+        if self.guard is not None:
+            self.guard.add(self.iteration, loss_sum, grad_norm)
         return loss_sum, count, grad_norm
 
+    def check_finite(self, settle: bool) -> None:
+        """Stop with one line (exit 2) once --max-nonfinite-iterations in a row were not finite."""
+        if self.guard is None:
+            return
+        if reason := (self.guard.settle() if settle else self.guard.poll()):
+            raise ConfigError(f"{reason}: training stopped, nothing of it saved; {self.newest_saved()}")
+
+    def newest_saved(self) -> str:
+        """Where to resume from after a stop: the step --save's `latest` names."""
+        save = self.cfg.training.save
+        if save and checkpoint.has_checkpoint(save):
+            return (f"the newest checkpoint is {os.path.join(save, checkpoint.latest_tag(save))}: resume from it "
+                    "with a lower --lr, or past the data that broke it")
+        return "nothing was saved" if save else "--save was not given"
+
     def save(self) -> None:
+        """A checkpoint of the state now, unless that state is not finite (a non-finite loss or gradient norm
+        in the last iteration, or a nan among the weights): those are never saved."""
         t, s = self.cfg.training, self.s
+        if self.guard is not None and self.guard.last_was_bad:
+            self.log.print(f"warning: not saving at iteration {self.iteration}: its loss or gradient norm is not "
+                           "finite")
+            return
+        if not weights_are_finite(s.engine):
+            raise ConfigError(f"iteration {self.iteration}: the weights are not finite, so they are not saved; "
+                              f"{self.newest_saved()}")
         path = checkpoint.save(s.engine, t.save, self.iteration, self.consumed, s.ps.rank, s.record,
                                t.keep_checkpoints)
         self.log.print(f"saved checkpoint at iteration {self.iteration} to {path}")
@@ -287,6 +322,9 @@ class Run:
         t = self.cfg.training
         if t.fp16:
             stats["loss_scale"] = self.s.engine.optimizer.cur_scale
+        skipped = self.s.engine.skipped_steps  # DeepSpeed's count of updates not applied (inf/nan gradients)
+        stats["skipped_iterations"], self.skipped_logged = skipped - self.skipped_logged, skipped
+        stats["nan_iterations"] = self.guard.window_count() if self.guard is not None else 0
         self.log.print(iteration_line(self.iteration, t.train_iters, stats))
         self.log.scalars(self.iteration, {
             "lm-loss": stats["loss"], "learning-rate": stats["lr"], "grad-norm": stats["grad_norm"],
@@ -312,6 +350,6 @@ class Run:
         data = build_data_iterator(dataset, start, t.micro_batch_size, ps.dp_rank, ps.dp_size)
         loss = evaluate(self.s.engine, micro_batches_of(data, t.eval_iters * t.global_batch_size
                                                         // (t.micro_batch_size * ps.dp_size)), self.s.ctx)
-        ppl = math.exp(min(20.0, loss))
+        ppl = math.exp(min(20.0, loss)) if math.isfinite(loss) else loss  # Megatron's cap at e^20; nan stays nan
         self.log.print(f" validation loss at {label} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |")
         self.log.scalars(self.iteration, {f"{split}/lm-loss": loss, f"{split}/lm-loss-ppl": ppl})
