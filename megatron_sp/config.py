@@ -264,12 +264,18 @@ def fill_defaults(cfg: RunConfig) -> None:
 def read_deepspeed_json(path: str) -> dict:
     """The user's DeepSpeed JSON, or a one-line ConfigError (the engine and the planner both read it)."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); is it a JSON file?") from None
     except OSError as err:
         raise ConfigError(f"cannot read the DeepSpeed config {path}: {err}") from None
+    if not isinstance(config, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(config), "a number")
+        raise ConfigError(f"{path} holds {kind}, not a JSON object: a DeepSpeed config is {{\"key\": value, ...}}")
+    return config
 
 
 def zero_stage_of(cfg: "RunConfig", ds_json: dict | None = None) -> int:

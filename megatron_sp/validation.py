@@ -27,26 +27,40 @@ def validate(cfg: RunConfig, world_size: int) -> None:
 
 
 def check_ranges(cfg: RunConfig) -> None:
-    """Numbers that must be positive (or at least not negative)."""
+    """Numbers that must be positive, not negative, or inside an interval."""
     m, p, t = cfg.model, cfg.parallel, cfg.training
     positive = dict(num_layers=m.num_layers, hidden_size=m.hidden_size, seq_length=m.seq_length,
                     num_attention_heads=m.num_attention_heads, micro_batch_size=t.micro_batch_size,
                     sequence_parallel_size=p.sequence_parallel_size,
                     pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+                    make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
                     max_nonfinite_iterations=t.max_nonfinite_iterations)
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"{flag(name)} must be positive, got {value}")
     optional = dict(ffn_hidden_size=m.ffn_hidden_size, kv_channels=m.kv_channels, gpu_memory_gb=t.gpu_memory_gb,
                     exit_duration_in_mins=t.exit_duration_in_mins,
-                    distributed_timeout_minutes=p.distributed_timeout_minutes, keep_checkpoints=t.keep_checkpoints)
+                    distributed_timeout_minutes=p.distributed_timeout_minutes,
+                    num_key_value_heads=m.num_key_value_heads, vocab_size=m.vocab_size,
+                    global_batch_size=t.global_batch_size, train_iters=t.train_iters, train_samples=t.train_samples,
+                    train_tokens=t.train_tokens, keep_checkpoints=t.keep_checkpoints, ulysses_degree=p.ulysses_degree,
+                    ulysses_head_groups=p.ulysses_head_groups)
     for name, value in optional.items():
         if value is not None and value <= 0:  # 0 would silently mean "the default", an empty MLP, or no time
             raise ConfigError(f"{flag(name)} must be positive, got {value}")
     for name, value in dict(lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, clip_grad=t.clip_grad,
-                            eval_iters=t.eval_iters).items():
+                            eval_iters=t.eval_iters, eval_interval=t.eval_interval,
+                            log_interval=cfg.logging.log_interval,
+                            lr_warmup_iters=t.lr_warmup_iters, adam_eps=t.adam_eps, save_interval=t.save_interval or 0,
+                            exit_interval=t.exit_interval or 0).items():  # an interval of 0 means never
         if value < 0:
             raise ConfigError(f"{flag(name)} must not be negative, got {value}")
+    for name, value in dict(hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
+                            adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2).items():
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{flag(name)} must be between 0 and 1, got {value}")
+    if not 0 <= t.seed < 2 ** 32:  # numpy's seed range
+        raise ConfigError(f"--seed must be between 0 and 2**32 - 1, got {t.seed}")
 
 
 def check_model(cfg: RunConfig) -> None:
@@ -151,6 +165,9 @@ def derive_schedule(cfg: RunConfig, world_size: int) -> None:
         t.train_iters = t.train_samples // t.global_batch_size
     if t.train_tokens is not None:
         t.train_iters = min(t.train_iters, -(-t.train_tokens // (t.global_batch_size * m.seq_length)))
+    if t.train_iters < 1:
+        raise ConfigError(f"--train-samples {t.train_samples} is less than one global batch ({t.global_batch_size} "
+                          "samples): nothing to train")
 
 
 def check_data(cfg: RunConfig) -> None:

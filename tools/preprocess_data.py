@@ -154,6 +154,9 @@ def preprocess(args: argparse.Namespace) -> dict[str, str]:
             if docs // args.log_interval > logged:  # a line each time another log-interval is passed
                 logged = docs // args.log_interval
                 _progress(docs, nbytes, time.time() - start)
+        if empty := [key for key, w in writers.items() if w.num_sequences == 0]:  # a 0-document dataset trains nothing
+            raise InputError(f"{args.input}: no document with text under {', '.join(map(repr, empty))} "
+                             f"({docs} documents read); nothing written")
     except BaseException:
         for w in writers.values():
             w.abort()

@@ -1,7 +1,9 @@
 """DeepSpeed set-up: the JSON config merged with the flags, the mpu adapter, deepspeed.initialize."""
+import difflib
 import math
 
 import deepspeed
+import pydantic
 import torch
 
 from megatron_sp.config import RunConfig, read_deepspeed_json
@@ -55,6 +57,50 @@ def mark_pipeline_parameters(stage: torch.nn.Module, replicas: list[torch.nn.Par
         p.ds_pipe_replicated = id(p) in replica_ids
 
 
+# The top-level keys DeepSpeed 0.19 reads (its runtime/config.py and the sections it delegates to). DeepSpeed
+# ignores any other key without a word, so a misspelt section would silently not apply.
+DEEPSPEED_KEYS = frozenset("""
+    train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps optimizer scheduler
+    communication_data_type seq_parallel_communication_data_type prescale_gradients gradient_predivide_factor
+    sparse_gradients fp16 bf16 bfloat16 amp gradient_clipping zero_optimization zero_allow_untested_optimizer
+    zero_force_ds_cpu_optimizer aio activation_checkpointing sparse_attention data_efficiency curriculum_learning
+    tensorboard wandb csv_monitor comet flops_profiler elasticity autotuning compression_training checkpoint
+    data_types comms_logger steps_per_print wall_clock_breakdown dump_state memory_breakdown disable_allgather
+    dataloader_drop_last pipeline compile timers hybrid_engine eigenvalue progressive_layer_drop quantize_training
+    weight_quantization nebula torch_autocast tensor_parallel expert_parallel gradient_allreduce_op graph_harvesting
+    zenflow disable_python_gc managed_gradient_accumulation log_level vocabulary_size sequence_parallel_size
+    datastates_ckpt use_data_before_expert_parallelism""".split())
+
+
+def _check_json(ds: dict, source: str) -> list[str]:
+    """What DeepSpeed would refuse with a pydantic traceback, as one ConfigError line (checked with DeepSpeed's own
+    model of the ZeRO section); returns a note per top-level key DeepSpeed would ignore."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    zero = ds["zero_optimization"]
+    stage = zero.get("stage")
+    if type(stage) is not int or not 0 <= stage <= 3:
+        raise ConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except pydantic.ValidationError as err:
+        raise ConfigError(pydantic_line(err, source, "zero_optimization.")) from None
+    notes = []
+    for key in sorted(set(ds) - DEEPSPEED_KEYS):
+        close = difflib.get_close_matches(key, DEEPSPEED_KEYS, n=1, cutoff=0.8)
+        notes.append(f"{source}: '{key}' is not a DeepSpeed setting, so DeepSpeed ignores it"
+                     + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return notes
+
+
+def pydantic_line(err: pydantic.ValidationError, source: str, prefix: str = "") -> str:
+    """DeepSpeed's config validation error (a pydantic traceback) as one line naming the key."""
+    first = err.errors()[0]
+    key = prefix + ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key {key} (DeepSpeed refuses keys it does not know in this section)"
+    return f"{source}: {key}: {first['msg']}, got {first.get('input')!r}"
+
+
 def deepspeed_config(cfg: RunConfig, dp_size: int) -> tuple[dict, list[str]]:
     """The user's JSON (if any) with batch sizes, precision, clipping and ZeRO stage filled in.
 
@@ -81,6 +127,8 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> tuple[dict, list[str]]:
     if t.universal_checkpoint:  # DeepSpeed then reads the tag named in latest_universal
         ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     zero = ds.setdefault("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{t.deepspeed_config}: zero_optimization must be a JSON object, got {zero!r}")
     if t.zero_stage is not None:
         zero["stage"] = t.zero_stage
     zero.setdefault("stage", 0)
@@ -101,6 +149,7 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> tuple[dict, list[str]]:
     ds["gradient_clipping"] = t.clip_grad
     ds.setdefault("steps_per_print", 10 ** 9)  # our own log line replaces DeepSpeed's
     ds.setdefault("wall_clock_breakdown", False)
+    notes += _check_json(ds, t.deepspeed_config or "the DeepSpeed config")
     return ds, notes
 
 
@@ -159,12 +208,15 @@ def initialize(make_model, cfg: RunConfig, ps: ParallelState, self_group, weight
         "fused": True}}  # torch's one-kernel AdamW (CPU and GPU): no DeepSpeed op to build
     ds_config.setdefault("zero_allow_untested_optimizer", True)
     mpu = DeepSpeedMPU(ps, self_group)
-    model = build_model(make_model, ds_config, mpu, mpu.get_data_parallel_rank(), weights)
-    if ps.pp_size > 1:
-        mark_pipeline_parameters(model, model.tied_parameters() if ps.is_last_stage else [])
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=parameter_groups(model, t.weight_decay), config=ds_config,
-        mpu=mpu, lr_scheduler=lambda opt: LRSchedule(opt, cfg))
+    try:  # DeepSpeed validates the other sections of the JSON as it parses them, before any collective
+        model = build_model(make_model, ds_config, mpu, mpu.get_data_parallel_rank(), weights)
+        if ps.pp_size > 1:
+            mark_pipeline_parameters(model, model.tied_parameters() if ps.is_last_stage else [])
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, model_parameters=parameter_groups(model, t.weight_decay), config=ds_config,
+            mpu=mpu, lr_scheduler=lambda opt: LRSchedule(opt, cfg))
+    except pydantic.ValidationError as err:
+        raise ConfigError(pydantic_line(err, t.deepspeed_config or "the DeepSpeed config")) from None
     if t.fused_grad_norm and (note := fused_norm.install(engine.optimizer)):
         notes.append(note)
     return engine, scheduler, ds_config, notes

@@ -25,6 +25,7 @@ from megatron_sp.parallel.sharding import effective_strategy, ulysses_degree_of
 from megatron_sp.parallel.state import ParallelState
 from megatron_sp.training import checkpoint, engine as ds_engine
 from megatron_sp.training.checkpoint_files import set_rng_state
+from megatron_sp.training.durable import writable_dir_problem
 from megatron_sp.training.early_exit import EarlyExit
 from megatron_sp.training.guard import NonFiniteGuard, weights_are_finite
 from megatron_sp.training.logger import Logger, LogWindow, iteration_line
@@ -219,6 +220,9 @@ class Run:
         """The train/validation/test datasets. Every rank checks the options and files before rank 0 builds
         the index arrays, so a mistake is found (and said) the same way everywhere."""
         m, t, d = self.cfg.model, self.cfg.training, self.cfg.data
+        if d.data_cache_path and not d.mock_data and (problem := writable_dir_problem(d.data_cache_path)):
+            raise ConfigError(f"--data-cache-path {d.data_cache_path}: {problem} (rank 0 writes the sample index "
+                              "arrays there)")
         try:
             self.datasets = build_gpt_datasets(
                 data_path=d.data_path, split=d.split, seq_length=m.seq_length, seed=t.seed,
