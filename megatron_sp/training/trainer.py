@@ -165,7 +165,19 @@ def run(cfg: RunConfig, tokenizer) -> dict:
                     job.final_evaluation()
             finally:
                 job.log.close()
+        shut_down()
         return {"losses": job.losses, "iteration": job.iteration}
+
+
+def shut_down() -> None:
+    """End the process groups of a completed run before the interpreter does. Left to interpreter exit, a
+    ProcessGroupGloo may never be destroyed and its worker threads die still joinable: rank 0 then aborted
+    ('terminate called without an active exception') after a run that had completed. The ranks first wait for
+    each other, so that none tears down what another still uses. A failed run does not get here: destroying a
+    group while other ranks are inside one of its collectives can hang (NCCL), and it exits with an error anyway."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 class Run:
