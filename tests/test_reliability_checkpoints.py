@@ -105,6 +105,23 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(save
     assert train(2, argv) == uninterrupted[2:]
 
 
+def test_a_commit_that_fails_frees_what_the_step_wrote(tmp_path, monkeypatch):
+    """Rank 0's manifest cannot be written (the disk filled between the ranks' files and the commit): the staging
+    directory goes, its space being what a full disk needs back, and `latest` is untouched."""
+    import errno
+    from megatron_sp.training import checkpoint_files
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    staging = tmp_path / "global_step4.partial"
+    staging.mkdir()
+    (staging / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+    monkeypatch.setattr(checkpoint_files, "write_atomically", full)
+    said = checkpoint_files._commit(str(tmp_path), "global_step4", {"files": []})
+    assert said == f"committing global_step4 failed ({os.strerror(errno.ENOSPC)})"
+    assert os.listdir(tmp_path) == []
+
+
 FULL_DISK = """
 import sys
 sys.path.insert(0, {root!r})

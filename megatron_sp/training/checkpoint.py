@@ -96,9 +96,11 @@ def save(engine, save_dir: str, iteration: int, consumed_samples: int, rank: int
     client_state = {"iteration": iteration, "consumed_samples": consumed_samples, **UNIVERSAL_INFO}
     try:
         engine.save_checkpoint(save_dir, tag=tag + PARTIAL, client_state=client_state, save_latest=False)
-    except OSError as err:  # rank 0's copy of DeepSpeed's recovery scripts into save_dir, the one write that does
-        recorder.error = f"copying DeepSpeed's recovery scripts failed ({err.strerror or err})"  # not go through
-        dist.barrier()  # the checkpoint engine: the barrier that ends DeepSpeed's save, where the others wait
+    except OSError as err:
+        # the one write of DeepSpeed's save that bypasses its checkpoint engine: rank 0 copying the recovery
+        # scripts into save_dir, right before the barrier that ends the save, where the others now wait
+        recorder.error = f"copying DeepSpeed's recovery scripts failed ({err.strerror or err})"
+        dist.barrier()
     finally:
         engine.checkpoint_engine = recorder.inner
     recorder.save(rng_state(), os.path.join(staging, RNG_FILE.format(rank=rank)))

@@ -155,6 +155,7 @@ def _commit(save_dir: str, tag: str, manifest: dict) -> str | None:
         fault_point("latest", 0)
         write_atomically(os.path.join(save_dir, LATEST), tag)
     except OSError as err:
+        _discard(save_dir, tag)
         return f"committing {tag} failed ({err.strerror or err})"
     return None
 
