@@ -280,10 +280,18 @@ def read_deepspeed_json(path: str) -> dict:
 
 def zero_stage_of(cfg: "RunConfig", ds_json: dict | None = None) -> int:
     """The ZeRO stage a run uses: --zero-stage, else the DeepSpeed JSON's (read from --deepspeed-config unless
-    given), else 0."""
+    given), else 0. A zero_optimization section that is not an object, or a stage DeepSpeed would refuse with a
+    traceback, is a one-line ConfigError."""
     t = cfg.training
-    if t.zero_stage is not None:
-        return t.zero_stage
     if ds_json is None:
         ds_json = read_deepspeed_json(t.deepspeed_config) if t.deepspeed_config else {}
-    return int(ds_json.get("zero_optimization", {}).get("stage", 0))
+    source = t.deepspeed_config or "the DeepSpeed config"
+    zero = ds_json.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{source}: zero_optimization must be a JSON object, got {zero!r}")
+    if t.zero_stage is not None:
+        return t.zero_stage
+    stage = zero.get("stage", 0)
+    if type(stage) is not int or not 0 <= stage <= 3:
+        raise ConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return stage

@@ -38,6 +38,21 @@ def test_a_deepspeed_json_deepspeed_would_refuse_is_one_line(tmp_path, body, mes
     assert str(err.value).startswith(f"{path}") and message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("zero, message", [({"stage": "one"}, "zero_optimization.stage must be 0, 1, 2 or 3, got 'one'"),
+                                           ([3], "zero_optimization must be a JSON object, got [3]")])
+def test_a_bad_zero_section_is_one_line_wherever_the_stage_is_read(tmp_path, zero, message):
+    """Checking the flags (--compile-layers asks for the stage), the DeepSpeed config and the memory plan all read
+    the stage through one function, which says what is wrong with it."""
+    from megatron_sp.plan.memory import ZeroSetup
+    path, build = _deepspeed_json(tmp_path, json.dumps({"zero_optimization": zero}).encode())
+    compiled = parse_args([*MINIMAL, "--deepspeed_config", str(path), "--compile-layers"])
+    for read in (lambda: validate(compiled, 1), build,
+                 lambda: ZeroSetup.from_config(compiled, {"zero_optimization": zero})):
+        with pytest.raises(ConfigError) as err:
+            read()
+        assert str(err.value) == f"{path}: {message}"
+
+
 def test_a_deepspeed_json_that_is_not_text_is_one_line(tmp_path):
     path, build = _deepspeed_json(tmp_path, b'{"train_batch_size": 1, "x": "\xff\xfe"}')
     with pytest.raises(ConfigError) as err:

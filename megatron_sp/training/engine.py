@@ -6,7 +6,7 @@ import deepspeed
 import pydantic
 import torch
 
-from megatron_sp.config import RunConfig, read_deepspeed_json
+from megatron_sp.config import RunConfig, read_deepspeed_json, zero_stage_of
 from megatron_sp.errors import ConfigError
 from megatron_sp.parallel.state import ParallelState
 from megatron_sp.training import fused_norm
@@ -76,10 +76,7 @@ def _check_json(ds: dict, source: str) -> list[str]:
     """What DeepSpeed would refuse with a pydantic traceback, as one ConfigError line (checked with DeepSpeed's own
     model of the ZeRO section); returns a note per top-level key DeepSpeed would ignore."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-    zero = ds["zero_optimization"]
-    stage = zero.get("stage")
-    if type(stage) is not int or not 0 <= stage <= 3:
-        raise ConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    zero = ds["zero_optimization"]  # its stage checked by zero_stage_of
     try:
         DeepSpeedZeroConfig(**zero)
     except pydantic.ValidationError as err:
@@ -126,12 +123,8 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> tuple[dict, list[str]]:
             notes.append(f"the {section} section of {t.deepspeed_config} is ignored (the Megatron flags set it)")
     if t.universal_checkpoint:  # DeepSpeed then reads the tag named in latest_universal
         ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
-    zero = ds.setdefault("zero_optimization", {})
-    if not isinstance(zero, dict):
-        raise ConfigError(f"{t.deepspeed_config}: zero_optimization must be a JSON object, got {zero!r}")
-    if t.zero_stage is not None:
-        zero["stage"] = t.zero_stage
-    zero.setdefault("stage", 0)
+    stage = zero_stage_of(cfg, ds)
+    ds.setdefault("zero_optimization", {})["stage"] = stage
     if t.fp16:
         ds["fp16"] = {**ds.get("fp16", {}), "enabled": True, "loss_scale": t.loss_scale or 0,
                       "initial_scale_power": int(round(math.log2(t.initial_loss_scale))),
