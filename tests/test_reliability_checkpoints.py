@@ -118,7 +118,7 @@ def test_a_commit_that_fails_frees_what_the_step_wrote(tmp_path, monkeypatch):
     (staging / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
     monkeypatch.setattr(checkpoint_files, "write_atomically", full)
     said = checkpoint_files._commit(str(tmp_path), "global_step4", {"files": []})
-    assert said == f"committing global_step4 failed ({os.strerror(errno.ENOSPC)})"
+    assert said == "committing global_step4 failed (no space left on device)"
     assert os.listdir(tmp_path) == []
 
 

@@ -156,7 +156,7 @@ def _commit(save_dir: str, tag: str, manifest: dict) -> str | None:
         write_atomically(os.path.join(save_dir, LATEST), tag)
     except OSError as err:
         _discard(save_dir, tag)
-        return f"committing {tag} failed ({err.strerror or err})"
+        return f"committing {tag} failed ({_write_failure(err, save_dir)})"
     return None
 
 
