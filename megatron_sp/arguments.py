@@ -34,7 +34,6 @@ IGNORED_FLAGS = [Ignored(*entry) for entry in [
     ("--use-cpu-initialization", False, "parameters are initialised on the host already"),
     ("--use-distributed-optimizer", False, "optimizer state sharding is ZeRO (--zero-stage)"),
     ("--override-opt_param-scheduler", False, "the schedule always comes from the flags"),
-    ("--checkpoint-in-cpu", False, "activation checkpoints stay on the GPU"),
     ("--partition-activations", False, "no tensor parallelism"),
     ("--contigious-checkpointing", False, "torch.utils.checkpoint needs no buffer"),
     ("--synchronize-each-layer", False, "not needed"),
@@ -42,9 +41,6 @@ IGNORED_FLAGS = [Ignored(*entry) for entry in [
     ("--log-batch-size-to-tensorboard", False, "batch size is always logged"),
     ("--log-validation-ppl-to-tensorboard", False, "validation perplexity is always logged"),
     ("--log-optimizer-states-to-tensorboard", False, "not logged"),
-    ("--ds-sequence-parallel-fpdt", False, "FPDT is not implemented; plain sequence parallelism is used"),
-    ("--ds-sequence-parallel-fpdt-offloading", False, "FPDT is not implemented"),
-    ("--ds-sequence-parallel-fpdt-chunk-size", True, "FPDT is not implemented"),
     ("--checkpoint-num-layers", True, "every layer is checkpointed"),
     ("--data-impl", True, "data is always memory-mapped"),
     ("--tensorboard-queue-size", True, "not needed"),
@@ -72,7 +68,13 @@ MAPPED_FLAGS = {
     "--use-flash-attn-v1": ("parallel", "attention_backend", "auto", "the fastest kernel available"),
     "--use-flash-attn-v2": ("parallel", "attention_backend", "auto", "the fastest kernel available"),
     "--deepspeed-activation-checkpointing": ("model", "checkpoint_activations", True, "layer recompute"),
+    "--ds-sequence-parallel-fpdt": ("model", "mlp_tile_tokens", None, "FPDT's sequence chunks, for the MLP; "
+                                    "attention needs no chunks: its inputs fit up to 1M tokens per GPU"),
+    "--ds-sequence-parallel-fpdt-offloading": ("model", "checkpoint_in_cpu", True,
+                                               "FPDT's offloading: activation checkpoints in host memory"),
 }
+# --ds-sequence-parallel-fpdt's chunk size (Megatron-DeepSpeed's default); a value flag, read with that switch.
+FPDT_CHUNK_FLAG, FPDT_CHUNK_DEFAULT = "--ds-sequence-parallel-fpdt-chunk-size", 65536
 
 
 def _base_type(annotation):
@@ -119,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "none = --no-position-embedding.")
     for flag, (_, _, _, note) in MAPPED_FLAGS.items():
         group.add_argument(flag, action="store_true", dest=f"mapped.{flag}", help=f"Mapped: {note}.")
+    group.add_argument(FPDT_CHUNK_FLAG, type=int, default=None, metavar="TOKENS", dest="fpdt_chunk",
+                       help=f"With --ds-sequence-parallel-fpdt: the --mlp-tile-tokens it maps to "
+                            f"(default {FPDT_CHUNK_DEFAULT}).")
     for ignored in IGNORED_FLAGS:
         kwargs = dict(metavar="X") if ignored.takes_value else dict(action="store_true")
         why = ignored.why or "set by the launcher; LOCAL_RANK is read instead"
@@ -137,9 +142,13 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
             values[kind][name] = value
     notes = [f"{i.flag} ({i.why})" for i in IGNORED_FLAGS if i.why and ns[f"ignored.{i.flag}"] not in (None, False)]
     for flag, (section, name, value, note) in MAPPED_FLAGS.items():
+        if flag == "--ds-sequence-parallel-fpdt":
+            value = ns["fpdt_chunk"] or FPDT_CHUNK_DEFAULT
         if ns[f"mapped.{flag}"]:
             values[section][name] = value
             notes.append(f"{flag} -> {_flag(name)} {value} ({note})")
+    if ns["fpdt_chunk"] is not None and not ns["mapped.--ds-sequence-parallel-fpdt"]:
+        notes.append(f"{FPDT_CHUNK_FLAG} (only read with --ds-sequence-parallel-fpdt)")
     if ns["position_embedding_type"] == "rope":
         values["model"]["use_rotary_position_embeddings"] = True
     elif ns["position_embedding_type"] == "none":

@@ -64,6 +64,17 @@ class ModelConfig:
                                             "layer's MLP sublayer (norm, fc1, activation, fc2): most of a layer's "
                                             "activations for ~3-4%% more FLOPs at long sequences; attention is kept.",
                                             choices=("full", "selective"))
+    checkpoint_in_cpu: bool = arg(False, "Keep activation checkpoints in host memory: each layer's input (with "
+                                  "--checkpoint-activations) or what selective recompute keeps (attention's "
+                                  "inputs and outputs) is copied to pinned host memory on a side stream during "
+                                  "forward and brought back one layer ahead in backward, hidden behind compute.")
+    checkpoint_in_cpu_keep_layers: int | str = arg(0, "With --checkpoint-in-cpu: the last N layers' checkpoints stay "
+                                                   "on the GPU (backward needs them first), so host memory holds "
+                                                   "fewer; 'auto': as many as fit beside the rest (the planner).",
+                                                   type=int_or_auto)
+    mlp_tile_tokens: int = arg(0, "Run each layer's MLP sublayer (norm, fc1, activation, fc2) this many tokens at "
+                               "a time and recompute each tile in backward, so its [tokens, ffn] intermediates "
+                               "never exist whole (long sequences); 0 = off. Dropout masks are drawn per tile.")
 
     @property
     def head_dim(self) -> int:

@@ -89,6 +89,22 @@ def check_model(cfg: RunConfig) -> None:
     if m.compile_layers and zero_stage_of(cfg) == 3:
         raise ConfigError("--compile-layers does not work with ZeRO stage 3 (torch.compile cannot trace the layers "
                           "DeepSpeed builds under zero.Init, nor its parameter-gathering hooks); use --zero-stage 1 or 2")
+    check_recompute(m)
+
+
+def check_recompute(m) -> None:
+    """Host-memory checkpoints need something checkpointed; the tile size and kept layers are counts."""
+    keep = m.checkpoint_in_cpu_keep_layers
+    if m.checkpoint_in_cpu and not (m.checkpoint_activations or m.recompute_granularity == "selective"):
+        raise ConfigError("--checkpoint-in-cpu moves activation checkpoints to host memory and needs some: add "
+                          "--checkpoint-activations or --recompute-granularity selective")
+    if keep != 0 and not m.checkpoint_in_cpu:
+        raise ConfigError("--checkpoint-in-cpu-keep-layers only applies with --checkpoint-in-cpu")
+    if keep != "auto" and not 0 <= keep <= m.num_layers:
+        raise ConfigError(f"--checkpoint-in-cpu-keep-layers must be between 0 and --num-layers {m.num_layers}, "
+                          f"got {keep}")
+    if m.mlp_tile_tokens < 0:
+        raise ConfigError(f"--mlp-tile-tokens must not be negative, got {m.mlp_tile_tokens}")
 
 
 def check_parallel(cfg: RunConfig, world_size: int) -> None:

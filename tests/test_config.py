@@ -14,8 +14,8 @@ from megatron_sp.data.indexed import IndexedDatasetWriter
 FROZEN_FLAGS = """
     --DDP-impl --adam-beta1 --adam-beta2 --adam-eps --apply-query-key-layer-scaling
     --attention-backend --attention-dropout --bf16 --check-for-nan-in-loss-and-grad --checkpoint-activations
-    --checkpoint-in-cpu --checkpoint-num-layers --clip-grad --compile-layers --contigious-checkpointing
-    --data-cache-path --data-impl
+    --checkpoint-in-cpu --checkpoint-in-cpu-keep-layers --checkpoint-num-layers --clip-grad --compile-layers
+    --contigious-checkpointing --data-cache-path --data-impl
     --data-path --deepspeed --deepspeed-activation-checkpointing --deepspeed-config
     --deepspeed_config --disable-bias-linear --distributed-backend --distributed-timeout-minutes
     --dry-run --ds-sequence-parallel-fpdt --ds-sequence-parallel-fpdt-chunk-size
@@ -33,8 +33,8 @@ FROZEN_FLAGS = """
     --log-validation-ppl-to-tensorboard --loss-scale --loss-scale-window --lr --lr-decay-iters
     --lr-decay-samples --lr-decay-style --lr-decay-tokens --lr-warmup-fraction --lr-warmup-iters
     --lr-warmup-samples --lr-warmup-tokens --make-vocab-size-divisible-by
-    --max-nonfinite-iterations --max-position-embeddings --merge-file --micro-batch-size --min-loss-scale --min-lr
-    --no-check-for-nan-in-loss-and-grad --no-position-embedding
+    --max-nonfinite-iterations --max-position-embeddings --merge-file --micro-batch-size --min-loss-scale
+    --min-lr --mlp-tile-tokens --no-check-for-nan-in-loss-and-grad --no-position-embedding
     --mock-data --no-async-tensor-model-parallel-allreduce --no-bias-dropout-fusion
     --no-bias-gelu-fusion --no-fused-elementwise --no-gradient-accumulation-fusion --no-load-optim --no-load-rng
     --no-masked-softmax-fusion --no-pipeline-parallel --no-query-key-layer-scaling
@@ -97,6 +97,20 @@ def test_megatron_deepspeed_recipe_flags_are_accepted():
     assert cfg.parallel.attention_backend == "auto"  # --use-flash-attn-v2 came last
     assert any(note.startswith("--data-impl") for note in cfg.ignored)
     assert any(note.startswith("--use-flash-attn-triton") for note in cfg.ignored)
+    # FPDT maps to its nearest working behaviour, said in one note each
+    assert cfg.model.checkpoint_in_cpu and cfg.model.mlp_tile_tokens == 65536
+    assert any(note.startswith("--ds-sequence-parallel-fpdt -> --mlp-tile-tokens 65536") for note in cfg.ignored)
+
+
+def test_fpdt_flags_map_to_tiles_and_host_checkpoints():
+    cfg = parse_args([*MINIMAL, "--ds-sequence-parallel-fpdt", "--ds-sequence-parallel-fpdt-chunk-size", "8192",
+                      "--ds-sequence-parallel-fpdt-offloading", "--checkpoint-activations"])
+    validate(cfg, world_size=1)
+    assert cfg.model.mlp_tile_tokens == 8192 and cfg.model.checkpoint_in_cpu
+    assert [n.split()[0] for n in cfg.ignored] == ["--ds-sequence-parallel-fpdt", "--ds-sequence-parallel-fpdt-offloading"]
+    alone = parse_args([*MINIMAL, "--ds-sequence-parallel-fpdt-chunk-size", "8192"])
+    assert alone.model.mlp_tile_tokens == 0
+    assert alone.ignored == ["--ds-sequence-parallel-fpdt-chunk-size (only read with --ds-sequence-parallel-fpdt)"]
 
 
 # The flag lines of Megatron-DeepSpeed's Llama 2 recipe (examples_deepspeed/pretrain_llama2_distributed.sh).
@@ -155,6 +169,11 @@ def test_defaults_are_filled():
     (["--exit-duration-in-mins", "0"], 1, "--exit-duration-in-mins must be positive, got 0.0"),
     (["--distributed-timeout-minutes", "-5"], 1, "--distributed-timeout-minutes must be positive, got -5.0"),
     (["--data-path", "any/corpus_text_document", "--split", "a,b,c"], 1, "--split 'a,b,c'"),
+    (["--checkpoint-in-cpu"], 1, "--checkpoint-in-cpu moves activation checkpoints to host memory and needs some"),
+    (["--checkpoint-in-cpu-keep-layers", "1", "--checkpoint-activations"], 1, "only applies with --checkpoint-in-cpu"),
+    (["--checkpoint-in-cpu", "--checkpoint-activations", "--checkpoint-in-cpu-keep-layers", "3"], 1,
+     "--checkpoint-in-cpu-keep-layers must be between 0 and --num-layers 2, got 3"),
+    (["--mlp-tile-tokens", "-1"], 1, "--mlp-tile-tokens must not be negative"),
 ])
 def test_impossible_configurations_are_one_line(argv, world, message):
     argv = [*argv, "--train-iters", "2"] + ([] if "--data-path" in argv else ["--mock-data"])

@@ -14,12 +14,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from megatron_sp.config import ModelConfig
 from megatron_sp.kernels.compiled import Fused
 from megatron_sp.model import fused
 from megatron_sp.model.loss import chunked_cross_entropy
+from megatron_sp.model.recompute import layer_runner, mlp_runner
 from megatron_sp.model.rotary import rotary_cos_sin
 
 
@@ -80,9 +80,10 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm block. ``recompute_mlp`` (selective recompute) keeps only the MLP sublayer's input
-    for backward: its norm output and SwiGLU intermediates (h + 4f per token, more than half of
-    the layer's activations) are rebuilt, while attention's, costly to recompute, are kept."""
+    """Pre-norm block. ``run_mlp`` (model/recompute.py) runs the MLP sublayer: plainly, checkpointed
+    (selective recompute: only its input is kept, its norm output and SwiGLU intermediates, more than
+    half of the layer's activations, are rebuilt while attention's, costly to recompute, are kept) or
+    in checkpointed tiles along the sequence (--mlp-tile-tokens)."""
 
     def __init__(self, cfg: ModelConfig, head_dim: int, inner_attention: nn.Module):
         super().__init__()
@@ -91,16 +92,14 @@ class TransformerLayer(nn.Module):
         self.post_attention_norm = Norm(cfg, cfg.hidden_size)
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
-        self.recompute_mlp = cfg.recompute_granularity == "selective"
+        self.run_mlp = mlp_runner(cfg)
 
     def mlp_sublayer(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.mlp(self.post_attention_norm(x)))
 
     def forward(self, x: torch.Tensor, rotary, documents=None) -> torch.Tensor:
         x = x + self.dropout(self.attention(self.input_norm(x), rotary, documents))
-        if self.recompute_mlp and self.training and torch.is_grad_enabled():
-            return x + checkpoint(self.mlp_sublayer, x, use_reentrant=False)
-        return x + self.mlp_sublayer(x)
+        return x + self.run_mlp(self.mlp_sublayer, x)
 
 
 class Layers(nn.ModuleDict):
@@ -142,6 +141,7 @@ class GPTModel(nn.Module):
             self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
         layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
         self.layers = Layers({str(i): TransformerLayer(cfg, self.head_dim, make_inner_attention()) for i in layer_ids})
+        self.run_layers = layer_runner(cfg)  # plain, checkpointed or offloaded (model/recompute.py)
         if head:
             self.final_norm = Norm(cfg, cfg.hidden_size)
             self.output_layer = None if tied else nn.Linear(cfg.hidden_size, padded_vocab_size, bias=False)
@@ -179,19 +179,14 @@ class GPTModel(nn.Module):
 
     def decoder(self, x: torch.Tensor, position_ids: torch.Tensor, documents=None) -> torch.Tensor:
         """The transformer layers (with their rotary angles) on [b, s_local, h]: where every way of running them
-        (each layer recomputed in backward with --checkpoint-activations) is chosen, for the whole model and
-        for a pipeline stage alike. documents: see the module doc."""
+        (self.run_layers, model/recompute.py: plain, each layer recomputed in backward, its checkpoints on the
+        host) is chosen, for the whole model and for a pipeline stage alike. documents: see the module doc."""
         rotary = None
         if self.cfg.use_rotary_position_embeddings:
             rotary = rotary_cos_sin(position_ids, self.head_dim, self.cfg.rotary_percent,
                                     self.cfg.rotary_position_embeddings_theta, x.dtype,
                                     self.cfg.rope_scaling_factor if self.cfg.use_rope_scaling else None)
-        for layer in self.layers:
-            if self.cfg.checkpoint_activations and self.training:
-                x = checkpoint(layer, x, rotary, documents, use_reentrant=False)
-            else:
-                x = layer(x, rotary, documents)
-        return x
+        return self.run_layers(self.layers, x, rotary, documents)
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Last layer's output [b, s_local, h] -> per-token loss [b, s_local] (final norm, output layer)."""
