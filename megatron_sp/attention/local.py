@@ -14,6 +14,8 @@ class LocalAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, scale: float, backend: str, docs=None):
+        # saved dense: a view of the fused qkv projection would keep all of it alive until backward
+        q, k, v = (x.contiguous() for x in (q, k, v))
         out, lse = attention_forward(q, k, v, causal, scale, backend, q_docs=docs, k_docs=docs)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.scale, ctx.backend, ctx.docs = causal, scale, backend, docs

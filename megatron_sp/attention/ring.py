@@ -176,6 +176,8 @@ class RingAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, causal: bool, scale: float, backend: str, zigzag: bool = True,
                 documents=None):
+        # saved dense: a view of the fused qkv projection would keep all of it alive until backward
+        q, k, v = (x.contiguous() for x in (q, k, v))
         ring = Ring(group)
         out, lse = ring_forward(q, k, v, ring, causal, scale, backend, zigzag, documents)
         ctx.save_for_backward(q, k, v, out, lse)

@@ -36,12 +36,10 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     """hidden [b, s, h], output weight [vocab, h], labels [b, s] -> per-token loss [b, s] (fp32/fp64).
     fused: compile the per-chunk cross-entropy on GPU (--no-fused-elementwise: eager)."""
     b, s, h = hidden.shape
-    flat_hidden, flat_labels = hidden.reshape(b * s, h), labels.reshape(b * s)
-    losses = []
-    for start in range(0, b * s, chunk_tokens):
-        part = (flat_hidden[start:start + chunk_tokens], weight, flat_labels[start:start + chunk_tokens], fused)
-        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            losses.append(checkpoint(_chunk_loss, *part, use_reentrant=False))
-        else:
-            losses.append(_chunk_loss(*part))
+    # split, not slices: backward joins the chunks' hidden-state gradients once; a slice's backward
+    # would write each chunk into a zeroed full-length [b * s, h] tensor (s / chunk of them)
+    chunks = zip(hidden.reshape(b * s, h).split(chunk_tokens), labels.reshape(b * s).split(chunk_tokens))
+    recompute = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    losses = [checkpoint(_chunk_loss, part, weight, part_labels, fused, use_reentrant=False) if recompute
+              else _chunk_loss(part, weight, part_labels, fused) for part, part_labels in chunks]
     return torch.cat(losses).view(b, s)
