@@ -219,6 +219,8 @@ class TrainingConfig:
                         "and FLOPs per iteration, and exit (nothing is allocated).")
     gpu_memory_gb: float | None = arg(None, "GPU memory per device in GiB for the planner (--dry-run, "
                                       "--sequence-parallel-size auto); default: detected, else 80.")
+    host_memory_gb: float | None = arg(None, "Host memory per node in GiB for the planner (--checkpoint-in-cpu, "
+                                       "optimizer offload), shared by the node's GPUs; default: this machine's.")
 
 
 @dataclass
@@ -239,7 +241,8 @@ class RunConfig:
     ignored: list[str] = field(default_factory=list)
     """Megatron flags accepted for compatibility that change nothing here (reported once at start)."""
     sp_choice: list[str] = field(default_factory=list)
-    """How --sequence-parallel-size auto was resolved (the planner's candidates and reason); empty otherwise."""
+    """How the planner resolved --sequence-parallel-size auto (its candidates and reason) and
+    --checkpoint-in-cpu-keep-layers auto; empty when neither was asked for."""
 
     @property
     def head_dim(self) -> int:

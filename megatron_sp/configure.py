@@ -30,21 +30,26 @@ def attach_tokenizer(cfg):
 
 def configure(argv: list[str] | None, world: int, gpus_per_node: int | None = None):
     """Flags -> validated RunConfig and its tokenizer; raises ConfigError/ValueError/OSError.
-    --sequence-parallel-size auto is resolved by the planner before validation."""
+    --sequence-parallel-size auto is resolved by the planner before validation, then
+    --checkpoint-in-cpu-keep-layers auto for the SP size chosen."""
+    from megatron_sp.parallel.layout import gpus_per_node_from_env
     cfg = parse_args(argv)
     if cfg.parallel.sequence_parallel_size != "auto":
         validate(cfg, world)
-        return cfg, attach_tokenizer(cfg)
-    probe = copy.deepcopy(cfg)
-    probe.parallel.sequence_parallel_size, probe.training.global_batch_size = 1, None
-    validate(probe, max(1, probe.parallel.pipeline_model_parallel_size))  # every check that does not depend on
-    # the SP size, as one line (on one rank per pipeline stage)
-    fill_defaults(cfg)
-    tokenizer = attach_tokenizer(cfg)
-    from megatron_sp.parallel.layout import gpus_per_node_from_env
-    from megatron_sp.plan import resolve_auto
-    cfg.sp_choice = resolve_auto(cfg, world, gpus_per_node or gpus_per_node_from_env(world))
-    validate(cfg, world)
+        tokenizer = attach_tokenizer(cfg)
+    else:
+        probe = copy.deepcopy(cfg)
+        probe.parallel.sequence_parallel_size, probe.training.global_batch_size = 1, None
+        validate(probe, max(1, probe.parallel.pipeline_model_parallel_size))  # every check that does not
+        # depend on the SP size, as one line (on one rank per pipeline stage)
+        fill_defaults(cfg)
+        tokenizer = attach_tokenizer(cfg)
+        from megatron_sp.plan import resolve_auto
+        cfg.sp_choice = resolve_auto(cfg, world, gpus_per_node or gpus_per_node_from_env(world))
+        validate(cfg, world)
+    if cfg.model.checkpoint_in_cpu_keep_layers == "auto":  # after the SP size: how much each GPU holds
+        from megatron_sp.plan import resolve_keep_layers
+        cfg.sp_choice += resolve_keep_layers(cfg, world, gpus_per_node or gpus_per_node_from_env(world))
     return cfg, tokenizer
 
 

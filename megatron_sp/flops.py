@@ -46,12 +46,14 @@ def forward_flops_per_token(cfg: RunConfig, doc_lengths: list[int] | None = None
 
 def flops_per_token(cfg: RunConfig, with_recompute: bool, doc_lengths: list[int] | None = None) -> float:
     """Training FLOPs per token: forward + backward (2x forward); with_recompute adds one more forward of
-    what is recomputed: whole layers (full) or the MLPs (selective). doc_lengths: forward_flops_per_token."""
+    what is recomputed: whole layers (full) or the MLPs (selective, or tiled), and with both full recompute
+    and a tiled MLP the MLP a third time (the layer's recompute runs the tiles' forward, each tile's
+    backward runs it again). doc_lengths: forward_flops_per_token."""
     layers, output = forward_flops_per_token(cfg, doc_lengths)
     m = cfg.model
-    recompute = 0.0
-    if with_recompute and m.checkpoint_activations:
-        recompute = layers
-    elif with_recompute and m.recompute_granularity == "selective":
-        recompute = m.num_layers * mlp_forward_flops(cfg)
+    if not with_recompute:
+        return 3 * (layers + output)
+    recompute = layers if m.checkpoint_activations else 0.0
+    if m.recompute_granularity == "selective" or m.mlp_tile_tokens:
+        recompute += m.num_layers * mlp_forward_flops(cfg)
     return 3 * (layers + output) + recompute

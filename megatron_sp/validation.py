@@ -39,6 +39,7 @@ def check_ranges(cfg: RunConfig) -> None:
         if value < 1:
             raise ConfigError(f"{flag(name)} must be positive, got {value}")
     optional = dict(ffn_hidden_size=m.ffn_hidden_size, kv_channels=m.kv_channels, gpu_memory_gb=t.gpu_memory_gb,
+                    host_memory_gb=t.host_memory_gb,
                     exit_duration_in_mins=t.exit_duration_in_mins,
                     distributed_timeout_minutes=p.distributed_timeout_minutes,
                     num_key_value_heads=m.num_key_value_heads, vocab_size=m.vocab_size,

@@ -51,6 +51,7 @@ def test_bench_e2e_cpu_mode(tmp_path):
     phases = r["profile"]["phases"]
     assert [p["name"] for p in phases] == list(PHASES) and all(p["host_ms"] > 0 for p in phases)
     assert sum(p["host_ms"] for p in phases) <= r["profile"]["step_wall_ms"]
+    assert r["host_peak_rss_gib"] > 0 and r["planned_gpu_gib"] > 0 and r["host_checkpoints_gib"] == 0
     with open(out) as fh:
         assert json.load(fh)[0]["seq_length"] == 128
 
@@ -94,6 +95,22 @@ def test_memory_breakdown_counts_each_storage_once_by_its_first_category():
     got = memory_breakdown.count_bytes(tensors)
     assert got == {"parameters": 400, "fp32 master weights": 0, "optimizer states": 0, "fp32 gradient partition": 0,
                    "gradients + buffers": 20}
+
+
+def _bench_e2e_offloaded(rank, world, out):
+    from tools import bench_e2e
+    return bench_e2e.main(["--model", "tiny", "--device", "cpu", "--seq-length", "128", "--backend", "torch",
+                           "--sp", "1", "--zero-stage", "1", "--warmup", "1", "--steps", "1", "--checkpoint-activations",
+                           "--memory-snapshot", "--out", out, "--", "--checkpoint-in-cpu", "--mlp-tile-tokens", "32"])
+
+
+def test_bench_e2e_reports_the_host_memory_of_checkpoints(tmp_path):
+    """With --checkpoint-in-cpu the report holds the host bytes the checkpoints use (here plain CPU memory)
+    and the planner's estimate of them, which for checkpointed layer inputs is the same number."""
+    r = run_ranks(1, _bench_e2e_offloaded, str(tmp_path / "e2e.json"), timeout=120)[0]
+    layer_inputs = 2 * 128 * 64 * 4  # 2 layers x [128 tokens, hidden 64] fp32
+    assert r["host_checkpoints_gib"] * 2 ** 30 == r["host_copied_per_step_gib"] * 2 ** 30 == layer_inputs
+    assert r["planned_host_gib"] == r["host_checkpoints_gib"]
 
 
 def test_kernel_timeline_separates_hidden_from_exposed_communication():

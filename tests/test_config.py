@@ -25,8 +25,8 @@ FROZEN_FLAGS = """
     --fused-grad-norm
     --fp16-lm-cross-entropy
     --global-batch-size --gpu-memory-gb --group-query-attention --help --hidden-dropout --hidden-size
-    --hysteresis --init-method-std --initial-loss-scale --keep-checkpoints --kv-channels --layernorm-epsilon --load
-    --load-hf
+    --host-memory-gb --hysteresis --init-method-std --initial-loss-scale --keep-checkpoints --kv-channels
+    --layernorm-epsilon --load --load-hf
     --local-rank --local_rank --log-batch-size-to-tensorboard --log-interval
     --log-memory-to-tensorboard --log-num-zeros-in-grad --log-optimizer-states-to-tensorboard --log-params-norm
     --log-timers-to-tensorboard --log-world-size-to-tensorboard

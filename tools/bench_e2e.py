@@ -14,9 +14,13 @@ not counted; 3*(L*(8h^2 + 6hf + 2hs) + 2hV) per token for this shape), and the p
 --doc-len packs the mock samples with documents (an EOD ending each; tools/doc_lengths.py) and trains with
 --reset-attention-mask --reset-position-ids --eod-mask-loss; its model FLOPs count attention inside documents
 only (s in 2hs becomes sum(L^2)/s).
+Host memory too (max over ranks): the process's peak RSS and, with --checkpoint-in-cpu, the pinned bytes its
+activation checkpoints hold; beside both, the planner's estimate of GPU and host memory for the same flags.
 --profile adds one profiled step and splits its GPU kernel time into attention, matmul, communication, other, and
 the step into its forward, backward and optimizer phases (GPU busy/idle, top kernels, host syncs);
 --memory-breakdown adds one step whose memory is split by what holds it (tools/memory_breakdown.py).
+--memory-snapshot records the allocator during the last step (torch.cuda.memory) and writes each rank's
+snapshot as OUT.rankN.memory.pickle beside --out (open it in pytorch.org/memory_viz).
 """
 import argparse
 import datetime
@@ -183,6 +187,8 @@ def run(args) -> dict:
     times, losses = [], []
     for i in range(args.warmup + args.steps):
         dist.barrier()
+        if args.memory_snapshot and cuda and i == args.warmup + args.steps - 1:
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000)
         t0 = time.perf_counter()
         losses.append(step())
         if cuda:
@@ -193,8 +199,12 @@ def run(args) -> dict:
             print(f"  step {i + 1}: {(time.perf_counter() - t0) * 1e3:.0f} ms, loss {losses[-1]:.4f}", flush=True)
     ms = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
     dist.all_reduce(ms, op=dist.ReduceOp.MAX)  # the slowest rank's median
+    if args.memory_snapshot and cuda:
+        torch.cuda.memory._dump_snapshot(f"{os.path.splitext(args.out)[0]}.rank{rank}.memory.pickle")
+        torch.cuda.memory._record_memory_history(enabled=None)
     peak = torch.tensor([torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0], device=device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    host = host_memory(engine.module, device)
     ms = ms.item()
     tokens = t.global_batch_size * m.seq_length
     per_token = flops_per_token(cfg, with_recompute=False, doc_lengths=lengths)
@@ -207,8 +217,8 @@ def run(args) -> dict:
         "ms_per_step": ms, "tokens_per_s": tokens / ms * 1e3,
         "model_tflops_per_gpu": tokens * per_token / (ms / 1e3) / world / 1e12,
         "flops_per_token": per_token,
-        "peak_memory_gib": peak.item(), "losses": losses, "doc_len": args.doc_len,
-        "documents_per_sample": None if lengths is None else len(lengths),
+        "peak_memory_gib": peak.item(), **host, **planned_memory(cfg, world), "losses": losses,
+        "doc_len": args.doc_len, "documents_per_sample": None if lengths is None else len(lengths),
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else 0.0,  # this rank
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
@@ -223,17 +233,45 @@ def run(args) -> dict:
 
 def memory_report(cfg, setup, step, world: int) -> dict:
     """One more step with tools/memory_breakdown.py's four snapshots (this rank), beside the planner's estimate
-    (for this rank's pipeline stage)."""
-    from megatron_sp.parallel.sharding import effective_strategy
-    from megatron_sp.plan import estimate_memory, zero_setup
+    (for this rank's pipeline stage, its parts at the moment it predicts the peak)."""
     from tools import memory_breakdown
-    p = cfg.parallel
-    plan = estimate_memory(cfg, world, p.sequence_parallel_size,
-                           effective_strategy(p.sequence_parallel_strategy, p.sequence_parallel_size),
-                           p.ulysses_degree, zero_setup(cfg), pp_rank=setup.ps.pp_rank)  # this rank's stage
     result = memory_breakdown.measure(setup.engine, step, setup.device.type == "cuda")
+    plan = planner_estimate(cfg, world, pp_rank=setup.ps.pp_rank)  # this rank's stage
     result["planner"] = {k: int(v) for k, v in plan.parts.items()}
     return result
+
+
+def host_memory(model, device) -> dict:
+    """Host GiB, max over ranks: peak RSS of the process, and what --checkpoint-in-cpu holds (pinned on CUDA),
+    uses at most at once and copies per step."""
+    import resource
+    from megatron_sp.model.recompute import host_memory_stats
+    stats = host_memory_stats(model)
+    keys = ("held", "peak_in_use", "offloaded_per_step")
+    values = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30]
+                          + [stats.get(k, 0) / 2 ** 30 for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    peak_rss, held, in_use, per_step = values.tolist()
+    return {"host_peak_rss_gib": peak_rss, "host_checkpoints_gib": held, "host_checkpoints_in_use_gib": in_use,
+            "host_copied_per_step_gib": per_step}
+
+
+def planner_estimate(cfg, world: int, pp_rank: int | None = None):
+    """The planner's per-rank MemoryEstimate for these flags (what --dry-run prints): of pipeline stage
+    pp_rank, by default of the stage that needs the most."""
+    from megatron_sp.parallel.sharding import effective_strategy
+    from megatron_sp.plan import gpu_memory_gib, zero_setup
+    from megatron_sp.plan.fit import estimate_for
+    p = cfg.parallel
+    return estimate_for(cfg, world, p.sequence_parallel_size, effective_strategy(p.sequence_parallel_strategy,
+                        p.sequence_parallel_size), p.ulysses_degree, zero_setup(cfg), gpu_memory_gib(cfg), pp_rank)
+
+
+def planned_memory(cfg, world: int) -> dict:
+    """The planner's GPU and host GiB per rank and the moment of the GPU peak."""
+    est = planner_estimate(cfg, world)
+    return {"planned_gpu_gib": est.total / 2 ** 30, "planned_host_gib": est.host_total / 2 ** 30,
+            "planned_peak_phase": est.phase}
 
 
 def parse_args(argv=None):
@@ -268,6 +306,8 @@ def parse_args(argv=None):
                    help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before CUDA starts: the allocator grows "
                         "segments in place instead of caching fixed blocks, which can cut reserved-but-unused "
                         "memory (fragmentation); expected: peak reserved closer to peak allocated, speed unchanged")
+    p.add_argument("--memory-snapshot", action="store_true",
+                   help="record the CUDA allocator during the last step; OUT.rankN.memory.pickle beside --out")
     p.add_argument("--out", default="bench_e2e.json", help="JSON file; an existing list in it is appended to")
     p.add_argument("extra", nargs="*", help="more Megatron flags, after --")
     args = p.parse_args(argv)
@@ -315,6 +355,10 @@ def main(argv=None) -> dict:
               f"{'' if r['doc_len'] is None else ', documents --doc-len ' + str(r['doc_len'])}: "
               f"{r['ms_per_step']:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s, "
               f"{r['model_tflops_per_gpu']:.1f} model TFLOP/s per GPU, peak {r['peak_memory_gib']:.1f} GiB", flush=True)
+        print(f"  memory: GPU peak {r['peak_memory_gib']:.2f} GiB (planner {r['planned_gpu_gib']:.2f}, at "
+              f"{r['planned_peak_phase']}); host: checkpoints {r['host_checkpoints_gib']:.2f} GiB pinned "
+              f"(planner {r['planned_host_gib']:.2f}), {r['host_copied_per_step_gib']:.2f} GiB copied per step, "
+              f"process peak RSS {r['host_peak_rss_gib']:.2f} GiB", flush=True)
         if "profile" in r:
             print("  profile (kernel ms in one step): " + json.dumps(r["profile"]["ms"]), flush=True)
             timeline = r["profile"]["timeline"]

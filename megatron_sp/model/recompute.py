@@ -120,3 +120,13 @@ def layer_runner(cfg: ModelConfig) -> LayerStack:
     if cfg.checkpoint_in_cpu:
         return OffloadedStack(run_one, int(cfg.checkpoint_in_cpu_keep_layers))
     return LayerStack(run_one)
+
+
+def host_memory_stats(model) -> dict:
+    """What --checkpoint-in-cpu holds in host memory for `model` (GPTModel), in bytes: `held` (pinned on
+    CUDA), `peak_in_use` and `offloaded_per_step` (the last forward's copies); {} without it."""
+    offload = getattr(getattr(model, "run_layers", None), "offload", None)
+    if offload is None:
+        return {}
+    return {"held": offload.pool.held, "peak_in_use": offload.pool.peak_in_use,
+            "offloaded_per_step": offload.offloaded_bytes}

@@ -1,17 +1,21 @@
-"""The planner behind --dry-run, tools/plan.py and --sequence-parallel-size auto; allocates nothing.
+"""The planner behind --dry-run, tools/plan.py and the 'auto' flags; allocates nothing.
 
     cfg, tokenizer = megatron_sp.configure.configure(argv, world)     # resolves 'auto' with resolve_auto
     print("\\n".join(plan_report(cfg, world, gpus_per_node)))
 
-memory.py: parameters / gradients / optimizer by ZeRO stage; activations.py: bytes per local token;
-choose.py: the SP-size and strategy search; report.py: the printout.
+memory.py: parameters / gradients / optimizer by ZeRO stage and the peak's moment; activations.py: bytes per
+local token; fit.py: GPU and host capacity, kept layers, the longest sequence; choose.py: the SP-size and
+strategy search; report.py: the printout.
 """
 from megatron_sp.config import RunConfig, fill_defaults, read_deepspeed_json
 from megatron_sp.errors import ConfigError
 from megatron_sp.parallel.layout import layout_lines
 from megatron_sp.parallel.pipeline import schedule_lines
-from megatron_sp.plan.choose import MEMORY_RESERVE, candidates, choose
-from megatron_sp.plan.memory import GIB, ZeroSetup, count_parameters, detect_gpu_memory_gib, estimate_memory
+from megatron_sp.parallel.sharding import effective_strategy
+from megatron_sp.plan.choose import candidates, choose
+from megatron_sp.plan.fit import HOST_RESERVE, MEMORY_RESERVE, host_memory_gib, keep_layers_that_fit
+from megatron_sp.plan.memory import (GIB, ZeroSetup, count_parameters, detect_gpu_memory_gib, estimate_memory,
+                                     stage_layers)
 from megatron_sp.plan.report import flops_lines, memory_lines
 
 
@@ -29,9 +33,9 @@ def resolve_auto(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
     """Replace --sequence-parallel-size auto by the planner's pick (SP size, strategy, Ulysses degree)
     and return the table of candidates and the reason. Needs cfg.padded_vocab_size."""
     fill_defaults(cfg)
-    gib = gpu_memory_gib(cfg)
+    gib, host = gpu_memory_gib(cfg), host_memory_gib(cfg, world, gpus_per_node)
     try:
-        cands = candidates(cfg, world, gpus_per_node, zero_setup(cfg), gib)
+        cands = candidates(cfg, world, gpus_per_node, zero_setup(cfg), gib, host)
         pick, why = choose(cands)
     except ValueError as err:
         raise ConfigError(f"--sequence-parallel-size auto: {err}") from None
@@ -51,10 +55,28 @@ def resolve_auto(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
     return lines
 
 
+def resolve_keep_layers(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
+    """Replace --checkpoint-in-cpu-keep-layers auto by the most layers whose checkpoints fit on the GPU
+    beside everything else (fit.keep_layers_that_fit); returns the line that says so."""
+    p, m = cfg.parallel, cfg.model
+    sp, gib = p.sequence_parallel_size, gpu_memory_gib(cfg)
+    strategy = effective_strategy(p.sequence_parallel_strategy, sp)
+    keep = keep_layers_that_fit(cfg, world, sp, strategy, p.ulysses_degree, zero_setup(cfg), gib)
+    m.checkpoint_in_cpu_keep_layers = keep
+    host = max(estimate_memory(cfg, world, sp, strategy, p.ulysses_degree, zero_setup(cfg), r).host_total
+               for r in range(p.pipeline_model_parallel_size))
+    layers = stage_layers(cfg)
+    return [f"--checkpoint-in-cpu-keep-layers auto: {keep} of {layers} layers keep their checkpoints on the "
+            f"GPU (the most under {MEMORY_RESERVE:.0%} of {gib:.1f} GiB); the other {layers - keep} use "
+            f"{host / GIB:.1f} GiB of host memory per rank (of {host_memory_gib(cfg, world, gpus_per_node):.1f}, "
+            f"fit = under {HOST_RESERVE:.0%})"]
+
+
 def plan_report(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
     """Report lines (layout, FLOPs, memory, then any warning) for a validated config."""
     return [*layout_lines(cfg, world, gpus_per_node), *pipeline_schedule_lines(cfg, world),
-            *flops_lines(cfg, world, gpus_per_node), *memory_lines(cfg, world, zero_setup(cfg), gpu_memory_gib(cfg))]
+            *flops_lines(cfg, world, gpus_per_node),
+            *memory_lines(cfg, world, zero_setup(cfg), gpu_memory_gib(cfg), host_memory_gib(cfg, world, gpus_per_node))]
 
 
 def pipeline_schedule_lines(cfg: RunConfig, world: int) -> list[str]:
@@ -67,4 +89,5 @@ def pipeline_schedule_lines(cfg: RunConfig, world: int) -> list[str]:
     return schedule_lines(pp, cfg.model.num_layers, t.global_batch_size // (t.micro_batch_size * dp))
 
 
-__all__ = ["resolve_auto", "plan_report", "count_parameters", "estimate_memory", "ZeroSetup", "zero_setup"]
+__all__ = ["resolve_auto", "resolve_keep_layers", "plan_report", "count_parameters", "estimate_memory",
+           "ZeroSetup", "zero_setup"]

@@ -18,12 +18,12 @@ from megatron_sp.attention import validate_attention_config
 from megatron_sp.config import RunConfig
 from megatron_sp.plan.activations import kv_heads_seen
 from megatron_sp.parallel.pipeline import bubble_fraction
-from megatron_sp.plan.memory import GIB, MemoryEstimate, ZeroSetup, heaviest_stage
+from megatron_sp.plan.fit import HOST_RESERVE, MEMORY_RESERVE, estimate_for, fits
+from megatron_sp.plan.memory import GIB, MemoryEstimate, ZeroSetup
 from megatron_sp.flops import attention_fwd_flops, flops_per_token
 
 A2A_BW, P2P_BW, INTER_NODE_BW = 240e9, 260e9, 25e9  # bytes/s out per GPU
 ACHIEVED_FLOPS = 400e12  # model FLOP/s per GPU a good run reaches (DeepSpeed ALST's 336-401 on H200, docs/reference_numbers.md)
-MEMORY_RESERVE = 0.9  # fit inside 90 %: CUDA context, NCCL buffers and fragmentation are not estimated
 FASTER_BY = 0.97  # a larger P must be > 3 % faster to beat the smallest one that fits
 
 
@@ -89,7 +89,8 @@ def iteration_seconds(cfg: RunConfig, world: int, sp: int, strategy: str, u: int
     return stretch * (compute + exposed * m.num_layers * micro_batches), sent
 
 
-def candidates(cfg: RunConfig, world: int, gpus_per_node: int, zero: ZeroSetup, gpu_gib: float) -> list[Candidate]:
+def candidates(cfg: RunConfig, world: int, gpus_per_node: int, zero: ZeroSetup, gpu_gib: float,
+               host_gib: float) -> list[Candidate]:
     """Every (P, strategy, Ulysses degree) the flags allow, with its memory and modelled time."""
     m, t = cfg.model, cfg.training
     stage_ranks = world // cfg.parallel.pipeline_model_parallel_size  # SP and DP split each pipeline stage
@@ -108,10 +109,9 @@ def candidates(cfg: RunConfig, world: int, gpus_per_node: int, zero: ZeroSetup, 
                                           seq_length=m.seq_length, world_size=stage_ranks)
             except ValueError:
                 continue
-            _, memory = heaviest_stage(cfg, world, sp, strategy, u, zero)
+            memory = estimate_for(cfg, world, sp, strategy, u, zero, gpu_gib)
             seconds, sent = iteration_seconds(cfg, world, sp, strategy, u, gpus_per_node, gb)
-            found.append(Candidate(sp, strategy, u, memory, sent, seconds,
-                                   memory.total <= MEMORY_RESERVE * gpu_gib * GIB))
+            found.append(Candidate(sp, strategy, u, memory, sent, seconds, fits(memory, gpu_gib, host_gib)))
     return found
 
 
@@ -123,8 +123,8 @@ def choose(cands: list[Candidate]) -> tuple[Candidate, str]:
     fitting = [c for c in cands if c.fits]
     if not fitting:
         best = min(cands, key=lambda c: c.memory.total)
-        return best, (f"nothing fits in {MEMORY_RESERVE:.0%} of GPU memory; {best.name} needs the least "
-                      f"({best.memory.total / GIB:.1f} GiB): expect out-of-memory")
+        return best, (f"nothing fits in {MEMORY_RESERVE:.0%} of GPU memory ({HOST_RESERVE:.0%} of host memory); "
+                      f"{best.name} needs the least ({best.memory.total / GIB:.1f} GiB): expect out-of-memory")
     smallest = min(c.sp for c in fitting)
     at_smallest = [c for c in fitting if c.sp == smallest]  # listed ulysses, ring, hybrid: ulysses first
     base = min(at_smallest, key=lambda c: c.seconds)

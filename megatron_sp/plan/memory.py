@@ -13,12 +13,20 @@ DeepSpeed sees a stage's DP x SP ranks as data-parallel, see training/engine.py)
 
 ZeRO stages 1-3 keep an fp32 partition copy even for fp32 models, hence 12 there too.
 offload_optimizer (cpu/nvme) moves the optimizer column to the host; offload_param (stage 3) the
-parameter column. Activations are counted per local token (b * s / P) in ``activations.py``.
+parameter column. Activations are counted per local token (b * s / P) in ``activations.py``; with
+--checkpoint-in-cpu the layers' kept tensors move to the host except the kept last layers and, during
+backward, the layer in use and the one being brought back.
+
+Under ZeRO 0-1 gradients are freed after each step and rebuilt during backward, so the peak of a long
+sequence (the last layer's backward, every checkpoint still alive) sees almost none of them; with the
+checkpoints on the host the first layer's backward (all gradients, few activations) can be the peak.
+With the layer model of activations.py this reproduces the 1.3B model's measured peaks at 64k-512k
+tokens within 5 % (docs/benchmarks.md).
 """
 from dataclasses import dataclass, field
 
 from megatron_sp.config import RunConfig, zero_stage_of
-from megatron_sp.plan.activations import activation_bytes, logits_bytes
+from megatron_sp.plan.activations import layer_bytes, loss_bytes, outside_layers_bytes
 from megatron_sp.parallel.sharding import effective_strategy
 
 GIB = 2 ** 30
@@ -108,23 +116,64 @@ def model_state_bytes(params: int, world: int, stage: int, elem: int) -> dict[st
 
 @dataclass
 class MemoryEstimate:
-    """Per-GPU bytes, by what holds them; `host` is what offloading moved to CPU memory."""
+    """Per-GPU bytes at the predicted peak, by what holds them, and when it comes (`phase`); `host` is what
+    lives in host memory per rank (offloaded optimizer or parameters, activation checkpoints)."""
     parts: dict[str, float]
     host: dict[str, float] = field(default_factory=dict)
     local_tokens: int = 0
+    phase: str = ""
 
     @property
     def total(self) -> float:
         return sum(self.parts.values())
 
+    @property
+    def host_total(self) -> float:
+        return sum(self.host.values())
+
+
+def stage_layers(cfg: RunConfig) -> int:
+    """Transformer layers one pipeline stage holds (all of them without a pipeline)."""
+    return cfg.model.num_layers // cfg.parallel.pipeline_model_parallel_size
+
+
+def layers_on_host(cfg: RunConfig, keep_layers: int | None = None) -> int:
+    """Layers of a stage whose checkpoints --checkpoint-in-cpu moves to the host (all but the kept last
+    ones); an unresolved 'auto' counts as keeping none."""
+    m = cfg.model
+    if not m.checkpoint_in_cpu:
+        return 0
+    keep = m.checkpoint_in_cpu_keep_layers if keep_layers is None else keep_layers
+    return max(0, stage_layers(cfg) - (0 if keep == "auto" else keep))
+
+
+def early_gradients(cfg: RunConfig, elem: int, head: bool = True) -> float:
+    """Gradient bytes that exist during the last layer's backward when gradients are built during backward
+    (ZeRO 0-1; they are freed after each step): the output layer's (the embedding's when tied; on the
+    stage with the head) and the last layer's."""
+    m = cfg.model
+    head_params = cfg.padded_vocab_size * m.hidden_size + norm_parameters(cfg) if head else 0
+    return elem * (head_params + layer_parameters(cfg))
+
+
+def step_temporaries(params: int, world: int, stage: int, elem: int) -> float:
+    """DeepSpeed's optimizer step beside the model states (from its code, not measured): ZeRO 1-2 flatten
+    the rank's gradient partition and convert it to fp32; ZeRO 3 converts its partition to fp32."""
+    shard = -(-params // world)
+    return {0: 0, 1: (elem + 4) * shard, 2: (elem + 4) * shard, 3: 4 * shard}[stage]
+
 
 def estimate_memory(cfg: RunConfig, world: int, sp: int, strategy: str, ulysses_degree: int | None,
-                    zero: ZeroSetup, pp_rank: int = 0) -> MemoryEstimate:
+                    zero: ZeroSetup, pp_rank: int = 0, keep_layers: int | None = None,
+                    qkv_kept_whole: bool = False) -> MemoryEstimate:
     """Peak GPU bytes per rank of pipeline stage pp_rank for SP size `sp` (strategy ulysses/ring/hybrid;
-    'local' when sp == 1). ZeRO splits a stage's model states over the stage's world / PP ranks; under 1F1B
-    the stage holds the activations of in_flight_micro_batches micro batches for its share of the layers."""
+    'local' when sp == 1): the largest of four moments, the backward of the stage's last layer (most
+    activations), of its first layer (all gradients), the loss's backward (last stage) and the optimizer
+    step. ZeRO splits a stage's model states over world / PP ranks; under 1F1B the stage holds k micro
+    batches in flight, whose other k - 1 keep what their layers keep on the GPU. keep_layers overrides
+    --checkpoint-in-cpu-keep-layers; qkv_kept_whole: see activations.layer_terms."""
     t, m = cfg.training, cfg.model
-    elem, pp = cfg.elem_bytes, cfg.parallel.pipeline_model_parallel_size
+    elem, pp, n_layers = cfg.elem_bytes, cfg.parallel.pipeline_model_parallel_size, stage_layers(cfg)
     params = stage_parameters(cfg, pp_rank)
     states = model_state_bytes(params, world // pp, zero.stage, elem)
     host = {}
@@ -132,31 +181,47 @@ def estimate_memory(cfg: RunConfig, world: int, sp: int, strategy: str, ulysses_
         host["optimizer"] = states.pop("optimizer")
     if zero.offload_param:
         host["parameters"] = states.pop("parameters")
-    local_tokens = t.micro_batch_size * m.seq_length // sp
-    acts = activation_bytes(cfg, sp, effective_strategy(strategy, sp), ulysses_degree, elem, m.num_layers // pp)
-    if m.checkpoint_activations:  # one layer at a time is rebuilt in backward
-        stored, workspace = acts["checkpointed"], acts["layer"]
-    elif m.recompute_granularity == "selective":  # one MLP at a time is rebuilt
-        stored, workspace = acts["selective"], acts["mlp"]
-    else:
-        stored, workspace = acts["full"], 0
-    workspace += acts["comm"] + acts["grad_work"]
-    parts = {**states,
-             "activations": local_tokens * stored * in_flight_micro_batches(cfg, world, sp, pp_rank),
-             "backward workspace": local_tokens * workspace}
-    if pp_rank == pp - 1:
-        parts["logits/loss"] = logits_bytes(cfg, local_tokens, elem)
+    gradients = states.pop("gradients")
     if zero.stage >= 1:  # gradient reduce bucket (stages 1-2) / reduce-scatter bucket (stage 3)
-        parts["ZeRO buckets"] = elem * min(zero.reduce_bucket, params)
+        states["ZeRO buckets"] = elem * min(zero.reduce_bucket, params)
     if zero.stage == 3:  # gathered full parameters of the layers in flight (the prefetch window)
-        parts["ZeRO buckets"] += elem * max(2 * layer_parameters(cfg), zero.prefetch_bucket)
-    return MemoryEstimate(parts=parts, host=host, local_tokens=local_tokens)
+        states["ZeRO buckets"] += elem * max(2 * layer_parameters(cfg), zero.prefetch_bucket)
+    local = t.micro_batch_size * m.seq_length // sp
+    in_flight = in_flight_micro_batches(cfg, world, sp, pp_rank)
+    layer = layer_bytes(cfg, sp, effective_strategy(strategy, sp), ulysses_degree, elem, qkv_kept_whole)
+    on_host = layers_on_host(cfg, keep_layers)
+    if on_host:
+        host["activation checkpoints"] = in_flight * on_host * layer.kept * local
+    # layers whose kept tensors are on the GPU when backward starts / while one layer's backward runs
+    # (with checkpoints on the host: the kept ones, or the layer in use and the one coming back)
+    at_start = n_layers - on_host if not on_host else max(n_layers - on_host, 1)
+    in_backward = n_layers if not on_host else min(n_layers, max(n_layers - on_host, 2))
+    waiting = (in_flight - 1) * at_start * layer.kept * local  # the other micro batches in flight
+    outside = in_flight * outside_layers_bytes(cfg, elem) * local
+    last = pp_rank == pp - 1
+    early = gradients if zero.stage >= 2 else min(gradients, early_gradients(cfg, elem, head=last))
+    work = (layer.backward_peak - layer.kept) * local
+    phases = {
+        "the last layer's backward": {**states, "gradients": early, "activations": waiting + in_backward
+                                      * layer.kept * local + outside, "backward workspace": work},
+        "the first layer's backward": {**states, "gradients": gradients, "activations": waiting + min(
+                                       in_backward, 2 if on_host else 1) * layer.kept * local + outside,
+                                       "backward workspace": work},
+        "the optimizer step": {**states, "gradients": gradients,
+                               "optimizer step": step_temporaries(params, world // pp, zero.stage, elem)},
+    }
+    if last:
+        phases["the loss's backward"] = {**states, "gradients": early, "activations": waiting + at_start
+                                         * layer.kept * local + outside, "logits/loss": loss_bytes(cfg, local, elem)}
+    phase = max(phases, key=lambda k: sum(phases[k].values()))
+    return MemoryEstimate(parts=phases[phase], host=host, local_tokens=local, phase=phase)
 
 
 def heaviest_stage(cfg: RunConfig, world: int, sp: int, strategy: str, ulysses_degree: int | None,
-                   zero: ZeroSetup) -> tuple[int, MemoryEstimate]:
-    """(pp_rank, its estimate) of the pipeline stage that needs the most memory (the only one without a pipeline)."""
-    estimates = [estimate_memory(cfg, world, sp, strategy, ulysses_degree, zero, pp_rank)
+                   zero: ZeroSetup, keep_layers: int | None = None) -> tuple[int, MemoryEstimate]:
+    """(pp_rank, its estimate) of the pipeline stage that needs the most GPU memory (the only one without
+    a pipeline)."""
+    estimates = [estimate_memory(cfg, world, sp, strategy, ulysses_degree, zero, pp_rank, keep_layers)
                  for pp_rank in range(cfg.parallel.pipeline_model_parallel_size)]
     return max(enumerate(estimates), key=lambda pair: pair[1].total)
 
