@@ -105,6 +105,28 @@ def test_host_buffers_are_reused_from_step_to_step_and_returned_without_backward
     assert offload.pool.in_use == 0 and offload.pool.held == 3 * 4 * 8 * 4
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: streams, events and pinned host buffers")
+def test_on_a_gpu_copies_run_on_a_side_stream_into_pinned_buffers():
+    layers = [lin.cuda() for lin in _toy_layers(4, width=256)]
+    x = torch.randn(4096, 256, device="cuda", requires_grad=True)
+    _run(layers, x).backward()
+    reference = _grads(layers) + [x.grad.clone()]
+    for lin in layers:
+        lin.zero_grad()
+    x.grad = None
+    offload = ActivationOffload(torch.device("cuda"))
+    for _ in range(2):  # the second step reuses the first one's pinned buffers
+        _run(layers, x, offload, keep=1).backward()
+        got = _grads(layers) + [x.grad.clone()]
+        for lin in layers:
+            lin.zero_grad()
+        x.grad = None
+        assert all(torch.equal(a, b) for a, b in zip(got, reference))
+    buffers = [buf for spare in offload.pool.free.values() for buf, _ in spare]
+    assert len(buffers) == 3 and all(buf.is_pinned() for buf in buffers)
+    assert offload.pool.held == 3 * 4096 * 256 * 4 and offload.pool.in_use == 0
+
+
 TINY = ["--num-layers", "3", "--hidden-size", "32", "--num-attention-heads", "4", "--num-key-value-heads", "2",
         "--seq-length", "64", "--swiglu", "--normalization", "rmsnorm", "--use-rotary-position-embeddings",
         "--disable-bias-linear", "--hidden-dropout", "0", "--mock-data", "--train-iters", "1",

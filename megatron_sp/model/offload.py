@@ -38,7 +38,7 @@ def _pinned_exact(nbytes: int) -> torch.Tensor:
             raise RuntimeError(f"cudaHostRegister returned {err}")
     except (RuntimeError, AttributeError):
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    weakref.finalize(buf, cudart.cudaHostUnregister, buf.data_ptr())
+    weakref.finalize(buf, cudart.cudaHostUnregister, buf.data_ptr()).atexit = False  # the process's end frees all
     return buf
 
 

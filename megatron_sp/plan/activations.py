@@ -57,8 +57,8 @@ def norm_stats(cfg: RunConfig) -> int:
 
 def layer_terms(cfg: RunConfig, strategy: str, degree: int, elem: int, qkv_kept_whole: bool = False) -> dict:
     """Bytes per local token one layer keeps with nothing recomputed, by source (the table above).
-    qkv_kept_whole: attention saved v as a view of the fused projection, keeping all of it (the layer as
-    measured before it saved dense tensors; the planner's calibration uses it)."""
+    qkv_kept_whole: local and ring attention saved v as a view of the fused projection, keeping all of it
+    (the layer as measured before they saved dense tensors; the planner's calibration uses it)."""
     m, d = cfg.model, cfg.head_dim
     h, hq, f = m.hidden_size, m.num_attention_heads, m.ffn_hidden_size
     kv = kv_heads_seen(m.num_attention_heads, m.num_key_value_heads, degree)
@@ -68,7 +68,8 @@ def layer_terms(cfg: RunConfig, strategy: str, degree: int, elem: int, qkv_kept_
         "layer input": elem * h,
         "norm statistics": 2 * norm_stats(cfg),
         "norm outputs": 2 * elem * h,
-        "q, k, v": elem * (hq + 2 * kv) * d + (elem * (hq + kv) * d if qkv_kept_whole else 0),
+        "q, k, v": elem * (hq + 2 * kv) * d + (elem * (hq + kv) * d if qkv_kept_whole and strategy in
+                                               ("local", "ring") else 0),
         "attention out": elem * hq * d * (2 if strategy in ("ulysses", "hybrid") else 1),
         "lse": 4 * hq,
         "mlp input": elem * h,
