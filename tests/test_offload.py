@@ -190,6 +190,15 @@ def test_training_losses_equal_the_plain_run(corpus, sp, zero):
     np.testing.assert_allclose(lean, plain, rtol=1e-6)
 
 
+@pytest.mark.parametrize("ranks, parallel", [
+    (2, ["--sequence-parallel-strategy", "ring", "--zero-stage", "2"]),
+    (4, ["--sequence-parallel-strategy", "hybrid", "--ulysses-degree", "2", "--zero-stage", "0", "--bf16"])])
+def test_host_checkpoints_with_ring_hybrid_zero_0_2_and_bf16_are_bit_exact(corpus, ranks, parallel):
+    common = flags(corpus, "--sequence-parallel-size", str(ranks), *parallel, "--global-batch-size", "4", iters=3)
+    plain = train(ranks, [*common, "--recompute-granularity", "selective"])
+    assert train(ranks, [*common, "--recompute-granularity", "selective", "--checkpoint-in-cpu"]) == plain
+
+
 def test_resume_with_checkpoints_on_the_host_is_exact(corpus, tmp_path):
     common = flags(corpus, "--sequence-parallel-size", "2", "--zero-stage", "1", "--global-batch-size", "4",
                    "--checkpoint-activations", "--checkpoint-in-cpu", "--mlp-tile-tokens", "16", iters=6)
