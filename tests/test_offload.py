@@ -133,11 +133,21 @@ TINY = ["--num-layers", "3", "--hidden-size", "32", "--num-attention-heads", "4"
         "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--attention-backend", "torch"]
 
 
-def _model_steps(*extra, steps=2):
+def compile_on_cpu(model):
+    """Run the model's fused elementwise ops compiled, as on a GPU (aot_eager: traced, no code generation)."""
+    from megatron_sp.kernels.compiled import Fused
+    for module in model.modules():
+        for fused in (v for v in vars(module).values() if isinstance(v, Fused)):
+            fused.devices, fused.backend = ("cpu",), "aot_eager"
+
+
+def _model_steps(*extra, steps=2, compiled=False):
     """(loss, {name: grad}) of `steps` forward/backward passes of a tiny fp32 model on fixed tokens."""
     cfg, _ = configure([*TINY, *extra], 1)
     torch.manual_seed(0)
     model = GPTModel(cfg.model, LocalAttention, cfg.padded_vocab_size)
+    if compiled:
+        compile_on_cpu(model)
     gen = torch.Generator().manual_seed(1)
     tokens, labels = (torch.randint(0, 100, (2, 64), generator=gen) for _ in range(2))
     positions = torch.arange(64).expand(2, 64)
@@ -162,6 +172,16 @@ def test_model_gradients_with_checkpoints_on_the_host_are_bit_exact(mode, keep):
     assert offload.pool.in_use == 0 and offload.pool.held == offload.offloaded_bytes > 0
     if mode == ["--checkpoint-activations"]:  # the inputs of the layers not kept: [2, 64, 32] fp32 each
         assert offload.offloaded_bytes == (3 - int(keep)) * 2 * 64 * 32 * 4
+
+
+def test_compiled_elementwise_ops_under_the_hooks_are_bit_exact():
+    """On a GPU the norms, SwiGLU and rotary run compiled (their saved tensors reach the hooks through
+    torch.compile's autograd Function): compiled here too, selective recompute with and without host
+    checkpoints."""
+    plain, _ = _model_steps("--recompute-granularity", "selective", compiled=True)
+    offloaded, _ = _model_steps("--recompute-granularity", "selective", "--checkpoint-in-cpu", compiled=True)
+    for (loss_a, grads_a), (loss_b, grads_b) in zip(plain, offloaded):
+        assert loss_a == loss_b and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
 
 
 def test_tiled_mlp_equals_the_whole_mlp():

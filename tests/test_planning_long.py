@@ -9,6 +9,7 @@ from megatron_sp.model.gpt import GPTModel
 from megatron_sp.plan import ZeroSetup, estimate_memory
 from megatron_sp.plan.fit import longest_sequence, with_seq_length
 from megatron_sp.plan.memory import GIB
+from tests.test_offload import compile_on_cpu
 
 # the 1.3B Llama-style benchmark model (tools/bench_e2e.py) on one GPU, ZeRO-1, bf16
 BENCH = ["--num-layers", "24", "--hidden-size", "2048", "--num-attention-heads", "16", "--ffn-hidden-size", "5504",
@@ -92,12 +93,16 @@ TINY = ["--num-layers", "3", "--hidden-size", "32", "--num-attention-heads", "4"
         "--train-iters", "1", "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--attention-backend", "torch"]
 
 
-@pytest.mark.parametrize("mode", [FULL, SELECTIVE])
-def test_the_planned_host_bytes_are_what_the_model_moves(mode):
-    """fp32 on CPU (eager LayerNorm and GELU save what the table in plan/activations.py says): the planner's
-    host bytes equal the bytes the offload hooks copied in one forward, for full and selective recompute."""
-    cfg, _ = configure([*TINY, *mode, "--checkpoint-in-cpu", "--checkpoint-in-cpu-keep-layers", "1"], 1)
+@pytest.mark.parametrize("mode, shape, compiled", [
+    (FULL, [], False), (SELECTIVE, [], False), (SELECTIVE, ["--swiglu", "--normalization", "rmsnorm"], True)])
+def test_the_planned_host_bytes_are_what_the_model_moves(mode, shape, compiled):
+    """fp32 on CPU: the planner's host bytes equal the bytes the offload hooks copied in one forward, for
+    full and selective recompute; eager LayerNorm and GELU, and compiled RMSNorm and SwiGLU (what a GPU
+    runs), save what the table in plan/activations.py says."""
+    cfg, _ = configure([*TINY, *shape, *mode, "--checkpoint-in-cpu", "--checkpoint-in-cpu-keep-layers", "1"], 1)
     model = GPTModel(cfg.model, LocalAttention, cfg.padded_vocab_size)
+    if compiled:
+        compile_on_cpu(model)
     tokens = torch.randint(0, 100, (1, 64))
     model(tokens, torch.arange(64)[None], tokens).sum().backward()
     planned = estimate_memory(cfg, 1, 1, "local", None, ZeroSetup(stage=0)).host["activation checkpoints"]
