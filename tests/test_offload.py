@@ -212,8 +212,9 @@ def test_training_losses_equal_the_plain_run(corpus, sp, zero):
 
 @pytest.mark.parametrize("ranks, parallel", [
     (2, ["--sequence-parallel-strategy", "ring", "--zero-stage", "2"]),
-    (4, ["--sequence-parallel-strategy", "hybrid", "--ulysses-degree", "2", "--zero-stage", "0", "--bf16"])])
-def test_host_checkpoints_with_ring_hybrid_zero_0_2_and_bf16_are_bit_exact(corpus, ranks, parallel):
+    (4, ["--sequence-parallel-strategy", "hybrid", "--ulysses-degree", "2", "--zero-stage", "0", "--bf16"]),
+    (2, ["--reset-attention-mask", "--reset-position-ids", "--zero-stage", "1"])])
+def test_host_checkpoints_with_ring_hybrid_zero_0_2_bf16_and_documents_are_bit_exact(corpus, ranks, parallel):
     common = flags(corpus, "--sequence-parallel-size", str(ranks), *parallel, "--global-batch-size", "4", iters=3)
     plain = train(ranks, [*common, "--recompute-granularity", "selective"])
     assert train(ranks, [*common, "--recompute-granularity", "selective", "--checkpoint-in-cpu"]) == plain

@@ -154,9 +154,11 @@ class ActivationOffload:
             self._last, self._current = self._current, None
 
     def _movable(self, t: torch.Tensor) -> bool:
-        """Activations only: not parameters or views of them (a linear saves weight.t()), not the shared
-        tensors, not expanded views (their dense copy would be larger than their memory)."""
-        return (t.device == self.device and t.numel() > 0 and not isinstance(t, nn.Parameter)
+        """Activations only: floating-point or bool (dropout masks) tensors, not integer indices such as
+        document ids or sequence offsets (shared by every layer); not parameters or views of them (a linear
+        saves weight.t()), not the shared tensors, not expanded views (their dense copy would be larger)."""
+        return (t.device == self.device and t.numel() > 0 and (t.is_floating_point() or t.dtype == torch.bool)
+                and not isinstance(t, nn.Parameter)
                 and not isinstance(t._base, nn.Parameter)
                 and t.untyped_storage().data_ptr() not in self._shared
                 and not any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)))
