@@ -122,7 +122,7 @@ def test_on_a_gpu_copies_run_on_a_side_stream_into_pinned_buffers():
             lin.zero_grad()
         x.grad = None
         assert all(torch.equal(a, b) for a, b in zip(got, reference))
-    buffers = [buf for spare in offload.pool.free.values() for buf, _ in spare]
+    buffers = [buf for spare in offload.pool.free.values() for buf in spare]
     assert len(buffers) == 3 and all(buf.is_pinned() for buf in buffers)
     assert offload.pool.held == 3 * 4096 * 256 * 4 and offload.pool.in_use == 0
 

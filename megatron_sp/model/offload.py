@@ -45,21 +45,19 @@ def _pinned_exact(nbytes: int) -> torch.Tensor:
 class HostPool:
     """Host byte buffers by exact size, reused from step to step (a step offloads the same sizes each time).
 
-    A buffer comes back with the event of the last copy that reads it; it is handed out again only after
-    that copy finished. `held` is every byte the pool owns (pinned on CUDA), `peak_in_use` the most in use
-    at once."""
+    Every copy into or out of a buffer runs on the offload's one side stream, in issue order, so a buffer
+    given back is handed out again without waiting: the next copy into it queues behind the last one out.
+    `held` is every byte the pool owns (pinned on CUDA), `peak_in_use` the most in use at once."""
 
     def __init__(self, pinned: bool):
         self.pinned = pinned
-        self.free: dict[int, list] = {}  # nbytes -> [(buffer, event or None)]
+        self.free: dict[int, list[torch.Tensor]] = {}  # nbytes -> buffers
         self.held = self.in_use = self.peak_in_use = 0
 
     def take(self, nbytes: int) -> torch.Tensor:
         spare = self.free.get(nbytes)
         if spare:
-            buf, event = spare.pop()
-            if event is not None:
-                event.synchronize()  # done long ago in practice: the previous step's backward read it
+            buf = spare.pop()
         else:
             buf = _pinned_exact(nbytes) if self.pinned else torch.empty(nbytes, dtype=torch.uint8)
             self.held += nbytes
@@ -67,8 +65,8 @@ class HostPool:
         self.peak_in_use = max(self.peak_in_use, self.in_use)
         return buf
 
-    def give(self, buf: torch.Tensor, event) -> None:
-        self.free.setdefault(buf.numel(), []).append((buf, event))
+    def give(self, buf: torch.Tensor) -> None:
+        self.free.setdefault(buf.numel(), []).append(buf)
         self.in_use -= buf.numel()
 
 
@@ -81,8 +79,8 @@ class _Saved:
         self.layer, self.buffer, self.host, self.tensor = layer, buffer, host, tensor
 
     def __del__(self):
-        if self.buffer is not None:  # never brought back (no backward ran): the copy event guards reuse
-            self.layer.offload.pool.give(self.buffer, self.layer.stored)
+        if self.buffer is not None:  # never brought back (no backward ran)
+            self.layer.offload.pool.give(self.buffer)
 
 
 class _Reshaped:
@@ -96,13 +94,13 @@ class _Reshaped:
 class _Layer:
     """What one layer saved in one forward pass. `previous`: the layer run before it in the same pass,
     whose tensors backward needs next."""
-    __slots__ = ("offload", "index", "on_device", "previous", "saved", "seen", "stored", "ready", "fetched", "used")
+    __slots__ = ("offload", "index", "on_device", "previous", "saved", "seen", "ready", "fetched", "used")
 
     def __init__(self, offload: "ActivationOffload", index: int, on_device: bool, previous):
         self.offload, self.index, self.on_device, self.previous = offload, index, on_device, previous
         self.saved: list = []  # weak references to this layer's _Saved on the host
-        self.seen: dict = {}  # (storage, offset, shape, stride, dtype) -> (tensor, _Saved) while the layer runs
-        self.stored = self.ready = None  # events: host copies written / device copies written
+        self.seen: dict = {}  # memory key (_pack) -> (tensor, _Saved) while the layer runs forward
+        self.ready = None  # event: the device copies are written (CUDA)
         self.fetched = on_device
         self.used = False
 
@@ -147,8 +145,6 @@ class ActivationOffload:
         try:
             with saved_tensors_hooks(self._pack, self._unpack):
                 yield
-            if self.stream is not None and self._current.saved:
-                self._current.stored = self.stream.record_event()
         finally:
             self._current.seen = {}
             self._last, self._current = self._current, None
@@ -210,7 +206,7 @@ class ActivationOffload:
                 s.tensor.copy_(s.host, non_blocking=self.stream is not None)
         layer.ready = self.stream.record_event() if self.stream is not None else None
         for s in moving:
-            self.pool.give(s.buffer, layer.ready)
+            self.pool.give(s.buffer)
             s.buffer = s.host = None
         layer.saved = []
 
