@@ -1,9 +1,9 @@
 """How the layer stack and each layer's MLP sublayer run for backward: kept, recomputed, tiled or offloaded.
 
 GPTModel runs its layers through ``run_layers(layers, x, *shared)`` (shared: what every layer gets besides
-x, the rotary tables and any document ids) and each TransformerLayer its MLP
-sublayer through ``run_mlp(sublayer, x)``; ``layer_runner(cfg)`` and ``mlp_runner(cfg)`` pick the runner
-once from the flags, so the model holds no branch per memory-saving mode:
+x, the rotary tables and any document ids) and each TransformerLayer its MLP sublayer through
+``run_mlp(sublayer, x)``; ``layer_runner(cfg)`` and ``mlp_runner(cfg)`` pick the runner once from the
+flags, so the model holds no branch per memory-saving mode:
 
     run_layers   plain loop | checkpoint each layer (--checkpoint-activations)
                  | either, with each layer's saved tensors on the host (--checkpoint-in-cpu, offload.py)

@@ -98,9 +98,9 @@ def comm_buffer_bytes(cfg: RunConfig, strategy: str, degree: int, elem: int) -> 
 
 @dataclass
 class LayerBytes:
-    """Per local token, for one layer: what it keeps for backward under the configured recompute, the most
-    its backward holds at once (what it keeps, rebuilt, plus gradients and communication buffers), and the
-    largest piece of it that moves to host memory with --checkpoint-in-cpu (= kept)."""
+    """Per local token, for one layer. kept: what it keeps for backward under the configured recompute
+    (what --checkpoint-in-cpu moves to the host); backward_peak: the most its backward holds at once
+    (all it keeps, rebuilt under recompute, plus the larger moment's gradients and SP buffers)."""
     kept: float
     backward_peak: float
     terms: dict  # layer_terms, for the printout
@@ -108,6 +108,7 @@ class LayerBytes:
 
 def layer_bytes(cfg: RunConfig, sp: int, strategy: str, ulysses_degree: int | None, elem: int,
                 qkv_kept_whole: bool = False) -> LayerBytes:
+    """LayerBytes of one layer (the table of the module docstring) for these flags, SP size and strategy."""
     m, d = cfg.model, cfg.head_dim
     h, hq, f = m.hidden_size, m.num_attention_heads, m.ffn_hidden_size
     degree = ulysses_degree_of(strategy, sp, ulysses_degree)
