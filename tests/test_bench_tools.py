@@ -52,6 +52,7 @@ def test_bench_e2e_cpu_mode(tmp_path):
     assert [p["name"] for p in phases] == list(PHASES) and all(p["host_ms"] > 0 for p in phases)
     assert sum(p["host_ms"] for p in phases) <= r["profile"]["step_wall_ms"]
     assert r["host_peak_rss_gib"] > 0 and r["planned_gpu_gib"] > 0 and r["host_checkpoints_gib"] == 0
+    assert r["last_step_bytes_per_local_token"] == 0  # no CUDA allocator on CPU
     with open(out) as fh:
         assert json.load(fh)[0]["seq_length"] == 128
 

@@ -14,7 +14,8 @@ not counted; 3*(L*(8h^2 + 6hf + 2hs) + 2hV) per token for this shape), and the p
 --doc-len packs the mock samples with documents (an EOD ending each; tools/doc_lengths.py) and trains with
 --reset-attention-mask --reset-position-ids --eod-mask-loss; its model FLOPs count attention inside documents
 only (s in 2hs becomes sum(L^2)/s).
-Host memory too (max over ranks): the process's peak RSS and, with --checkpoint-in-cpu, the pinned bytes its
+Also the last step's own peak over what it starts with, per token a rank holds (the activations' working set),
+and host memory (max over ranks): the process's peak RSS and, with --checkpoint-in-cpu, the pinned bytes its
 activation checkpoints hold; beside both, the planner's estimate of GPU and host memory for the same flags.
 --profile adds one profiled step and splits its GPU kernel time into attention, matmul, communication, other, and
 the step into its forward, backward and optimizer phases (GPU busy/idle, top kernels, host syncs);
@@ -185,10 +186,14 @@ def run(args) -> dict:
         return (loss / count).item()  # .item() waits for the step's GPU work
 
     times, losses = [], []
+    run_peak = step_start = 0
     for i in range(args.warmup + args.steps):
         dist.barrier()
-        if args.memory_snapshot and cuda and i == args.warmup + args.steps - 1:
-            torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+        if cuda and i == args.warmup + args.steps - 1:  # the last step's own peak, over what it starts with
+            run_peak, step_start = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            if args.memory_snapshot:
+                torch.cuda.memory._record_memory_history(max_entries=1_000_000)
         t0 = time.perf_counter()
         losses.append(step())
         if cuda:
@@ -202,8 +207,12 @@ def run(args) -> dict:
     if args.memory_snapshot and cuda:
         torch.cuda.memory._dump_snapshot(f"{os.path.splitext(args.out)[0]}.rank{rank}.memory.pickle")
         torch.cuda.memory._record_memory_history(enabled=None)
-    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0], device=device)
+    step_peak = torch.cuda.max_memory_allocated() if cuda else 0
+    local_tokens = t.micro_batch_size * m.seq_length // p.sequence_parallel_size
+    peak = torch.tensor([max(run_peak, step_peak) / 2 ** 30, (step_peak - step_start) / local_tokens],
+                        dtype=torch.float64, device=device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    peak, step_bytes_per_token = peak.tolist()
     host = host_memory(engine.module, device)
     ms = ms.item()
     tokens = t.global_batch_size * m.seq_length
@@ -217,7 +226,8 @@ def run(args) -> dict:
         "ms_per_step": ms, "tokens_per_s": tokens / ms * 1e3,
         "model_tflops_per_gpu": tokens * per_token / (ms / 1e3) / world / 1e12,
         "flops_per_token": per_token,
-        "peak_memory_gib": peak.item(), **host, **planned_memory(cfg, world), "losses": losses,
+        "peak_memory_gib": peak, "last_step_bytes_per_local_token": step_bytes_per_token,
+        **host, **planned_memory(cfg, world), "losses": losses,
         "doc_len": args.doc_len, "documents_per_sample": None if lengths is None else len(lengths),
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else 0.0,  # this rank
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
@@ -356,7 +366,9 @@ def main(argv=None) -> dict:
               f"{r['ms_per_step']:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s, "
               f"{r['model_tflops_per_gpu']:.1f} model TFLOP/s per GPU, peak {r['peak_memory_gib']:.1f} GiB", flush=True)
         print(f"  memory: GPU peak {r['peak_memory_gib']:.2f} GiB (planner {r['planned_gpu_gib']:.2f}, at "
-              f"{r['planned_peak_phase']}); host: checkpoints {r['host_checkpoints_gib']:.2f} GiB pinned "
+              f"{r['planned_peak_phase']}), the last step's peak over its start "
+              f"{r['last_step_bytes_per_local_token']:.0f} bytes per token; host: checkpoints "
+              f"{r['host_checkpoints_gib']:.2f} GiB pinned "
               f"(planner {r['planned_host_gib']:.2f}), {r['host_copied_per_step_gib']:.2f} GiB copied per step, "
               f"process peak RSS {r['host_peak_rss_gib']:.2f} GiB", flush=True)
         if "profile" in r:
