@@ -186,11 +186,12 @@ def run(args) -> dict:
         return (loss / count).item()  # .item() waits for the step's GPU work
 
     times, losses = [], []
-    run_peak = step_start = 0
+    run_peak = run_reserved = step_start = 0  # the peaks before the last step's reset
     for i in range(args.warmup + args.steps):
         dist.barrier()
         if cuda and i == args.warmup + args.steps - 1:  # the last step's own peak, over what it starts with
-            run_peak, step_start = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+            run_peak, run_reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+            step_start = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             if args.memory_snapshot:
                 torch.cuda.memory._record_memory_history(max_entries=1_000_000)
@@ -229,7 +230,7 @@ def run(args) -> dict:
         "peak_memory_gib": peak, "last_step_bytes_per_local_token": step_bytes_per_token,
         **host, **planned_memory(cfg, world), "losses": losses,
         "doc_len": args.doc_len, "documents_per_sample": None if lengths is None else len(lengths),
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else 0.0,  # this rank
+        "peak_reserved_gib": max(run_reserved, torch.cuda.max_memory_reserved() if cuda else 0) / 2 ** 30,  # this rank
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
         "date": datetime.date.today().isoformat(), "argv": sys.argv}
@@ -246,8 +247,8 @@ def memory_report(cfg, setup, step, world: int) -> dict:
     (for this rank's pipeline stage, its parts at the moment it predicts the peak)."""
     from tools import memory_breakdown
     result = memory_breakdown.measure(setup.engine, step, setup.device.type == "cuda")
-    plan = planner_estimate(cfg, world, pp_rank=setup.ps.pp_rank)  # this rank's stage
-    result["planner"] = {k: int(v) for k, v in plan.parts.items()}
+    est = planner_estimate(cfg, world, pp_rank=setup.ps.pp_rank)  # this rank's stage
+    result["planner"], result["planner_phase"] = {k: int(v) for k, v in est.parts.items()}, est.phase
     return result
 
 
@@ -381,8 +382,8 @@ def main(argv=None) -> dict:
         if "memory" in r:
             from tools import memory_breakdown
             print("\n".join(["  memory of one step (rank 0):"] + memory_breakdown.table(r["memory"])), flush=True)
-            print("  planner's estimate (GiB): " + ", ".join(f"{k} {v / 2 ** 30:.2f}" for k, v in
-                                                           r["memory"]["planner"].items()), flush=True)
+            parts = ", ".join(f"{k} {v / 2 ** 30:.2f}" for k, v in r["memory"]["planner"].items())
+            print(f"  planner's estimate at {r['memory']['planner_phase']} (GiB): {parts}", flush=True)
             if "peak_reserved" in r["memory"]:
                 mem = r["memory"]
                 print(f"  in that step: peak allocated {mem['peak_allocated'] / 2 ** 30:.2f} GiB, peak reserved "
