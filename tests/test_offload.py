@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_sp.attention import LocalAttention
 from megatron_sp.configure import configure
+from megatron_sp.kernels.compiled import compile_layers
 from megatron_sp.model.gpt import GPTModel
 from megatron_sp.model.offload import ActivationOffload
 from tests.runs import flags, train
@@ -141,13 +142,16 @@ def compile_on_cpu(model):
             fused.devices, fused.backend = ("cpu",), "aot_eager"
 
 
-def _model_steps(*extra, steps=2, compiled=False):
-    """(loss, {name: grad}) of `steps` forward/backward passes of a tiny fp32 model on fixed tokens."""
+def _model_steps(*extra, steps=2, compiled=False, layers_backend=None):
+    """(loss, {name: grad}) of `steps` forward/backward passes of a tiny fp32 model on fixed tokens;
+    layers_backend: each layer compiled whole with it (--compile-layers)."""
     cfg, _ = configure([*TINY, *extra], 1)
     torch.manual_seed(0)
     model = GPTModel(cfg.model, LocalAttention, cfg.padded_vocab_size)
     if compiled:
         compile_on_cpu(model)
+    if layers_backend:
+        compile_layers(model.layers, backend=layers_backend)
     gen = torch.Generator().manual_seed(1)
     tokens, labels = (torch.randint(0, 100, (2, 64), generator=gen) for _ in range(2))
     positions = torch.arange(64).expand(2, 64)
@@ -182,6 +186,20 @@ def test_compiled_elementwise_ops_under_the_hooks_are_bit_exact():
     offloaded, _ = _model_steps("--recompute-granularity", "selective", "--checkpoint-in-cpu", compiled=True)
     for (loss_a, grads_a), (loss_b, grads_b) in zip(plain, offloaded):
         assert loss_a == loss_b and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+
+
+@pytest.mark.parametrize("mode", [["--checkpoint-activations"], ["--recompute-granularity", "selective"]])
+def test_compiled_layers_under_the_hooks_are_bit_exact(mode):
+    """--compile-layers: what each compiled layer's graphs save reaches the hooks through AOTAutograd's
+    autograd Function and comes back unchanged; with full recompute that is still only the layer inputs."""
+    plain, _ = _model_steps(*mode, layers_backend="aot_eager")
+    offloaded, model = _model_steps(*mode, "--checkpoint-in-cpu", layers_backend="aot_eager")
+    for (loss_a, grads_a), (loss_b, grads_b) in zip(plain, offloaded):
+        assert loss_a == loss_b and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+    offload = model.run_layers.offload
+    assert offload.pool.in_use == 0 and offload.offloaded_bytes > 0
+    if mode == ["--checkpoint-activations"]:
+        assert offload.offloaded_bytes == 3 * 2 * 64 * 32 * 4
 
 
 def test_tiled_mlp_equals_the_whole_mlp():
