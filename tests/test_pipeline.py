@@ -210,6 +210,9 @@ PIPELINE_RUNS = [
     (4, ["--pipeline-model-parallel-size", "4", "--zero-stage", "2", "--checkpoint-activations"]),
     (4, ["--pipeline-model-parallel-size", "2", "--sequence-parallel-size", "2", "--sequence-parallel-strategy", "ulysses"]),
     (4, ["--pipeline-model-parallel-size", "2", "--sequence-parallel-size", "2", "--sequence-parallel-strategy", "ring"]),
+    # several micro batches in flight per stage, each with its own chain of host checkpoints
+    (2, ["--pipeline-model-parallel-size", "2", "--checkpoint-activations", "--checkpoint-in-cpu",
+         "--checkpoint-in-cpu-keep-layers", "1", "--mlp-tile-tokens", "24"]),
 ]
 
 

@@ -53,6 +53,16 @@ def test_checkpoints_on_the_host_leave_the_gpu():
     assert kept_host * GIB == 18 * 2 * 2048 * seq and kept - moved > 2 * 2 * 2048 * seq / GIB
 
 
+def test_each_stage_holds_host_checkpoints_for_its_micro_batches_in_flight():
+    """PP 2 on 2 ranks, 4 micro batches: stage 0 has min(2, 4) = 2 in flight, stage 1 one; each micro batch's
+    12 layers' inputs go to the host."""
+    seq, zero = 131072, ZeroSetup(stage=1)
+    cfg, _ = configure([*BENCH, "--seq-length", str(seq), "--max-position-embeddings", str(seq), *FULL,
+                        "--checkpoint-in-cpu", "--pipeline-model-parallel-size", "2", "--global-batch-size", "4"], 2)
+    first, last = (estimate_memory(cfg, 2, 1, "local", None, zero, r) for r in (0, 1))
+    assert first.host_total == 2 * 12 * 2 * 2048 * seq and last.host_total == 12 * 2 * 2048 * seq
+
+
 def test_the_tiled_mlp_shrinks_a_layers_backward():
     plain, tiled = gib(bench(*FULL, seq=524288)), gib(bench(*FULL, "--mlp-tile-tokens", "8192", seq=524288))
     assert plain[0] - tiled[0] > 10  # the [s, 2f] and [s, f] intermediates and their gradients
