@@ -119,6 +119,8 @@ class ActivationOffload:
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
+        if cuda and self.device.index is None:  # "cuda" != "cuda:0" when _movable compares tensors' devices
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         self.pool = HostPool(pinned=cuda)
         self.offloaded_bytes = 0  # bytes copied to the host in the last forward pass
