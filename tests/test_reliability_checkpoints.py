@@ -186,6 +186,13 @@ def test_a_file_that_would_run_code_is_refused_unread(saved_at_2, tmp_path, name
         train(2, [*common, "--save", ckpt, "--load", ckpt])
     assert (f"ConfigError: --load {ckpt}: global_step2/{name} holds the Python object posix.system, which a "
             "checkpoint never needs; refused unread") in str(failed.value)
+    if name != "rng_state_rank1.pt":  # the export reads the weights (and ZeRO's partitions), never RNG states
+        out = tmp_path / "hf"
+        tool = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--load", ckpt, "--to-hf", str(out)],
+                              capture_output=True, text=True)
+        assert tool.returncode == 2 and len(tool.stderr.strip().splitlines()) == 1, tool.stderr
+        assert "holds the Python object posix.system, which a checkpoint never needs" in tool.stderr
+        assert not out.exists()
     assert not marker.exists()
 
 

@@ -13,6 +13,7 @@ import glob
 import io
 import json
 import os
+import pickle
 import re
 import tempfile
 from dataclasses import dataclass, fields
@@ -25,6 +26,7 @@ from megatron_sp.hf.config import architecture_of, hf_config
 from megatron_sp.hf.tokenizer import TokenizerExport, tokenizer_export
 from megatron_sp.hf.weights import parameter_shapes, to_hf, write_safetensors
 from megatron_sp.training.checkpoint import LATEST, RUN_FILE, latest_tag, read_run_record
+from megatron_sp.training.checkpoint_files import unpickling_reason, weights_only_loads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -77,13 +79,22 @@ def read_state_dict(tag_dir: str) -> dict[str, torch.Tensor]:
 
 
 def _stage_state_dict(tag_dir: str, stage: str) -> dict[str, torch.Tensor]:
+    """One stage's parameters, every file read weights-only (a crafted file is refused before it runs code)."""
+    try:
+        with weights_only_loads():
+            return _read_stage(tag_dir, stage)
+    except pickle.UnpicklingError as err:
+        raise ConfigError(f"{tag_dir}: {unpickling_reason(err)}") from None
+
+
+def _read_stage(tag_dir: str, stage: str) -> dict[str, torch.Tensor]:
     """One pipeline stage's parameters (all of the model without a pipeline): fp32 master weights merged by
     zero_to_fp32 where ZeRO saved optimizer partitions, else the module's weights (stage 0). zero_to_fp32 reads
     every rank's files in a step directory, so it is shown only this stage's, linked into a directory of their own."""
     mine = [f for f in os.listdir(tag_dir) if f"mp_rank_{stage}_" in f]
     if not any(f.endswith("_optim_states.pt") for f in mine):
         path = os.path.join(tag_dir, f"mp_rank_{stage}_model_states.pt")
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["module"]
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["module"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     with tempfile.TemporaryDirectory() as view:
         tag = os.path.basename(tag_dir)

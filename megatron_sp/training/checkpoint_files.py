@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import signal
 
@@ -266,9 +267,7 @@ def read_rng(path: str) -> dict:
 
 def unpickling_reason(err: BaseException) -> str:
     """One phrase for a failed torch.load: a refused class (a file that would run code when unpickled) is named."""
-    text = str(err)
-    marker = "Unsupported global: GLOBAL "
-    if marker in text:
-        name = text.split(marker, 1)[1].split()[0]
-        return f"it holds the Python object {name}, which a checkpoint never needs; refused unread"
+    refused = re.search(r"GLOBAL ([\w.]+)", str(err))  # "Unsupported global: GLOBAL x" or "... GLOBAL x whose module"
+    if refused:
+        return f"it holds the Python object {refused.group(1)}, which a checkpoint never needs; refused unread"
     return _first_line(err)
