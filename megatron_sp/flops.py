@@ -10,6 +10,8 @@ probabilities (attention_fwd_flops).
 """
 from megatron_sp.config import RunConfig
 
+ATTENTION_MODE_FACTORS = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}  # an attention pass's FLOPs over its forward's
+
 
 def attention_fwd_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool, kv_seq: int | None = None,
                         doc_lengths: list[int] | None = None) -> float:

@@ -42,7 +42,7 @@ from megatron_sp.attention.backends import BACKENDS  # noqa: E402
 from megatron_sp.parallel.sharding import layout_for  # noqa: E402
 from megatron_sp.parallel.state import ParallelState  # noqa: E402
 from megatron_sp.attention.documents import Documents  # noqa: E402
-from megatron_sp.flops import attention_fwd_flops  # noqa: E402
+from megatron_sp.flops import ATTENTION_MODE_FACTORS, attention_fwd_flops  # noqa: E402
 from tools.doc_lengths import document_ids_of, document_lengths, parse_doc_len  # noqa: E402
 from tools.timing import back_to_back_ms, time_ms  # noqa: E402
 
@@ -128,7 +128,8 @@ class Bench:
     def flops(self, s: int, gpus: int, doc_lengths=None) -> float:
         """Causal forward+backward FLOPs (3.5 x forward) per GPU; with documents only pairs inside one."""
         a = self.args
-        return 3.5 * attention_fwd_flops(a.batch, a.heads, s, a.head_dim, True, doc_lengths=doc_lengths) / gpus
+        return (ATTENTION_MODE_FACTORS["fwd_bwd"]
+                * attention_fwd_flops(a.batch, a.heads, s, a.head_dim, True, doc_lengths=doc_lengths) / gpus)
 
     # --- the providers ----------------------------------------------------------------------------
     def head_group_variants(self, strategy: str) -> list[tuple[int, str]]:

@@ -28,10 +28,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from megatron_sp.kernels.flash_attn import (  # noqa: E402
     BwdConfig, FwdConfig, block_d, default_configs, flash_attn_backward, flash_attn_forward)
-from megatron_sp.flops import attention_fwd_flops  # noqa: E402
+from megatron_sp.flops import ATTENTION_MODE_FACTORS as MODE_FLOPS, attention_fwd_flops  # noqa: E402
+from tools.doc_lengths import document_ids_of  # noqa: E402
 from tools.timing import time_ms  # noqa: E402
-
-MODE_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}  # times the forward's FLOPs
 
 
 def inputs(b, s, h, d, device):
@@ -125,8 +124,9 @@ def doc_bench(args):
     for d, s, causal, (q, k, v, dout) in shapes(args):
         if s % n:
             raise SystemExit(f"--doc-len {n} must divide every --seqlens entry ({s})")
-        docs = torch.arange(s, device=q.device, dtype=torch.int32).div(n, rounding_mode="floor").repeat(args.batch, 1)
-        doc_flops = (s // n) * attention_fwd_flops(args.batch, args.heads, n, d, causal)
+        lengths = [n] * (s // n)
+        docs = document_ids_of(lengths, args.batch).to(q.device)
+        doc_flops = attention_fwd_flops(args.batch, args.heads, s, d, causal, doc_lengths=lengths)
         dense = measure(dict(kind="dense", head_dim=d, seqlen=s, causal=causal),
                         lambda: ours_fns(q, k, v, dout, causal), attention_fwd_flops(args.batch, args.heads, s, d,
                                                                                    causal), args.modes, args)
