@@ -117,10 +117,6 @@ class ParallelState:
         return self.dp_size * self.sp_size
 
     @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp_size - 1
 

@@ -54,7 +54,7 @@ def mark_pipeline_parameters(stage: torch.nn.Module, replicas: list[torch.nn.Par
     replica_ids = {id(p) for p in replicas}
     for p in stage.parameters():
         p.model_parallel = id(p) not in replica_ids
-        p.ds_pipe_replicated = id(p) in replica_ids
+        setattr(p, fused_norm.PIPE_REPLICATED, id(p) in replica_ids)
 
 
 # The top-level keys DeepSpeed 0.19 reads (its runtime/config.py and the sections it delegates to). DeepSpeed

@@ -44,9 +44,15 @@ class FusedNormZeroOptimizer(DeepSpeedZeroOptimizer):
         for i in range(len(self.bit16_groups)):
             grads = (g for g in self.averaged_gradients[i] if not getattr(g, "_zero_padding", False))
             for g, p in zip(grads, self.params_in_partition[i]):
-                if not getattr(p, PIPE_REPLICATED, False) and (is_model_parallel_parameter(p)
+                if counted_once(p) and (is_model_parallel_parameter(p)
                                                                or self.model_parallel_rank == 0):
                     yield g
+
+
+def counted_once(p: torch.nn.Parameter) -> bool:
+    """False for the copy of a parameter another pipeline stage also holds and counts (the last stage's tied
+    word embedding, marked by engine.mark_pipeline_parameters): norms and parameter counts skip it."""
+    return not getattr(p, PIPE_REPLICATED, False)
 
 
 def install(optimizer) -> str | None:

@@ -24,12 +24,12 @@ class NonFiniteGuard:
     def add(self, iteration: int, loss: torch.Tensor, grad_norm) -> None:
         """Queue the flags of `iteration`: loss a device scalar; grad_norm a device scalar, a float or None."""
         # DeepSpeed reports a nan/inf norm as inf, or as its sentinel -1
-        grad_bad = torch.zeros((), dtype=torch.bool, device=self.device)
         if isinstance(grad_norm, torch.Tensor):
             grad_norm = grad_norm.to(self.device)
             grad_bad = ~torch.isfinite(grad_norm) | (grad_norm < 0)
-        elif grad_norm is not None and not (math.isfinite(grad_norm) and grad_norm >= 0):  # a float: on the host
-            grad_bad = torch.ones((), dtype=torch.bool, device=self.device)
+        else:  # None or a float on the host; made on the device, not copied there (no host sync)
+            bad = grad_norm is not None and not (math.isfinite(grad_norm) and grad_norm >= 0)
+            grad_bad = (torch.ones if bad else torch.zeros)((), dtype=torch.bool, device=self.device)
         flags = torch.stack([~torch.isfinite(loss), grad_bad])
         if self.device.type == "cuda":
             host = torch.empty(2, dtype=torch.bool, pin_memory=True)

@@ -19,6 +19,7 @@ from megatron_sp.errors import RankError
 from megatron_sp.data.loader import get_batch
 from megatron_sp.parallel.pipeline import StageLink, sync_tied_gradients
 from megatron_sp.parallel.sharding import SequenceLayout
+from megatron_sp.training.fused_norm import counted_once
 from megatron_sp.training.pipeline_schedule import one_f_one_b
 
 
@@ -100,8 +101,8 @@ def fp32_grad_norm(engine, pipeline_group=None) -> torch.Tensor | None:
     if engine.zero_optimization_stage() or engine.bfloat16_enabled() or engine.fp16_enabled():
         return None
     grads = [p.grad for p in engine.module.parameters()
-             if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+             if p.grad is not None and counted_once(p)]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # one multi-tensor pass
     if pipeline_group is not None and dist.get_world_size(pipeline_group) > 1:
         norm = _global_sum(norm.square(), pipeline_group).sqrt()
     return norm

@@ -23,7 +23,7 @@ from megatron_sp.parallel.layout import gpus_per_node_from_env, layout_lines
 from megatron_sp.parallel.pipeline import StageLink, schedule_lines
 from megatron_sp.parallel.sharding import effective_strategy, ulysses_degree_of
 from megatron_sp.parallel.state import ParallelState
-from megatron_sp.training import checkpoint, engine as ds_engine
+from megatron_sp.training import checkpoint, engine as ds_engine, fused_norm
 from megatron_sp.training.checkpoint_files import set_rng_state
 from megatron_sp.training.durable import writable_dir_problem
 from megatron_sp.training.early_exit import EarlyExit
@@ -126,7 +126,7 @@ def build(cfg: RunConfig, tokenizer) -> Setup:
 def model_parameters(module: torch.nn.Module, pipeline_group, device: torch.device) -> int:
     """Parameters of the whole model: this stage's, summed over the pipeline (a tied copy counted once)."""
     count = sum(math.prod(ds_engine.full_shape(q)) for q in module.parameters()
-                if not getattr(q, "ds_pipe_replicated", False))
+                if fused_norm.counted_once(q))
     total = torch.tensor(count, dtype=torch.int64, device=device)
     dist.all_reduce(total, group=pipeline_group)
     return int(total)
