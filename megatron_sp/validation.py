@@ -144,7 +144,7 @@ def check_pipeline(cfg: RunConfig, world_size: int) -> None:
     if world_size % (pp * sp):
         raise ConfigError(f"world size {world_size} is not divisible by --pipeline-model-parallel-size {pp} x "
                           f"--sequence-parallel-size {sp}")
-    if pp > 1 and _zero_stage(cfg) == 3:
+    if pp > 1 and zero_stage_of(cfg) == 3:
         raise ConfigError("ZeRO stage 3 does not combine with --pipeline-model-parallel-size above 1 (DeepSpeed "
                           "checks its parameter-gathering order against every rank, and the stages hold other "
                           "layers); use --zero-stage 1 or 2")
@@ -155,12 +155,6 @@ def check_pipeline(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError("--universal-checkpoint does not combine with --pipeline-model-parallel-size above 1 "
                           "(DeepSpeed's conversion reads the stages as tensor-parallel slices); resume on the "
                           "saved number of ranks per stage")
-
-
-def _zero_stage(cfg: RunConfig) -> int:
-    """The ZeRO stage the run will use: the flag, else the DeepSpeed JSON's, else 0."""
-    from megatron_sp.plan import zero_setup
-    return zero_setup(cfg).stage
 
 
 def derive_schedule(cfg: RunConfig, world_size: int) -> None:
