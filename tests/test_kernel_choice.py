@@ -74,3 +74,30 @@ def test_attention_modules_resolve_with_their_shape(monkeypatch):
         assert attn.kernel_args(torch.zeros(1, s, 2, 96))[2] == "torch"
     shape = dict(documents=False, head_dim=96, causal=True)
     assert calls == [dict(shape, seq_len=32), dict(shape, seq_len=64)]
+
+
+def _lengths_seen_by_auto(rank, world, strategy, ulysses_degree):
+    """The sequence lengths `auto` is asked about when `strategy` attends a [1, 8, 4, 16] shard."""
+    from megatron_sp.attention import build_inner_attention
+    from megatron_sp.parallel.state import ParallelState
+    import megatron_sp.attention.local as local
+    seen = []
+
+    def record(name, device, dtype, **shape):
+        seen.append(shape["seq_len"])
+        return "torch"
+    local.resolve_backend = record  # this forked rank's own module
+    state = ParallelState.build(sp_size=world, ulysses_degree=ulysses_degree)
+    attn = build_inner_attention(strategy, state, backend="auto")
+    q = torch.randn(1, 8, 4, 16)
+    attn(q, q.clone(), q.clone())
+    return seen
+
+
+@pytest.mark.parametrize("strategy,ulysses_degree,length", [("ulysses", None, 16), ("hybrid", 2, 16),
+                                                            ("ring", None, 8)])
+def test_auto_picks_by_the_length_the_kernel_sees(strategy, ulysses_degree, length):
+    """After Ulysses' all-to-all the kernel attends P shards (hybrid: its u shards); the ring's blocks are
+    one shard each. `auto`'s measured table is by length, so it must be asked about that length."""
+    from tests.distributed import run_ranks
+    assert run_ranks(2, _lengths_seen_by_auto, strategy, ulysses_degree) == [[length], [length]]

@@ -28,8 +28,8 @@ class HybridAttention(AttentionConfig):
         self.ulysses_group, self.ring_group, self.fused = ulysses_group, ring_group, fused
 
     def forward(self, q, k, v, documents=None):
-        causal, scale, backend = self.kernel_args(q, documents)
         u = dist.get_world_size(self.ulysses_group)
+        causal, scale, backend = self.kernel_args(q, documents, gathered=u)  # the ring's blocks: u shards
         kw = dict(ring=Ring(self.ring_group), causal=causal, scale=scale, backend=backend, documents=documents)
         k, v = replicate_kv(k, v, q.shape[2], u)
         return UlyssesFn.apply(q, k, v, self.ulysses_group, 1, self.fused,

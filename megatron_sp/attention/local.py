@@ -38,14 +38,15 @@ class AttentionConfig(nn.Module):
         self.causal, self.backend, self.softmax_scale = causal, backend, softmax_scale
         self._resolved: dict = {}  # (device, dtype, documents, d, s) -> backend: resolved once, not per call
 
-    def kernel_args(self, q: torch.Tensor, documents=None) -> tuple[bool, float, str]:
+    def kernel_args(self, q: torch.Tensor, documents=None, gathered: int = 1) -> tuple[bool, float, str]:
         """(causal, scale, concrete backend) for inputs like q, with a document mask when `documents`
-        (attention/documents.py) is given; scale defaults to 1/sqrt(d)."""
+        (attention/documents.py) is given; scale defaults to 1/sqrt(d). gathered: how many shards of
+        q's length the kernel sees (the all-to-all's group size; `auto` picks by that length)."""
         scale = self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        key = (q.device, q.dtype, documents is not None, q.shape[-1], q.shape[1])
+        key = (q.device, q.dtype, documents is not None, q.shape[-1], q.shape[1] * gathered)
         if key not in self._resolved:  # `auto` may pick by shape; q [b, s, h, d] is this rank's shard
             self._resolved[key] = resolve_backend(self.backend, q.device, q.dtype, documents=key[2],
-                                                  head_dim=q.shape[-1], seq_len=q.shape[1], causal=self.causal)
+                                                  head_dim=q.shape[-1], seq_len=key[4], causal=self.causal)
         return self.causal, scale, self._resolved[key]
 
     def extra_repr(self) -> str:

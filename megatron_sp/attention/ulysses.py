@@ -171,7 +171,7 @@ class UlyssesAttention(AttentionConfig):
             return LocalAttentionFn.apply(q, k, v, *self.kernel_args(q, documents), docs)[0]
         groups = head_groups_for(q.shape[2], k.shape[2], world, self.head_groups)
         k, v = replicate_kv(k, v, q.shape[2], world)
-        kernels = local_kernels(*self.kernel_args(q, documents), docs)
+        kernels = local_kernels(*self.kernel_args(q, documents, gathered=world), docs)
         return UlyssesFn.apply(q, k, v, self.group, groups, self.fused, kernels)
 
     def extra_repr(self) -> str:
