@@ -55,7 +55,8 @@ def model_state_tensors(engine) -> dict[str, list[torch.Tensor]]:
     # what the torch optimizer updates; its state's keys too, as ZeRO steps one parameter group at a time
     # with the others taken out of param_groups
     masters = [p for group in base.param_groups for p in group["params"]] + list(base.state)
-    holders = [] if wrapper is base else list(_reachable_tensors(wrapper, {id(base)}))
+    # the wrapper's own attributes whatever its class (the fused-norm optimizer subclasses DeepSpeed's)
+    holders = [] if wrapper is base else list(_reachable_tensors(vars(wrapper), {id(base)}))
     return {
         "parameters": params + [p.ds_tensor for p in params if getattr(p, "ds_tensor", None) is not None],
         "fp32 master weights": masters,
