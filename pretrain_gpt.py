@@ -10,6 +10,7 @@ import sys
 
 from megatron_sp.configure import configure, dry_run_lines
 from megatron_sp.errors import ConfigError, RankError
+from megatron_sp.training.allocator import use_expandable_segments
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     # the ranks of a node read the same flags, files and devices: its first rank says what is wrong (once
     # per node, so a file or device that one node lacks is still reported)
     says = os.environ.get("LOCAL_RANK", "0") == "0"
+    use_expandable_segments()  # before any CUDA tensor exists
     try:
         cfg, tokenizer = configure(argv, world)
     except (ConfigError, ValueError, OSError) as err:

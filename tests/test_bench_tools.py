@@ -60,7 +60,7 @@ def test_bench_e2e_cpu_mode(tmp_path):
 def _bench_e2e_memory(rank, world, out):
     from tools import bench_e2e
     return bench_e2e.main(["--model", "tiny", "--device", "cpu", "--seq-length", "64", "--zero-stage", "1",
-                           "--warmup", "1", "--steps", "1", "--memory-breakdown", "--expandable-segments",
+                           "--warmup", "1", "--steps", "1", "--memory-breakdown",
                            "--out", out, "--", "--bf16"])
 
 

@@ -1,4 +1,5 @@
 """The command line: the frozen flag set, --help, Megatron compatibility, one-line config errors."""
+import os
 import subprocess
 import sys
 
@@ -384,3 +385,22 @@ def test_a_bad_sample_is_said_once_per_sequence_parallel_group(ids_corpus, tmp_p
     said = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert out.returncode != 0 and len(said) == 1 and said[0].startswith("error: rank 0: the data holds token id "), \
         out.stderr[-3000:]
+
+
+def test_runs_start_with_expandable_segments_unless_the_user_chose():
+    from megatron_sp.training.allocator import use_expandable_segments
+    assert use_expandable_segments(env := {}) == "expandable_segments:True" == env["PYTORCH_CUDA_ALLOC_CONF"]
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
+    assert use_expandable_segments(env) == "max_split_size_mb:512,expandable_segments:True"
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}
+    assert use_expandable_segments(env) == "expandable_segments:False"  # the user's choice stands
+
+
+def test_pretrain_gpt_sets_the_allocator_mode_before_cuda(monkeypatch, capsys):
+    import pretrain_gpt
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")
+    assert pretrain_gpt.main(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+                              "--seq-length", "64", "--max-position-embeddings", "64", "--mock-data",
+                              "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--train-iters", "1",
+                              "--micro-batch-size", "1", "--global-batch-size", "1", "--dry-run"]) == 0
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"

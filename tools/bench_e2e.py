@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from megatron_sp.training.allocator import use_expandable_segments  # noqa: E402
 from tools.doc_lengths import document_lengths, eod_positions, parse_doc_len  # noqa: E402
 
 # the 1.3B Llama-style benchmark model: 24 layers, hidden 2048, 16 heads, SwiGLU FFN 5504, RMSNorm, rotary, no biases,
@@ -313,10 +314,9 @@ def parse_args(argv=None):
                    help="one more step with snapshots of its memory (parameters, fp32 master weights, optimizer "
                         "states, gradients and DeepSpeed's buffers, the rest) after forward, after backward, inside "
                         "the optimizer step and after it (tools/memory_breakdown.py), beside the planner's estimate")
-    p.add_argument("--expandable-segments", action="store_true",
-                   help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before CUDA starts: the allocator grows "
-                        "segments in place instead of caching fixed blocks, which can cut reserved-but-unused "
-                        "memory (fragmentation); expected: peak reserved closer to peak allocated, speed unchanged")
+    p.add_argument("--no-expandable-segments", action="store_true",
+                   help="the CUDA allocator's fixed cached blocks instead of expandable segments, the mode "
+                        "pretrain_gpt.py starts in (megatron_sp/training/allocator.py); to measure fragmentation")
     p.add_argument("--memory-snapshot", action="store_true",
                    help="record the CUDA allocator during the last step; OUT.rankN.memory.pickle beside --out")
     p.add_argument("--out", default="bench_e2e.json", help="JSON file; an existing list in it is appended to")
@@ -349,9 +349,10 @@ def main(argv=None) -> dict:
     previous_results(args.out)  # refuse a bad --out before the run, not after it
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if args.expandable_segments:  # read when the CUDA allocator starts: before the first CUDA tensor
+    if args.no_expandable_segments:  # the allocator reads it when it starts: before the first CUDA tensor
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(
-            filter(None, [os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "expandable_segments:True"]))
+            filter(None, [os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "expandable_segments:False"]))
+    use_expandable_segments()  # as pretrain_gpt.py does
     from megatron_sp.errors import ConfigError
     from tools import kernel_timeline
     try:

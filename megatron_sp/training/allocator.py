@@ -1,0 +1,22 @@
+"""The CUDA caching allocator's mode for a run: expandable segments unless the user chose otherwise.
+
+With fixed-size cached blocks, long-sequence steps whose tensors change size from layer to layer (some
+layers' checkpoints on the GPU, others brought back from the host) strand memory between blocks: at 256k
+tokens with selective recompute and --checkpoint-in-cpu-keep-layers auto on one H200, 12.7 GiB sat reserved
+and unused when the step ran out of memory; with expandable segments the same step peaked at 125.5 GiB
+and ran (docs/memory.md). torchtitan's launcher sets the same mode.
+"""
+import os
+
+VARIABLE = "PYTORCH_CUDA_ALLOC_CONF"
+
+
+def use_expandable_segments(environ=os.environ) -> str:
+    """Add expandable_segments:True to PYTORCH_CUDA_ALLOC_CONF unless it already says expandable_segments
+    (True or False: the user's choice stands); returns the value. The allocator reads it when CUDA's first
+    tensor is made, so call this before that."""
+    settings = environ.get(VARIABLE, "")
+    if "expandable_segments" not in settings:
+        settings = ",".join(filter(None, [settings, "expandable_segments:True"]))
+        environ[VARIABLE] = settings
+    return settings
