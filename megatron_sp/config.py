@@ -160,10 +160,12 @@ class TrainingConfig:
                          "offered.", choices=("adam",))
     weight_decay: float = arg(0.01, "AdamW weight decay (not applied to biases and norms).")
     clip_grad: float = arg(1.0, "Clip the global gradient norm to this (0 = off).")
-    fused_grad_norm: bool = arg(False, "ZeRO 1/2: take the gradient norm in one fp32 multi-tensor pass instead of "
-                                "DeepSpeed's per-parameter fp64 norms, and skip its per-parameter inf/NaN scan (an inf/NaN "
-                                "gradient still skips the step, through the norm). Expected on one H200 at 32k: 5-15 ms "
-                                "less per step; the clipping factor moves by fp32 rounding (~1e-7).")
+    fused_grad_norm: bool = arg(True, "ZeRO 1/2 without optimizer offload: take the gradient norm in one fp32 "
+                                "multi-tensor pass instead of DeepSpeed's per-parameter fp64 norms and skip its "
+                                "per-parameter inf/NaN scan and host syncs (an inf/NaN gradient still skips the step, "
+                                "through the norm); the clipping factor moves by fp32 rounding (~1e-7). Measured on one "
+                                "H200: 12 %% less time per step at 8k tokens, 1 %% at 32k. Elsewhere DeepSpeed's own "
+                                "norm runs. --no-fused-grad-norm keeps DeepSpeed's.", flags=("--fused-grad-norm",))
     adam_beta1: float = arg(0.9, "AdamW beta1.")
     adam_beta2: float = arg(0.999, "AdamW beta2.")
     adam_eps: float = arg(1e-8, "AdamW epsilon.")

@@ -37,7 +37,7 @@ FROZEN_FLAGS = """
     --max-nonfinite-iterations --max-position-embeddings --merge-file --micro-batch-size --min-loss-scale
     --min-lr --mlp-tile-tokens --no-check-for-nan-in-loss-and-grad --no-position-embedding
     --mock-data --no-async-tensor-model-parallel-allreduce --no-bias-dropout-fusion
-    --no-bias-gelu-fusion --no-fused-elementwise --no-gradient-accumulation-fusion --no-load-optim --no-load-rng
+    --no-bias-gelu-fusion --no-fused-elementwise --no-fused-grad-norm --no-gradient-accumulation-fusion --no-load-optim --no-load-rng
     --no-masked-softmax-fusion --no-pipeline-parallel --no-query-key-layer-scaling
     --norm-epsilon --normalization --num-attention-heads --num-key-value-heads --num-layers
     --num-query-groups --num-workers --optimizer --override-opt_param-scheduler --partition-activations

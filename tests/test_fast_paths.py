@@ -104,7 +104,7 @@ def _norms_then_a_nan_step(rank, world, argv):
 def test_fused_grad_norm_equals_deepspeeds_and_still_skips_a_nan_step(corpus, precision):
     """ZeRO-1 on 2 ranks (each holds half the gradients): the fused norm is DeepSpeed's fp64 one within fp32
     rounding, and a NaN in one rank's gradient skips the step on both ranks, as DeepSpeed's scan did."""
-    argv = flags(corpus, "--zero-stage", "1", "--fused-grad-norm", *precision, iters=2)
+    argv = flags(corpus, "--zero-stage", "1", *precision, iters=2)  # on by default
     for name, (deepspeed_norm, fused), unchanged in run_ranks(2, _norms_then_a_nan_step, argv):
         assert name == "FusedNormZeroOptimizer"
         assert fused == pytest.approx(deepspeed_norm, rel=1e-6) and fused > 0
@@ -114,10 +114,10 @@ def test_fused_grad_norm_equals_deepspeeds_and_still_skips_a_nan_step(corpus, pr
 def test_fused_grad_norm_trains_like_deepspeeds(corpus):
     """Clipping active (--clip-grad 0.05 is below every step's norm): the losses of 6 steps stay within 1e-6."""
     argv = flags(corpus, "--zero-stage", "2", "--clip-grad", "0.05", iters=6)
-    np.testing.assert_allclose(train(2, argv + ["--fused-grad-norm"]), train(2, argv), rtol=1e-6)
+    np.testing.assert_allclose(train(2, argv), train(2, argv + ["--no-fused-grad-norm"]), rtol=1e-6)
 
 
-def test_fused_grad_norm_says_when_it_does_not_apply():
+def test_fused_grad_norm_leaves_other_optimizers_alone():
     from megatron_sp.training import fused_norm
-    note = fused_norm.install(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]))
-    assert note.startswith("--fused-grad-norm has no effect on DeepSpeed's AdamW")
+    adamw = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    assert not fused_norm.install(adamw) and type(adamw) is torch.optim.AdamW

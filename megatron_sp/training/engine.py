@@ -210,6 +210,6 @@ def initialize(make_model, cfg: RunConfig, ps: ParallelState, self_group, weight
             mpu=mpu, lr_scheduler=lambda opt: LRSchedule(opt, cfg))
     except pydantic.ValidationError as err:
         raise ConfigError(pydantic_line(err, t.deepspeed_config or "the DeepSpeed config")) from None
-    if t.fused_grad_norm and (note := fused_norm.install(engine.optimizer)):
-        notes.append(note)
+    if t.fused_grad_norm:
+        fused_norm.install(engine.optimizer)
     return engine, scheduler, ds_config, notes

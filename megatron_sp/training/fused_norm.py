@@ -1,4 +1,4 @@
-"""--fused-grad-norm: DeepSpeed's ZeRO-1/2 optimizer step with one multi-tensor gradient norm in place of its
+"""--fused-grad-norm (on by default): DeepSpeed's ZeRO-1/2 optimizer step with one multi-tensor gradient norm in place of its
 per-parameter fp64 norms and per-parameter inf/NaN scan; the step is still skipped on an inf/NaN gradient."""
 import torch
 import torch.distributed as dist
@@ -55,12 +55,10 @@ def counted_once(p: torch.nn.Parameter) -> bool:
     return not getattr(p, PIPE_REPLICATED, False)
 
 
-def install(optimizer) -> str | None:
-    """Make DeepSpeed's ZeRO-1/2 optimizer a FusedNormZeroOptimizer; a note for the user when it cannot be."""
-    if type(optimizer) is not DeepSpeedZeroOptimizer:
-        return (f"--fused-grad-norm has no effect on DeepSpeed's {type(optimizer).__name__} (it replaces the "
-                "gradient norm of ZeRO stages 1 and 2)")
-    if optimizer.cpu_offload or optimizer.has_moe_layers:
-        return "--fused-grad-norm has no effect with optimizer offload or MoE layers (DeepSpeed's norm is kept)"
+def install(optimizer) -> bool:
+    """Make DeepSpeed's ZeRO-1/2 optimizer a FusedNormZeroOptimizer where it can be (not with optimizer
+    offload or MoE layers, not on ZeRO-0/3's optimizers); whether it did. Elsewhere DeepSpeed's norm runs."""
+    if type(optimizer) is not DeepSpeedZeroOptimizer or optimizer.cpu_offload or optimizer.has_moe_layers:
+        return False
     optimizer.__class__ = FusedNormZeroOptimizer
-    return None
+    return True
