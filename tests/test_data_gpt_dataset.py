@@ -192,3 +192,22 @@ def test_iterator_same_samples_for_dp1_and_dp2(tmp_path):
         torch.testing.assert_close(torch.cat([two[0][step]["text"], two[1][step]["text"]]), batch["text"])
     resumed = list(build_data_iterator(train, consumed + 8, 4, 0, 1))
     torch.testing.assert_close(resumed[0]["text"], one[2]["text"])
+
+
+def test_cache_and_atomic_files_are_readable_by_the_team(tmp_path):
+    """Index caches and atomically replaced files get open()'s permissions (0666 less the umask), not the 0600
+    of the temporary file they are renamed from: a shared --data-cache-path or --save stays readable."""
+    import os
+    from megatron_sp.training.durable import write_atomically
+    old = os.umask(0o022)
+    try:
+        prefix = make_corpus(tmp_path / "c", 50, seed=1)
+        build_gpt_datasets(data_path=[prefix], split="1", seq_length=16, seed=7, num_samples=(30, 0, 0),
+                           data_cache_path=str(tmp_path / "cache"))
+        write_atomically(str(tmp_path / "latest"), "global_step7")
+    finally:
+        os.umask(old)
+    cached = [f for f in os.listdir(tmp_path / "cache") if f.endswith(".npy")]
+    assert cached and not [f for f in os.listdir(tmp_path / "cache") if f.endswith(".tmp")]
+    for path in [tmp_path / "cache" / f for f in cached] + [tmp_path / "latest"]:
+        assert os.stat(path).st_mode & 0o777 == 0o644, path

@@ -15,9 +15,10 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 
 import numpy as np
+
+from megatron_sp.training.durable import temp_file_beside
 
 from .blended import BlendedDataset, blending_indices, parse_blend, split_ranges
 from .indexed import IndexedDataset, index_file_path
@@ -132,7 +133,7 @@ def _save_atomically(paths: list[str], arrays: tuple) -> None:
     """Write each array to a temporary file and rename it, so no reader ever sees a partial .npy."""
     os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
     for path, arr in zip(paths, arrays):
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npy.tmp")
+        fd, tmp = temp_file_beside(path, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             np.save(f, arr, allow_pickle=False)
         os.replace(tmp, path)

@@ -27,10 +27,22 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def temp_file_beside(path: str, suffix: str = "") -> tuple[int, str]:
+    """(fd, name) of a new hidden file in path's directory, to be renamed onto path, with the permissions a
+    plain open() would give (0666 less the umask): mkstemp's 0600 would leave a shared checkpoint or data
+    cache unreadable to the rest of a team."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=suffix)
+    umask = os.umask(0o022)  # read the umask (there is no call that only reads it) and put it back
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
 def write_atomically(path: str, text: str) -> None:
     """Replace `path` by `text`: readers see the old content or the new one, never a part (write, fsync, rename)."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

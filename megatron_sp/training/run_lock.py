@@ -10,12 +10,12 @@ import contextlib
 import json
 import os
 import socket
-import tempfile
 import time
 
 import torch.distributed as dist
 
 from megatron_sp.errors import ConfigError
+from megatron_sp.training.durable import temp_file_beside
 
 LOCK = "run.lock"
 
@@ -75,7 +75,7 @@ class RunLock:
                                f"{self.path} and rerun")
         if _running(pid, holder.get("process_start")):
             raise ConfigError(f"another run uses it ({who}); wait for it to end, or choose another --save")
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".run.lock.")
+        fd, tmp = temp_file_beside(self.path)
         with os.fdopen(fd, "w") as f:
             f.write(self.mine)
         os.replace(tmp, self.path)
