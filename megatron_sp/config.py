@@ -94,7 +94,8 @@ class ParallelConfig:
     sequence_parallel_strategy: str = arg("ulysses", "How attention sees the whole sequence: all-to-all over heads "
                                           "(ulysses), k/v blocks passed around a ring (ring), or both (hybrid).",
                                           choices=("ulysses", "ring", "hybrid"))
-    ulysses_degree: int | None = arg(None, "Hybrid only: ranks in each Ulysses group (P = ulysses x ring).")
+    ulysses_degree: int | None = arg(None, "Hybrid only: ranks in each Ulysses group (P = ulysses x ring); default: "
+                                       "the largest divisor of the SP size that fits in a node and divides the heads.")
     ulysses_head_groups: int | None = arg(None, "Ulysses only: pipeline the all-to-alls over this many head groups, "
                                           "each group's transfers overlapping another group's attention; default 1 = off "
                                           "(measured slower on 2 x H200 at 16k; see docs/benchmarks_history.md).")

@@ -404,3 +404,20 @@ def test_pretrain_gpt_sets_the_allocator_mode_before_cuda(monkeypatch, capsys):
                               "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--train-iters", "1",
                               "--micro-batch-size", "1", "--global-batch-size", "1", "--dry-run"]) == 0
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+@pytest.mark.parametrize("sp, gpus_per_node, heads, expected", [(16, 8, 16, 8), (6, 4, 12, 3), (4, 8, 16, 4),
+                                                                 (8, 8, 4, 4)])
+def test_hybrid_defaults_to_ulysses_inside_a_node(sp, gpus_per_node, heads, expected):
+    """No --ulysses-degree: the largest divisor of the SP size that fits in a node and divides the heads,
+    said in the start-up lines; a degree the user gave stands."""
+    from megatron_sp.configure import configure
+    argv = ["--mock-data", "--train-iters", "1", "--num-layers", "2", "--hidden-size", str(16 * heads),
+            "--num-attention-heads", str(heads), "--seq-length", "96", "--max-position-embeddings", "96",
+            "--sequence-parallel-strategy", "hybrid", "--sequence-parallel-size", str(sp)]
+    cfg, _ = configure(argv, sp, gpus_per_node=gpus_per_node)
+    assert cfg.parallel.ulysses_degree == expected
+    assert cfg.sp_choice == [f"hybrid: --ulysses-degree {expected} (Ulysses inside a node of {gpus_per_node} GPUs, "
+                             f"the ring over {sp // expected} such groups)"]
+    cfg, _ = configure(argv + ["--ulysses-degree", "1"], sp, gpus_per_node=gpus_per_node)
+    assert cfg.parallel.ulysses_degree == 1 and cfg.sp_choice == []

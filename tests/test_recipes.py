@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from megatron_sp.arguments import parse_args
+from megatron_sp.configure import default_ulysses_degree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE_DIR = os.path.join(ROOT, "examples_deepspeed", "sequence_parallel")
@@ -250,7 +251,8 @@ def test_multi_node_launch_commands(tmp_path):
     assert "--hostfile " + str(hostfile) in out.stdout and "--num_nodes 2 --num_gpus 8" in out.stdout
     assert "--master_port" not in out.stdout
     cfg = parse_args(pretrain_flags(out.stdout))
-    assert cfg.parallel.sequence_parallel_size == 16 and cfg.parallel.ulysses_degree == 8
+    assert cfg.parallel.sequence_parallel_size == 16 and cfg.parallel.ulysses_degree is None
+    assert default_ulysses_degree(cfg, 8) and cfg.parallel.ulysses_degree == 8  # what pretrain_gpt.py picks
     assert cfg.model.checkpoint_activations and cfg.training.bf16 and cfg.training.load == cfg.training.save
 
     shims = tmp_path / "bin"

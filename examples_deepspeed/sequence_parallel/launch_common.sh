@@ -88,11 +88,6 @@ if (( num_gpus % pp_size )) || { [ "$sp_size" != auto ] && (( num_gpus % (pp_siz
   echo "error: $num_gpus GPUs are not divisible by PP_SIZE=$pp_size x SP_SIZE=$sp_size" >&2; exit 2
 fi
 dp_size=$([ "$sp_size" = auto ] && echo auto || echo $(( num_gpus / (pp_size * sp_size) )))
-if [ "$sp_strategy" = hybrid ] && [ -z "${ulysses_degree:-}" ] && [ "$sp_size" != auto ]; then
-  # Ulysses inside a node, the ring across nodes: the largest divisor of SP_SIZE that fits in a node
-  ulysses_degree=$num_gpus_per_node
-  while (( sp_size % ulysses_degree )); do ulysses_degree=$(( ulysses_degree - 1 )); done
-fi
 
 ## Data and tokenizer: the shipped sample with its SentencePiece model, or DATA_PATH with the tokenizer that
 ## made it. One without the other would train on ids that mean other tokens, with no error anywhere.
