@@ -225,6 +225,12 @@ class TrainingConfig:
     host_memory_gb: float | None = arg(None, "Host memory per node in GiB for the planner (--checkpoint-in-cpu, "
                                        "optimizer offload), shared by the node's GPUs; default: this machine's.")
 
+    def micro_batches_per_step(self, dp_size: int) -> int:
+        """Micro batches each rank runs per optimizer step: global batch / (micro batch x DP); an unset
+        global batch is one micro batch per rank."""
+        per_round = self.micro_batch_size * dp_size
+        return (self.global_batch_size or per_round) // per_round
+
 
 @dataclass
 class LoggingConfig:

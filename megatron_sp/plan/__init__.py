@@ -86,7 +86,7 @@ def pipeline_schedule_lines(cfg: RunConfig, world: int) -> list[str]:
     if pp == 1:
         return []
     dp = world // (pp * p.sequence_parallel_size)
-    return schedule_lines(pp, cfg.model.num_layers, t.global_batch_size // (t.micro_batch_size * dp))
+    return schedule_lines(pp, cfg.model.num_layers, t.micro_batches_per_step(dp))
 
 
 __all__ = ["resolve_auto", "resolve_keep_layers", "plan_report", "count_parameters", "estimate_memory",

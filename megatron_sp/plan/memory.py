@@ -79,8 +79,7 @@ def in_flight_micro_batches(cfg: RunConfig, world: int, sp: int, pp_rank: int) -
     """Micro batches whose activations stage pp_rank holds at its peak under 1F1B: min(PP - pp_rank, m)."""
     p, t = cfg.parallel, cfg.training
     dp = world // (p.pipeline_model_parallel_size * sp)
-    micro_batches = (t.global_batch_size or t.micro_batch_size * dp) // (t.micro_batch_size * dp)
-    return max(1, min(p.pipeline_model_parallel_size - pp_rank, micro_batches))
+    return max(1, min(p.pipeline_model_parallel_size - pp_rank, t.micro_batches_per_step(dp)))
 
 
 @dataclass

@@ -109,7 +109,7 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> tuple[dict, list[str]]:
     ds, notes = {}, []
     if t.deepspeed_config:
         ds = read_deepspeed_json(t.deepspeed_config)
-    grad_acc = t.global_batch_size // (t.micro_batch_size * dp_size)
+    grad_acc = t.micro_batches_per_step(dp_size)
     wanted = {"train_batch_size": t.global_batch_size, "train_micro_batch_size_per_gpu": t.micro_batch_size,
               "gradient_accumulation_steps": grad_acc}
     for key, value in wanted.items():

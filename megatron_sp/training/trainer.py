@@ -364,8 +364,8 @@ class Run:
         t, ps = self.cfg.training, self.s.ps
         start = block * t.eval_iters * t.global_batch_size
         data = build_data_iterator(dataset, start, t.micro_batch_size, ps.dp_rank, ps.dp_size)
-        loss = evaluate(self.s.engine, micro_batches_of(data, t.eval_iters * t.global_batch_size
-                                                        // (t.micro_batch_size * ps.dp_size)), self.s.ctx)
+        loss = evaluate(self.s.engine, micro_batches_of(data, t.eval_iters * t.micro_batches_per_step(ps.dp_size)),
+                        self.s.ctx)
         ppl = math.exp(min(20.0, loss)) if math.isfinite(loss) else loss  # Megatron's cap at e^20; nan stays nan
         self.log.print(f" validation loss at {label} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |")
         self.log.scalars(self.iteration, {f"{split}/lm-loss": loss, f"{split}/lm-loss-ppl": ppl})
