@@ -15,7 +15,7 @@ from megatron_sp.parallel.sharding import effective_strategy
 from megatron_sp.plan.choose import candidates, choose
 from megatron_sp.plan.fit import HOST_RESERVE, MEMORY_RESERVE, host_memory_gib, keep_layers_that_fit
 from megatron_sp.plan.memory import (GIB, ZeroSetup, count_parameters, detect_gpu_memory_gib, estimate_memory,
-                                     stage_layers)
+                                     layers_per_stage)
 from megatron_sp.plan.report import flops_lines, memory_lines
 
 
@@ -65,7 +65,7 @@ def resolve_keep_layers(cfg: RunConfig, world: int, gpus_per_node: int) -> list[
     m.checkpoint_in_cpu_keep_layers = keep
     host = max(estimate_memory(cfg, world, sp, strategy, p.ulysses_degree, zero_setup(cfg), r).host_total
                for r in range(p.pipeline_model_parallel_size))
-    layers = stage_layers(cfg)
+    layers = layers_per_stage(cfg)
     return [f"--checkpoint-in-cpu-keep-layers auto: {keep} of {layers} layers keep their checkpoints on the "
             f"GPU (the most under {MEMORY_RESERVE:.0%} of {gib:.1f} GiB); the other {layers - keep} use "
             f"{host / GIB:.1f} GiB of host memory per rank (of {host_memory_gib(cfg, world, gpus_per_node):.1f}, "

@@ -4,7 +4,7 @@ import copy
 import dataclasses
 
 from megatron_sp.config import RunConfig
-from megatron_sp.plan.memory import GIB, MemoryEstimate, ZeroSetup, estimate_memory, heaviest_stage, stage_layers
+from megatron_sp.plan.memory import GIB, MemoryEstimate, ZeroSetup, estimate_memory, heaviest_stage, layers_per_stage
 
 MEMORY_RESERVE = 0.9  # fit inside 90 % of GPU memory: CUDA context, NCCL buffers and fragmentation are not estimated
 HOST_RESERVE = 0.8  # and inside 80 % of a rank's share of host memory: the process itself, data, DeepSpeed
@@ -37,7 +37,7 @@ def keep_layers_that_fit(cfg: RunConfig, world: int, sp: int, strategy: str, u: 
     """The most layers per pipeline stage whose checkpoints can stay on the GPU (within MEMORY_RESERVE on
     the heaviest stage), 0 if even none fit: every kept layer is host memory and copy traffic saved."""
     keep = 0
-    for n in range(1, stage_layers(cfg) + 1):  # GPU memory grows with n: stop at the first that does not fit
+    for n in range(1, layers_per_stage(cfg) + 1):  # GPU memory grows with n: stop at the first that does not fit
         if heaviest_stage(cfg, world, sp, strategy, u, zero, keep_layers=n)[1].total > MEMORY_RESERVE * gpu_gib * GIB:
             break
         keep = n

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from megatron_sp.config import RunConfig, zero_stage_of
 from megatron_sp.plan.activations import layer_bytes, loss_bytes, outside_layers_bytes
+from megatron_sp.parallel.pipeline import stage_layers
 from megatron_sp.parallel.sharding import effective_strategy
 
 GIB = 2 ** 30
@@ -131,9 +132,9 @@ class MemoryEstimate:
         return sum(self.host.values())
 
 
-def stage_layers(cfg: RunConfig) -> int:
-    """Transformer layers one pipeline stage holds (all of them without a pipeline)."""
-    return cfg.model.num_layers // cfg.parallel.pipeline_model_parallel_size
+def layers_per_stage(cfg: RunConfig) -> int:
+    """Transformer layers one pipeline stage holds (all of them without a pipeline; every stage as many)."""
+    return len(stage_layers(cfg.model.num_layers, cfg.parallel.pipeline_model_parallel_size, 0))
 
 
 def layers_on_host(cfg: RunConfig, keep_layers: int | None = None) -> int:
@@ -143,7 +144,7 @@ def layers_on_host(cfg: RunConfig, keep_layers: int | None = None) -> int:
     if not m.checkpoint_in_cpu:
         return 0
     keep = m.checkpoint_in_cpu_keep_layers if keep_layers is None else keep_layers
-    return max(0, stage_layers(cfg) - (0 if keep == "auto" else keep))
+    return max(0, layers_per_stage(cfg) - (0 if keep == "auto" else keep))
 
 
 def early_gradients(cfg: RunConfig, elem: int, head: bool = True) -> float:
@@ -172,7 +173,7 @@ def estimate_memory(cfg: RunConfig, world: int, sp: int, strategy: str, ulysses_
     batches in flight, whose other k - 1 keep what their layers keep on the GPU. keep_layers overrides
     --checkpoint-in-cpu-keep-layers; qkv_kept_whole: see activations.layer_terms."""
     t, m = cfg.training, cfg.model
-    elem, pp, n_layers = cfg.elem_bytes, cfg.parallel.pipeline_model_parallel_size, stage_layers(cfg)
+    elem, pp, n_layers = cfg.elem_bytes, cfg.parallel.pipeline_model_parallel_size, layers_per_stage(cfg)
     params = stage_parameters(cfg, pp_rank)
     states = model_state_bytes(params, world // pp, zero.stage, elem)
     host = {}

@@ -9,7 +9,7 @@ from megatron_sp.plan.activations import layer_bytes
 from megatron_sp.plan.choose import ACHIEVED_FLOPS, iteration_seconds
 from megatron_sp.plan.fit import HOST_RESERVE, MEMORY_RESERVE, estimate_for, longest_sequence
 from megatron_sp.plan.memory import (GIB, ZeroSetup, count_parameters, estimate_memory, in_flight_micro_batches,
-                                     layers_on_host, stage_layers)
+                                     layers_on_host, layers_per_stage)
 from megatron_sp.flops import flops_per_token
 
 def _gib(nbytes: float) -> str:
@@ -76,7 +76,7 @@ def _saving_modes(cfg: RunConfig, on_host: int) -> str:
     m = cfg.model
     text = ""
     if m.checkpoint_in_cpu:
-        text += f", checkpoints of {on_host} of {stage_layers(cfg)} layers in host memory"
+        text += f", checkpoints of {on_host} of {layers_per_stage(cfg)} layers in host memory"
     if m.mlp_tile_tokens:
         text += f", MLP in tiles of {m.mlp_tile_tokens} tokens"
     return text
