@@ -246,9 +246,10 @@ def run(args) -> dict:
 def memory_report(cfg, setup, step, world: int) -> dict:
     """One more step with tools/memory_breakdown.py's four snapshots (this rank), beside the planner's estimate
     (for this rank's pipeline stage, its parts at the moment it predicts the peak)."""
+    from megatron_sp.plan import configured_estimate
     from tools import memory_breakdown
     result = memory_breakdown.measure(setup.engine, step, setup.device.type == "cuda")
-    est = planner_estimate(cfg, world, pp_rank=setup.ps.pp_rank)  # this rank's stage
+    est = configured_estimate(cfg, world, pp_rank=setup.ps.pp_rank)  # this rank's stage
     result["planner"], result["planner_phase"] = {k: int(v) for k, v in est.parts.items()}, est.phase
     return result
 
@@ -268,20 +269,10 @@ def host_memory(model, device) -> dict:
             "host_copied_per_step_gib": per_step}
 
 
-def planner_estimate(cfg, world: int, pp_rank: int | None = None):
-    """The planner's per-rank MemoryEstimate for these flags (what --dry-run prints): of pipeline stage
-    pp_rank, by default of the stage that needs the most."""
-    from megatron_sp.parallel.sharding import effective_strategy
-    from megatron_sp.plan import gpu_memory_gib, zero_setup
-    from megatron_sp.plan.fit import estimate_for
-    p = cfg.parallel
-    return estimate_for(cfg, world, p.sequence_parallel_size, effective_strategy(p.sequence_parallel_strategy,
-                        p.sequence_parallel_size), p.ulysses_degree, zero_setup(cfg), gpu_memory_gib(cfg), pp_rank)
-
-
 def planned_memory(cfg, world: int) -> dict:
     """The planner's GPU and host GiB per rank and the moment of the GPU peak."""
-    est = planner_estimate(cfg, world)
+    from megatron_sp.plan import configured_estimate
+    est = configured_estimate(cfg, world)
     return {"planned_gpu_gib": est.total / 2 ** 30, "planned_host_gib": est.host_total / 2 ** 30,
             "planned_peak_phase": est.phase}
 

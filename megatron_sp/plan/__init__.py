@@ -13,9 +13,9 @@ from megatron_sp.parallel.layout import layout_lines
 from megatron_sp.parallel.pipeline import schedule_lines
 from megatron_sp.parallel.sharding import effective_strategy
 from megatron_sp.plan.choose import candidates, choose
-from megatron_sp.plan.fit import HOST_RESERVE, MEMORY_RESERVE, host_memory_gib, keep_layers_that_fit
-from megatron_sp.plan.memory import (GIB, ZeroSetup, count_parameters, detect_gpu_memory_gib, estimate_memory,
-                                     layers_per_stage)
+from megatron_sp.plan.fit import HOST_RESERVE, MEMORY_RESERVE, estimate_for, host_memory_gib, keep_layers_that_fit
+from megatron_sp.plan.memory import (GIB, MemoryEstimate, ZeroSetup, count_parameters, detect_gpu_memory_gib,
+                                     estimate_memory, layers_per_stage)
 from megatron_sp.plan.report import flops_lines, memory_lines
 
 
@@ -27,6 +27,15 @@ def zero_setup(cfg: RunConfig) -> ZeroSetup:
     """ZeRO stage and offloading from the flags and the DeepSpeed JSON (flags win)."""
     path = cfg.training.deepspeed_config
     return ZeroSetup.from_config(cfg, read_deepspeed_json(path) if path else {})
+
+
+def configured_estimate(cfg: RunConfig, world: int, pp_rank: int | None = None) -> MemoryEstimate:
+    """The per-rank estimate for the flags as given (their SP size, strategy, Ulysses degree, ZeRO setup and
+    GPU memory; what --dry-run prints) of pipeline stage pp_rank, by default of the stage that needs the most."""
+    p = cfg.parallel
+    sp = p.sequence_parallel_size
+    return estimate_for(cfg, world, sp, effective_strategy(p.sequence_parallel_strategy, sp), p.ulysses_degree,
+                        zero_setup(cfg), gpu_memory_gib(cfg), pp_rank)
 
 
 def resolve_auto(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
@@ -63,8 +72,7 @@ def resolve_keep_layers(cfg: RunConfig, world: int, gpus_per_node: int) -> list[
     strategy = effective_strategy(p.sequence_parallel_strategy, sp)
     keep = keep_layers_that_fit(cfg, world, sp, strategy, p.ulysses_degree, zero_setup(cfg), gib)
     m.checkpoint_in_cpu_keep_layers = keep
-    host = max(estimate_memory(cfg, world, sp, strategy, p.ulysses_degree, zero_setup(cfg), r).host_total
-               for r in range(p.pipeline_model_parallel_size))
+    host = max(configured_estimate(cfg, world, r).host_total for r in range(p.pipeline_model_parallel_size))
     layers = layers_per_stage(cfg)
     return [f"--checkpoint-in-cpu-keep-layers auto: {keep} of {layers} layers keep their checkpoints on the "
             f"GPU (the most under {MEMORY_RESERVE:.0%} of {gib:.1f} GiB); the other {layers - keep} use "
@@ -90,4 +98,4 @@ def pipeline_schedule_lines(cfg: RunConfig, world: int) -> list[str]:
 
 
 __all__ = ["resolve_auto", "resolve_keep_layers", "plan_report", "count_parameters", "estimate_memory",
-           "ZeroSetup", "zero_setup"]
+           "configured_estimate", "ZeroSetup", "zero_setup"]
