@@ -150,7 +150,11 @@ def test_a_gpt2_style_model_without_biases_exports_zero_biases(tmp_path):
                     max_position_embeddings=16, disable_bias_linear=True, hidden_dropout=0.0)
     torch.manual_seed(0)
     ours = GPTModel(m, lambda: LocalAttention(causal=True, backend="torch"), 64).eval()
-    tensors = to_hf(ours.state_dict(), m, GPT2, torch.float32)
+    state = ours.state_dict()
+    tensors = to_hf(state, m, GPT2, torch.float32)
+    assert not state  # consumed as converted: never the state and its copy whole at once
+    params = {p.data_ptr() for p in ours.parameters()}
+    assert all(t.is_contiguous() and t.data_ptr() not in params for t in tensors.values())  # copies, also in fp32
     assert tensors["transformer.h.0.mlp.c_fc.bias"].equal(torch.zeros(64))
     write_safetensors(tensors, str(tmp_path), 2 ** 30)
     (tmp_path / "config.json").write_text(json.dumps(hf_config(m, GPT2, 64, "float32", None, None)))

@@ -61,13 +61,17 @@ def parameter_shapes(m: ModelConfig, vocab_size: int) -> dict[str, torch.Size]:
 
 def to_hf(state: dict[str, torch.Tensor], m: ModelConfig, arch: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Our state dict -> Hugging Face tensors in `dtype`, each its own contiguous copy (safetensors stores no
-    views). A GPT-2-style model without biases gets zero biases: transformers' GPT-2 always has them."""
+    views). The state is consumed: each of its tensors is dropped once converted, so a model's fp32 state and
+    its converted copy are never held whole at once. A GPT-2-style model without biases gets zero biases:
+    transformers' GPT-2 always has them."""
     out = {}
-    for name, tensor in state.items():
+    for name in list(state):
+        tensor = state.pop(name)
         parts, transposed = hf_parts(name, m, arch)
         pieces = tensor.split([rows for _, rows in parts]) if len(parts) > 1 else [tensor]
         for (hf_name, _), piece in zip(parts, pieces):
-            out[hf_name] = (piece.t() if transposed else piece).to(dtype).contiguous().clone()
+            out[hf_name] = (piece.t() if transposed else piece).to(dtype, memory_format=torch.contiguous_format,
+                                                                     copy=True)
     if arch == GPT2 and m.disable_bias_linear:
         for name in [n for n in out if n.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
                                                    "mlp.c_proj.weight"))]:
