@@ -394,6 +394,8 @@ def test_runs_start_with_expandable_segments_unless_the_user_chose():
     assert use_expandable_segments(env) == "max_split_size_mb:512,expandable_segments:True"
     env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}
     assert use_expandable_segments(env) == "expandable_segments:False"  # the user's choice stands
+    env = {"PYTORCH_ALLOC_CONF": "expandable_segments:False"}  # newer torch's name
+    assert use_expandable_segments(env) == "" and "PYTORCH_CUDA_ALLOC_CONF" not in env
 
 
 def test_pretrain_gpt_sets_the_allocator_mode_before_cuda(monkeypatch, capsys):
