@@ -165,8 +165,9 @@ class TrainingConfig:
                                 "multi-tensor pass instead of DeepSpeed's per-parameter fp64 norms and skip its "
                                 "per-parameter inf/NaN scan and host syncs (an inf/NaN gradient still skips the step, "
                                 "through the norm); the clipping factor moves by fp32 rounding (~1e-7). Measured on one "
-                                "H200: 12 %% less time per step at 8k tokens, 1 %% at 32k. Elsewhere DeepSpeed's own "
-                                "norm runs. --no-fused-grad-norm keeps DeepSpeed's.", flags=("--fused-grad-norm",))
+                                "H200: 12 %% less time per step at 8k tokens, 2 %% at 32k (docs/benchmarks.md). "
+                                "Elsewhere DeepSpeed's own norm runs. --no-fused-grad-norm keeps DeepSpeed's.",
+                                flags=("--fused-grad-norm",))
     adam_beta1: float = arg(0.9, "AdamW beta1.")
     adam_beta2: float = arg(0.999, "AdamW beta2.")
     adam_eps: float = arg(1e-8, "AdamW epsilon.")

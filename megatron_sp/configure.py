@@ -28,14 +28,17 @@ def attach_tokenizer(cfg):
     return tokenizer
 
 
-def default_ulysses_degree(cfg, gpus_per_node: int) -> list[str]:
+def default_ulysses_degree(cfg, gpus_per_node: int | None, world: int = 1) -> list[str]:
     """Hybrid without --ulysses-degree: Ulysses inside a node, the ring across nodes, i.e. the largest divisor
-    of the SP size that fits in a node and divides the attention heads; the line that says so."""
+    of the SP size that fits in a node (default: this launch's) and divides the attention heads; the line that
+    says so."""
+    from megatron_sp.parallel.layout import gpus_per_node_from_env
     p, m = cfg.parallel, cfg.model
     sp = p.sequence_parallel_size
-    if p.sequence_parallel_strategy != "hybrid" or p.ulysses_degree is not None or not isinstance(sp, int) or sp < 1:
+    if p.sequence_parallel_strategy != "hybrid" or p.ulysses_degree is not None or sp < 1:
         return []
-    p.ulysses_degree = max(u for u in range(1, min(sp, max(gpus_per_node, 1)) + 1)
+    gpus_per_node = gpus_per_node or gpus_per_node_from_env(world)
+    p.ulysses_degree = max(u for u in range(1, min(sp, gpus_per_node) + 1)
                            if sp % u == 0 and (m.num_attention_heads or u) % u == 0)
     return [f"hybrid: --ulysses-degree {p.ulysses_degree} (Ulysses inside a node of {gpus_per_node} GPUs, the ring "
             f"over {sp // p.ulysses_degree} such groups)"]
@@ -48,9 +51,8 @@ def configure(argv: list[str] | None, world: int, gpus_per_node: int | None = No
     from megatron_sp.parallel.layout import gpus_per_node_from_env
     cfg = parse_args(argv)
     if cfg.parallel.sequence_parallel_size != "auto":
-        hybrid_line = default_ulysses_degree(cfg, gpus_per_node or gpus_per_node_from_env(world))
+        cfg.sp_choice = default_ulysses_degree(cfg, gpus_per_node, world)
         validate(cfg, world)
-        cfg.sp_choice = hybrid_line
         tokenizer = attach_tokenizer(cfg)
     else:
         probe = copy.deepcopy(cfg)

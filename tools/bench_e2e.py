@@ -340,10 +340,7 @@ def main(argv=None) -> dict:
     previous_results(args.out)  # refuse a bad --out before the run, not after it
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if args.no_expandable_segments:  # the allocator reads it when it starts: before the first CUDA tensor
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(
-            filter(None, [os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "expandable_segments:False"]))
-    use_expandable_segments()  # as pretrain_gpt.py does
+    use_expandable_segments(on=not args.no_expandable_segments)  # before the first CUDA tensor, as pretrain_gpt.py
     from megatron_sp.errors import ConfigError
     from tools import kernel_timeline
     try:

@@ -12,12 +12,12 @@ VARIABLE = "PYTORCH_CUDA_ALLOC_CONF"
 NEWER_VARIABLE = "PYTORCH_ALLOC_CONF"  # newer torch's device-neutral name for the same settings
 
 
-def use_expandable_segments(environ=os.environ) -> str:
-    """Add expandable_segments:True to PYTORCH_CUDA_ALLOC_CONF unless it or PYTORCH_ALLOC_CONF already says
-    expandable_segments (True or False: the user's choice stands); returns PYTORCH_CUDA_ALLOC_CONF. The
-    allocator reads it when CUDA's first tensor is made, so call this before that."""
+def use_expandable_segments(environ=os.environ, on: bool = True) -> str:
+    """Add expandable_segments:True (False with on=False) to PYTORCH_CUDA_ALLOC_CONF unless it or
+    PYTORCH_ALLOC_CONF already says expandable_segments (the user's choice stands); returns
+    PYTORCH_CUDA_ALLOC_CONF. The allocator reads it when CUDA's first tensor is made, so call this before that."""
     settings = environ.get(VARIABLE, "")
     if "expandable_segments" not in settings + environ.get(NEWER_VARIABLE, ""):
-        settings = ",".join(filter(None, [settings, "expandable_segments:True"]))
+        settings = ",".join(filter(None, [settings, f"expandable_segments:{on}"]))
         environ[VARIABLE] = settings
     return settings

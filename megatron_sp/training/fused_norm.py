@@ -1,5 +1,6 @@
-"""--fused-grad-norm (on by default): DeepSpeed's ZeRO-1/2 optimizer step with one multi-tensor gradient norm in place of its
-per-parameter fp64 norms and per-parameter inf/NaN scan; the step is still skipped on an inf/NaN gradient."""
+"""--fused-grad-norm (on by default): DeepSpeed's ZeRO-1/2 optimizer step with one multi-tensor gradient norm
+in place of its per-parameter fp64 norms and per-parameter inf/NaN scan; an inf/NaN gradient still skips the
+step."""
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.constants import PIPE_REPLICATED
