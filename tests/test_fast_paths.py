@@ -80,10 +80,12 @@ def test_compile_layers_refuses_zero_3():
 
 
 def _norms_then_a_nan_step(rank, world, argv):
-    """Both norms of one backward's gradients, then a step with a NaN in one gradient of rank 0 only."""
+    """Both norms of one backward's gradients, then a step with a NaN in one gradient of rank 0 only, then a
+    finite step -> (optimizer class, sync-free, norms, weights unchanged by the NaN step, lr schedule steps done,
+    DeepSpeed's skip count, lr of the finite step)."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     from megatron_sp.configure import configure
-    from megatron_sp.training.fused_norm import FusedNormZeroOptimizer
+    from megatron_sp.training import fused_norm
     from megatron_sp.training.trainer import build
     cfg, tokenizer = configure(argv, world)
     setup = build(cfg, tokenizer)
@@ -91,30 +93,71 @@ def _norms_then_a_nan_step(rank, world, argv):
     torch.manual_seed(rank)
     b = setup.ctx.batch({"text": torch.randint(0, 64, (2, 33))})
     engine.backward(engine(b["tokens"], b["position_ids"], b["labels"]).sum())
-    norms = [DeepSpeedZeroOptimizer.scaled_global_norm(opt).item(), FusedNormZeroOptimizer.scaled_global_norm(opt).item()]
+    fused = isinstance(opt, fused_norm.FusedNormZeroOptimizer)
+    norms = [DeepSpeedZeroOptimizer.scaled_global_norm(opt).item(),
+             fused_norm.FusedNormZeroOptimizer.scaled_global_norm(opt).item() if fused else None]
     before = [p.detach().clone() for p in engine.module.parameters()]
     if rank == 0:
         next(g for g in opt.averaged_gradients[0] if g.numel()).view(-1)[0] = float("nan")
     engine.step()
     unchanged = all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
-    return type(opt).__name__, norms, unchanged
+    engine.backward(engine(b["tokens"], b["position_ids"], b["labels"]).sum())
+    engine.step()  # learns of the skip before its update
+    lr = opt.param_groups[0]["lr"]
+    fused_norm.account_skipped_step(opt)
+    return (type(opt).__name__, getattr(opt, "sync_free", False), norms, unchanged, setup.scheduler.steps_done,
+            engine.skipped_steps, lr)
 
 
 @pytest.mark.parametrize("precision", [[], ["--bf16"]])
 def test_fused_grad_norm_equals_deepspeeds_and_still_skips_a_nan_step(corpus, precision):
     """ZeRO-1 on 2 ranks (each holds half the gradients): the fused norm is DeepSpeed's fp64 one within fp32
-    rounding, and a NaN in one rank's gradient skips the step on both ranks, as DeepSpeed's scan did."""
-    argv = flags(corpus, "--zero-stage", "1", *precision, iters=2)  # on by default
-    for name, (deepspeed_norm, fused), unchanged in run_ranks(2, _norms_then_a_nan_step, argv):
-        assert name == "FusedNormZeroOptimizer"
+    rounding, and a NaN in one rank's gradient skips the step on both ranks, as DeepSpeed's scan did. With bf16
+    the step is sync-free (AdamW's kernel skips the update): the lr schedule and the skip count still end as
+    DeepSpeed's, and the step after the skipped one runs at the lr DeepSpeed gives it."""
+    argv = flags(corpus, "--zero-stage", "1", *precision, "--lr-warmup-iters", "4", iters=4)  # on by default
+    expected = run_ranks(2, _norms_then_a_nan_step, argv + ["--no-fused-grad-norm"])[0]
+    for name, sync_free, (deepspeed_norm, fused), unchanged, steps_done, skipped, lr in run_ranks(
+            2, _norms_then_a_nan_step, argv):
+        assert name == "FusedNormZeroOptimizer" and sync_free == (precision != [])
         assert fused == pytest.approx(deepspeed_norm, rel=1e-6) and fused > 0
         assert unchanged
+        assert (steps_done, skipped, lr) == (1, 1, expected[6]) == expected[4:]
 
 
 def test_fused_grad_norm_trains_like_deepspeeds(corpus):
     """Clipping active (--clip-grad 0.05 is below every step's norm): the losses of 6 steps stay within 1e-6."""
     argv = flags(corpus, "--zero-stage", "2", "--clip-grad", "0.05", iters=6)
     np.testing.assert_allclose(train(2, argv), train(2, argv + ["--no-fused-grad-norm"]), rtol=1e-6)
+
+
+def _fp32_weights_after_steps(rank, world, argv):
+    from megatron_sp.configure import configure
+    from megatron_sp.training.trainer import build
+    cfg, tokenizer = configure(argv, world)
+    setup = build(cfg, tokenizer)
+    engine = setup.engine
+    torch.manual_seed(rank)
+    start = [w.detach().numpy().copy() for w in engine.optimizer.single_partition_of_fp32_groups]  # arrays: a forked
+    # rank's tensors would travel to the parent as shared memory, which dies with the rank
+    for _ in range(4):
+        b = setup.ctx.batch({"text": torch.randint(0, 64, (2, 33))})
+        engine.backward(engine(b["tokens"], b["position_ids"], b["labels"]).sum())
+        engine.step()
+    return start, [w.detach().numpy().copy() for w in engine.optimizer.single_partition_of_fp32_groups]
+
+
+def test_sync_free_step_clips_inside_adamw_as_deepspeed_does(corpus):
+    """bf16, ZeRO-1 on 2 ranks, clipping active (--clip-grad 0.05): 4 sync-free steps (AdamW divides by the
+    clipping factor as it reads each gradient) leave the fp32 master weights of DeepSpeed's step (which
+    multiplies the gradient partition by its reciprocal first) within a few fp32 roundings."""
+    argv = flags(corpus, "--zero-stage", "1", "--bf16", "--clip-grad", "0.05", iters=4)
+    got, expected = run_ranks(2, _fp32_weights_after_steps, argv), run_ranks(
+        2, _fp32_weights_after_steps, argv + ["--no-fused-grad-norm"])
+    for (start, rank_got), (_, rank_expected) in zip(got, expected):
+        for s, g, e in zip(start, rank_got, rank_expected):
+            assert np.abs(g - s).max() > 1e-4  # the steps moved the weights
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-7)
 
 
 def test_fused_grad_norm_leaves_other_optimizers_alone():

@@ -190,6 +190,13 @@ def build_model(make_model, ds_config: dict, mpu: DeepSpeedMPU, rank: int, weigh
     return model
 
 
+def _count_skipped_step(engine, scheduler) -> None:
+    """What DeepSpeed's engine does for a step whose update was skipped (inf/NaN gradients), for a sync-free
+    step whose skip the host learnt of one step late: count it, and take back the lr schedule's step."""
+    engine.skipped_steps += 1
+    scheduler.undo_step()
+
+
 def initialize(make_model, cfg: RunConfig, ps: ParallelState, self_group, weights=None):
     """Build the model (build_model, from `weights` if given) and wrap it in a DeepSpeed engine with AdamW and
     the Megatron lr schedule -> (engine, scheduler, DeepSpeed config, notes for the user)."""
@@ -211,5 +218,5 @@ def initialize(make_model, cfg: RunConfig, ps: ParallelState, self_group, weight
     except pydantic.ValidationError as err:
         raise ConfigError(pydantic_line(err, t.deepspeed_config or "the DeepSpeed config")) from None
     if t.fused_grad_norm:
-        fused_norm.install(engine.optimizer)
+        fused_norm.install(engine.optimizer, on_skipped=lambda: _count_skipped_step(engine, scheduler))
     return engine, scheduler, ds_config, notes

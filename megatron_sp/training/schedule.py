@@ -62,6 +62,11 @@ class LRSchedule:
         self.steps_done += 1
         self.apply()
 
+    def undo_step(self) -> None:
+        """Take back the newest step() (its update turned out to be skipped)."""
+        self.steps_done -= 1
+        self.apply()
+
     def state_dict(self) -> dict:
         return {"steps_done": self.steps_done}
 

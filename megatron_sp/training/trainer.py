@@ -278,6 +278,8 @@ class Run:
             log_now = bool(log_interval) and self.iteration % log_interval == 0 or final
             save_now = bool(t.save) and (bool(t.save_interval) and self.iteration % t.save_interval == 0 or final)
             self.check_finite(settle=log_now or save_now)
+            if log_now or save_now:  # the skip count and lr schedule, settled with the newest step
+                fused_norm.account_skipped_step(s.engine.optimizer)
             if log_now:
                 self.log_iteration(window.close(self.consumed, s.scheduler.get_lr()[0], grad_norm, s.device))
             if (self.datasets[1] is not None and t.eval_interval and self.iteration % t.eval_interval == 0
