@@ -28,6 +28,15 @@ def test_flags_fill_in_batch_precision_clipping_and_zero(tmp_path):
     assert ds["train_batch_size"] == 8 * 2  # DeepSpeed counts each SP rank as data-parallel
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"] == {"enabled": True}
     assert ds["gradient_clipping"] == 0.5 and notes == []
+    assert ds["timers"] == {"throughput": {"enabled": False}}  # no device sync as each step starts and ends
+
+
+def test_deepspeeds_throughput_timer_runs_only_when_the_json_asks(tmp_path):
+    from deepspeed.utils.config import get_timers_config  # what DeepSpeed's engine reads
+    ds, _ = config(tmp_path, None)
+    assert not get_timers_config(ds).enabled
+    ds, _ = config(tmp_path, {"timers": {"throughput": {"enabled": True}}})
+    assert get_timers_config(ds).enabled and get_timers_config(ds).synchronized
 
 
 def test_megatron_template_values_are_kept_and_checked(tmp_path):

@@ -142,6 +142,9 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> tuple[dict, list[str]]:
     ds["gradient_clipping"] = t.clip_grad
     ds.setdefault("steps_per_print", 10 ** 9)  # our own log line replaces DeepSpeed's
     ds.setdefault("wall_clock_breakdown", False)
+    # DeepSpeed's throughput timer (on by default) synchronizes the device as each step starts and ends, so the
+    # GPU idles while the host queues the next step's first kernels; our log line measures throughput instead
+    ds.setdefault("timers", {}).setdefault("throughput", {"enabled": False})
     notes += _check_json(ds, t.deepspeed_config or "the DeepSpeed config")
     return ds, notes
 
