@@ -57,9 +57,10 @@ class ModelConfig:
                                   "(torch.compile); --no-fused-elementwise runs them eagerly.")
     compile_layers: bool = arg(False, "torch.compile each transformer layer whole, as torchtitan does, instead of "
                                "the separate fused pieces (the attention slot stays outside the two graphs each layer "
-                               "becomes); the first step includes 1-2 minutes of compilation. Expected on one H200 at 32k: "
-                               "5-15 ms less elementwise work per step (residual adds and the QKV split's backward "
-                               "fused too); not with ZeRO-3; dropout then draws other masks than eager.")
+                               "becomes); the first step includes 1-2 minutes of compilation. Measured on one H200: 2.4 %% "
+                               "less time per step at 8k tokens, where the host queuing small kernels idles the GPU; "
+                               "within noise at 16k and 32k (docs/benchmarks.md). Not with ZeRO-3; dropout then "
+                               "draws other masks than eager.")
     recompute_granularity: str | None = arg(None, "full = --checkpoint-activations; selective = recompute only each "
                                             "layer's MLP sublayer (norm, fc1, activation, fc2): most of a layer's "
                                             "activations for ~3-4%% more FLOPs at long sequences; attention is kept.",
