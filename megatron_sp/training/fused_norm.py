@@ -8,6 +8,8 @@ from deepspeed.runtime.constants import PIPE_REPLICATED
 from deepspeed.runtime.utils import is_model_parallel_parameter
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
+from megatron_sp.training.guard import copy_to_host_later, read_host_copy
+
 
 class FusedNormZeroOptimizer(DeepSpeedZeroOptimizer):
     """DeepSpeed 0.19's ZeRO-1/2 optimizer with a few methods replaced; install() swaps the class of the object
@@ -55,7 +57,7 @@ class FusedNormZeroOptimizer(DeepSpeedZeroOptimizer):
         self.account_skipped_step()  # before this step's update runs at the scheduler's lr
         super().step(closure)
         if self.sync_free and self._skip is not None:
-            self._pending_skip, self._skip = _to_host(self._skip), None
+            self._pending_skip, self._skip = copy_to_host_later(self._skip), None
 
     def unscale_and_clip_grads(self, grad_groups_flat, total_norm):
         if not self.sync_free:
@@ -84,11 +86,8 @@ class FusedNormZeroOptimizer(DeepSpeedZeroOptimizer):
         flag: at the next step the GPU has long passed it; before a log line or a save it is a sync anyway."""
         if self._pending_skip is None:
             return
-        flag, event = self._pending_skip
-        self._pending_skip = None
-        if event is not None:
-            event.synchronize()
-        if bool(flag) and self.on_skipped is not None:
+        skipped, self._pending_skip = bool(read_host_copy(*self._pending_skip)), None
+        if skipped and self.on_skipped is not None:
             self.on_skipped()
 
     def _counted_gradients(self):
@@ -102,17 +101,6 @@ class FusedNormZeroOptimizer(DeepSpeedZeroOptimizer):
                 if counted_once(p) and (is_model_parallel_parameter(p)
                                                                or self.model_parallel_rank == 0):
                     yield g
-
-
-def _to_host(flag: torch.Tensor):
-    """(flag, event): a CUDA flag is copied to pinned memory without waiting, readable once event is done."""
-    if flag.device.type != "cuda":
-        return flag, None
-    host = torch.empty((), dtype=flag.dtype, pin_memory=True)
-    host.copy_(flag, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
 
 
 def counted_once(p: torch.nn.Parameter) -> bool:

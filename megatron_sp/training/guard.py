@@ -30,15 +30,7 @@ class NonFiniteGuard:
         else:  # None or a float on the host; made on the device, not copied there (no host sync)
             bad = grad_norm is not None and not (math.isfinite(grad_norm) and grad_norm >= 0)
             grad_bad = (torch.ones if bad else torch.zeros)((), dtype=torch.bool, device=self.device)
-        flags = torch.stack([~torch.isfinite(loss), grad_bad])
-        if self.device.type == "cuda":
-            host = torch.empty(2, dtype=torch.bool, pin_memory=True)
-            host.copy_(flags, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self.pending.append((iteration, host, event))
-        else:
-            self.pending.append((iteration, flags, None))
+        self.pending.append((iteration, *copy_to_host_later(torch.stack([~torch.isfinite(loss), grad_bad]))))
 
     def poll(self) -> str | None:
         """Read the flags of every step but the newest -> the reason to stop, or None."""
@@ -61,9 +53,7 @@ class NonFiniteGuard:
     def _read(self, keep: int) -> str | None:
         while len(self.pending) > keep:
             iteration, host, event = self.pending.popleft()
-            if event is not None:
-                event.synchronize()
-            loss_bad, grad_bad = host.tolist()
+            loss_bad, grad_bad = read_host_copy(host, event).tolist()
             grad_bad = grad_bad and not self.loss_only
             if not (loss_bad or grad_bad):
                 self.in_a_row = 0
@@ -79,6 +69,25 @@ class NonFiniteGuard:
                 return (f"iterations {self.first_bad}-{iteration}: the loss or gradient norm was not finite "
                         f"{self.in_a_row} times in a row (--max-nonfinite-iterations {self.limit})")
         return None
+
+
+def copy_to_host_later(t: torch.Tensor) -> tuple:
+    """(host copy, CUDA event or None): a CUDA tensor is copied to pinned host memory without waiting; the copy
+    is readable once the event is done (read_host_copy). Any other tensor is its own host copy."""
+    if t.device.type != "cuda":
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def read_host_copy(host: torch.Tensor, event) -> torch.Tensor:
+    """The host copy of copy_to_host_later, waiting for its event if it is not done yet."""
+    if event is not None:
+        event.synchronize()
+    return host
 
 
 def weights_are_finite(engine) -> bool:
