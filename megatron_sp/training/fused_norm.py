@@ -36,6 +36,7 @@ class FusedNormZeroOptimizer(DeepSpeedZeroOptimizer):
     sync_free = False
     on_skipped = None  # () -> None: the engine's bookkeeping for an update that did not happen
     _skip = None  # float32 device scalar of the newest sync-free step: 1.0 if AdamW skipped its update
+    _clip_factor = None  # float32 device scalar of that step: what AdamW divides its gradients by (None: no clip)
     _pending_skip = None  # (that flag on the host, its CUDA event or None), until account_skipped_step reads it
 
     def has_overflow(self, partition_gradients=True):
@@ -57,7 +58,7 @@ class FusedNormZeroOptimizer(DeepSpeedZeroOptimizer):
         self.account_skipped_step()  # before this step's update runs at the scheduler's lr
         super().step(closure)
         if self.sync_free and self._skip is not None:
-            self._pending_skip, self._skip = copy_to_host_later(self._skip), None
+            self._pending_skip, self._skip, self._clip_factor = copy_to_host_later(self._skip), None, None
 
     def unscale_and_clip_grads(self, grad_groups_flat, total_norm):
         if not self.sync_free:
@@ -69,11 +70,14 @@ class FusedNormZeroOptimizer(DeepSpeedZeroOptimizer):
         finite, both read on the device from the norm step() stored in _global_grad_norm (float32, inf/NaN)."""
         if not self.sync_free:
             return super()._optimizer_step(group_no)
-        norm = self._global_grad_norm
-        self._skip = (~torch.isfinite(norm)).float()
+        if self._skip is None:  # once per step, at its first parameter group
+            norm = self._global_grad_norm
+            self._skip = (~torch.isfinite(norm)).float()
+            # DeepSpeed's factor: max(1, (norm + 1e-6) / clip)
+            self._clip_factor = ((norm + 1e-6) / self.clip_grad).clamp_(min=1.0) if self.clip_grad > 0 else None
         inner = self.optimizer
-        if self.clip_grad > 0:  # DeepSpeed's factor: max(1, (norm + 1e-6) / clip)
-            inner.grad_scale = ((norm + 1e-6) / self.clip_grad).clamp_(min=1.0)
+        if self._clip_factor is not None:
+            inner.grad_scale = self._clip_factor
         inner.found_inf = self._skip
         try:
             super()._optimizer_step(group_no)
