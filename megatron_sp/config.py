@@ -165,9 +165,11 @@ class TrainingConfig:
     fused_grad_norm: bool = arg(True, "ZeRO 1/2 without optimizer offload: take the gradient norm in one fp32 "
                                 "multi-tensor pass instead of DeepSpeed's per-parameter fp64 norms and skip its "
                                 "per-parameter inf/NaN scan (an inf/NaN gradient still skips the step, through the "
-                                "norm); the clipping factor moves by fp32 rounding (~1e-7). With --bf16 the step also "
-                                "has no host sync: AdamW's kernel applies the clipping factor and the skip. Measured "
-                                "on one H200: 12 %% less time per step at 8k tokens, 2 %% at 32k (docs/benchmarks.md). "
+                                "norm); the clipping factor moves by fp32 rounding (~1e-7). With --bf16 on a GPU the step "
+                                "is also one pass over memory without a host sync: one AdamW kernel reads the bf16 "
+                                "gradients and applies the clipping factor and the skip. Measured on one H200: 12 %% "
+                                "less time per step at 8k tokens, 2 %% at 32k for the norm, then another 4.6 %% at 8k "
+                                "and 2.8 %% at 16k for the one-pass step (docs/benchmarks.md). "
                                 "Elsewhere DeepSpeed's own norm runs. --no-fused-grad-norm keeps DeepSpeed's step.",
                                 flags=("--fused-grad-norm",))
     adam_beta1: float = arg(0.9, "AdamW beta1.")

@@ -57,17 +57,19 @@ def test_bench_e2e_cpu_mode(tmp_path):
         assert json.load(fh)[0]["seq_length"] == 128
 
 
-def _bench_e2e_memory(rank, world, out):
+def _bench_e2e_memory(rank, world, out, step_flags):
     from tools import bench_e2e
     return bench_e2e.main(["--model", "tiny", "--device", "cpu", "--seq-length", "64", "--zero-stage", "1",
                            "--warmup", "1", "--steps", "1", "--memory-breakdown",
-                           "--out", out, "--", "--bf16"])
+                           "--out", out, "--", "--bf16", *step_flags])
 
 
-def test_bench_e2e_memory_breakdown_reads_the_zero_1_states(tmp_path):
+@pytest.mark.parametrize("step_flags", [[], ["--no-fused-grad-norm"]])
+def test_bench_e2e_memory_breakdown_reads_the_zero_1_states(tmp_path, step_flags):
     """bf16 ZeRO-1 on 2 ranks: bf16 weights whole on each rank, the fp32 master weights and AdamW's two
-    states a half each, bf16 gradients after backward, the fp32 gradient partition only inside the step."""
-    r = run_ranks(2, _bench_e2e_memory, str(tmp_path / "e2e.json"), timeout=120)[0]
+    states a half each, bf16 gradients after backward; DeepSpeed's step (--no-fused-grad-norm) makes an fp32
+    gradient partition inside the step, the sync-free one (its AdamW reads the bf16 gradients) none."""
+    r = run_ranks(2, _bench_e2e_memory, str(tmp_path / "e2e.json"), step_flags, timeout=120)[0]
     n, moments = r["parameters"], r["memory"]["moments"]
     assert list(moments) == ["after forward", "after backward", "in optimizer step", "after step"]
     for m in moments.values():
@@ -75,7 +77,8 @@ def test_bench_e2e_memory_breakdown_reads_the_zero_1_states(tmp_path):
         assert 4 * n / 2 <= m["fp32 master weights"] <= 4 * n / 2 + 4 * 2 * 64  # + ZeRO's padding per group
         assert m["optimizer states"] == 2 * m["fp32 master weights"] + 2 * 4  # exp_avg, exp_avg_sq, 2 step counters
         assert "allocated" not in m  # CPU: no allocator statistics
-    assert moments["in optimizer step"]["fp32 gradient partition"] > 0
+    in_step = moments["in optimizer step"]["fp32 gradient partition"]
+    assert in_step > 0 if step_flags else in_step == 0
     assert all(moments[k]["fp32 gradient partition"] == 0 for k in ("after forward", "after backward", "after step"))
     assert moments["after backward"]["gradients + buffers"] >= 2 * n / 2
     assert moments["after step"]["gradients + buffers"] < 64  # only scalars (the gradient norm) stay

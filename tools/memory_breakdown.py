@@ -6,19 +6,23 @@ the rest from the CUDA allocator, at four moments of the step (tools/bench_e2e.p
     fp32 master weights      the tensors the torch optimizer updates: DeepSpeed's fp32 partition (ZeRO 1-3)
     optimizer states         AdamW's exp_avg and exp_avg_sq (and its step counters)
     fp32 gradient partition  the .grad of those master weights: DeepSpeed makes it from the bf16 gradients
-                             inside engine.step (ZeRO 1/2: flatten, then cast), beside them
+                             inside engine.step (ZeRO 1/2: flatten, then cast), beside them; the sync-free
+                             step (training/fused_norm.py) makes none: its flat bf16 copy counts as other
     gradients + buffers      the model parameters' .grad and every other tensor DeepSpeed's optimizer object
                              holds: bf16 gradient partitions, reduce buckets, flat copies
     other                    allocated - the above: activations, autograd and kernel workspace, caches
 Each tensor is counted once, by its storage (views into one flat buffer count the buffer once), in the
 order above. The moments: after forward (activations held), after backward (gradients held), inside the
-optimizer step (at the torch optimizer's step: the fp32 gradient partition exists), after the step.
+optimizer step (at the torch optimizer's step, or the sync-free step's AdamW: the step's flat gradient
+copies exist), after the step.
 "peak since previous" is torch.cuda.max_memory_allocated over the phase that ends at that moment (forward,
 backward, optimizer step).
 """
 import contextlib
 
 import torch
+
+from megatron_sp.training import fused_norm
 
 CATEGORIES = ("parameters", "fp32 master weights", "optimizer states", "fp32 gradient partition",
               "gradients + buffers")
@@ -129,6 +133,8 @@ def measure(engine, step, cuda: bool) -> dict:
         stack.enter_context(_calling(engine, "forward", after=lambda: record(MOMENTS[0])))
         stack.enter_context(_calling(engine, "backward", after=lambda: record(MOMENTS[1])))
         stack.enter_context(_calling(base, "step", before=lambda: record(MOMENTS[2])))
+        # the sync-free ZeRO step calls no torch optimizer: its one-pass AdamW instead
+        stack.enter_context(_calling(fused_norm, "adamw_step", before=lambda: record(MOMENTS[2])))
         stack.enter_context(_calling(engine, "step", after=lambda: record(MOMENTS[3])))
         if cuda:
             torch.cuda.synchronize()

@@ -14,11 +14,11 @@ flash_attn (varlen FlashAttention-2, attention/varlen.py) and triton (kernels/fl
 import functools
 import importlib
 import inspect
-import os
 
 import torch
 
 from megatron_sp.attention.varlen import varlen_backward, varlen_forward
+from megatron_sp.kernels import triton_runs_on
 from megatron_sp.kernels.choice import auto_candidates
 
 BACKENDS = ("torch", "cudnn", "sdpa_flash", "flash_attn", "triton")
@@ -293,8 +293,7 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
             return "the flash_attn package is not installed"
         return None
     if backend == "triton":
-        # Triton compiles for a GPU; its CPU interpreter (TRITON_INTERPRET=1) is a test tool, so it alone admits CPU
-        if (device.type != "cuda" or not torch.cuda.is_available()) and os.environ.get("TRITON_INTERPRET") != "1":
+        if not triton_runs_on(device):  # Triton's CPU interpreter is a test tool: it alone admits CPU
             return "it needs a CUDA device"
         try:
             _triton_module()

@@ -156,11 +156,13 @@ def early_gradients(cfg: RunConfig, elem: int, head: bool = True) -> float:
     return elem * (head_params + layer_parameters(cfg))
 
 
-def step_temporaries(params: int, world: int, stage: int, elem: int) -> float:
+def step_temporaries(params: int, world: int, stage: int, elem: int, one_pass: bool = False) -> float:
     """DeepSpeed's optimizer step beside the model states (from its code, not measured): ZeRO 1-2 flatten
-    the rank's gradient partition and convert it to fp32; ZeRO 3 converts its partition to fp32."""
+    the rank's gradient partition and convert it to fp32; ZeRO 3 converts its partition to fp32. one_pass:
+    the sync-free ZeRO 1-2 step (training/fused_norm.py), whose AdamW reads the flat bf16 partition itself."""
     shard = -(-params // world)
-    return {0: 0, 1: (elem + 4) * shard, 2: (elem + 4) * shard, 3: 4 * shard}[stage]
+    flat = elem if one_pass else elem + 4
+    return {0: 0, 1: flat * shard, 2: flat * shard, 3: 4 * shard}[stage]
 
 
 def estimate_memory(cfg: RunConfig, world: int, sp: int, strategy: str, ulysses_degree: int | None,
@@ -208,7 +210,8 @@ def estimate_memory(cfg: RunConfig, world: int, sp: int, strategy: str, ulysses_
                                        in_backward, 2 if on_host else 1) * layer.kept * local + outside,
                                        "backward workspace": work},
         "the optimizer step": {**states, "gradients": gradients,
-                               "optimizer step": step_temporaries(params, world // pp, zero.stage, elem)},
+                               "optimizer step": step_temporaries(params, world // pp, zero.stage, elem, one_pass=(
+                                   t.bf16 and t.fused_grad_norm and not zero.offload_optimizer))},
     }
     if last:
         phases["the loss's backward"] = {**states, "gradients": early, "activations": waiting + at_start

@@ -1,13 +1,15 @@
 """--fused-grad-norm (on by default): DeepSpeed's ZeRO-1/2 optimizer step with one multi-tensor gradient norm
 in place of its per-parameter fp64 norms and per-parameter inf/NaN scan; an inf/NaN gradient still skips the
-step. With bf16 and torch's fused AdamW the step also runs without a host sync: the clipping factor and the
-skip travel to AdamW as device tensors."""
+step. With bf16 and torch's fused AdamW, where Triton runs, the step is also one pass over memory without a
+host sync: kernels/adamw.py reads the bf16 gradients, and the clipping factor and the skip as device tensors."""
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.constants import PIPE_REPLICATED
 from deepspeed.runtime.utils import is_model_parallel_parameter
-from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer, all_gather_dp_groups
 
+from megatron_sp.kernels import triton_runs_on
+from megatron_sp.kernels.adamw import adamw_state, adamw_step, supports
 from megatron_sp.training.guard import copy_to_host_later, read_host_copy
 
 
@@ -25,19 +27,18 @@ class FusedNormZeroOptimizer(DeepSpeedZeroOptimizer):
     reaches the weights only through the clipping factor. A squared norm beyond fp32's range (entries above
     ~1e19) reads as inf and skips the step, where fp64 would have clipped it.
 
-    Without a host sync (`sync_free`, see install): the host never reads the norm inside the step. DeepSpeed's
-    clip (a multiply over the whole fp32 gradient partition, after a host check of the norm) becomes AdamW's
-    grad_scale (its kernel divides each gradient by the clipping factor as it reads it), and the skip becomes
-    AdamW's found_inf (its kernel leaves weights, moments and step count as they were). The host learns of a
-    skip one step later (account_skipped_step): DeepSpeed's engine, told of no overflow, advanced the lr
+    Without a host sync (`sync_free`, see install): the host never reads the norm inside the step. Per parameter
+    group, DeepSpeed's fp32 copy of the gradient partition, its clip (a multiply over that copy, after a host
+    check of the norm), torch's AdamW and the fp32 -> bf16 copy of the weights become one adamw_step: it divides
+    each gradient by the clipping factor as it reads it, and on an inf/NaN norm leaves weights, moments and step
+    count as they were. DeepSpeed's optimizer timers do not time this step. The host learns of a skip one step
+    later (account_skipped_step): DeepSpeed's engine, told of no overflow, advanced the lr
     schedule and did not count the skip; both are put right before the next step's update, a log line or a
     save, so the lr of every update and the saved counters are those of DeepSpeed's own step."""
 
     sync_free = False
     on_skipped = None  # () -> None: the engine's bookkeeping for an update that did not happen
-    _skip = None  # float32 device scalar of the newest sync-free step: 1.0 if AdamW skipped its update
-    _clip_factor = None  # float32 device scalar of that step: what AdamW divides its gradients by (None: no clip)
-    _pending_skip = None  # (that flag on the host, its CUDA event or None), until account_skipped_step reads it
+    _pending_skip = None  # (the newest sync-free step's skip flag on the host, its CUDA event or None)
 
     def has_overflow(self, partition_gradients=True):
         return False  # scaled_global_norm carries any inf/NaN into step()'s own check of the norm
@@ -56,34 +57,42 @@ class FusedNormZeroOptimizer(DeepSpeedZeroOptimizer):
 
     def step(self, closure=None):
         self.account_skipped_step()  # before this step's update runs at the scheduler's lr
-        super().step(closure)
-        if self.sync_free and self._skip is not None:
-            self._pending_skip, self._skip, self._clip_factor = copy_to_host_later(self._skip), None, None
-
-    def unscale_and_clip_grads(self, grad_groups_flat, total_norm):
         if not self.sync_free:
-            super().unscale_and_clip_grads(grad_groups_flat, total_norm)
-        # sync-free: _optimizer_step hands the factor to AdamW
+            return super().step(closure)
+        self.micro_step_id = INITIAL_MICRO_STEP_ID
+        norm = self._global_grad_norm = self.scaled_global_norm()
+        skip = (~torch.isfinite(norm)).float()
+        # DeepSpeed's clipping factor, max(1, (norm + 1e-6) / clip); the gradients are divided by it
+        clip = ((norm + 1e-6) / self.clip_grad).clamp_(min=1.0) if self.clip_grad > 0 else None
+        for i in range(len(self.bit16_groups)):
+            self._update_group(i, skip, clip)
+        self._lazy_init_hp_params_optimizer_state()  # DeepSpeed links the states after the first update
+        all_gather_dp_groups(groups_flat=self.bit16_groups_flat,
+                             partitioned_param_groups=self.parallel_partitioned_bit16_groups,
+                             dp_process_group=self.real_dp_process_group,
+                             start_alignment_factor=self.nccl_start_alignment_factor,
+                             allgather_bucket_size=self.allgather_bucket_size)
+        for i in range(len(self.bit16_groups)):
+            self._update_model_bit16_weights(i)
+        self._pending_skip = copy_to_host_later(skip)
 
-    def _optimizer_step(self, group_no):
-        """Sync-free: AdamW divides the gradients by the clipping factor and skips the update if the norm is not
-        finite, both read on the device from the norm step() stored in _global_grad_norm (float32, inf/NaN)."""
-        if not self.sync_free:
-            return super()._optimizer_step(group_no)
-        if self._skip is None:  # once per step, at its first parameter group
-            norm = self._global_grad_norm
-            self._skip = (~torch.isfinite(norm)).float()
-            # DeepSpeed's factor: max(1, (norm + 1e-6) / clip)
-            self._clip_factor = ((norm + 1e-6) / self.clip_grad).clamp_(min=1.0) if self.clip_grad > 0 else None
-        inner = self.optimizer
-        if self._clip_factor is not None:
-            inner.grad_scale = self._clip_factor
-        inner.found_inf = self._skip
-        try:
-            super()._optimizer_step(group_no)
-        finally:
-            inner.__dict__.pop("grad_scale", None)
-            inner.__dict__.pop("found_inf", None)
+    def _update_group(self, i, skip, clip):
+        """DeepSpeed's update of parameter group i (stage_1_and_2's step without offload, loss scale or Muon), with
+        its fp32 gradient copy, clip, AdamW and bf16 copy-back replaced by one adamw_step."""
+        group = self.real_dp_process_group[i]
+        partition_id = dist.get_rank(group=group)
+        self.free_grad_in_param_list(self.params_not_in_partition[i])
+        grads = self._get_preflattened_grad_partition(i)  # [partition_size], a buffer of DeepSpeed's or a copy
+        if grads is None and partition_id == dist.get_world_size(group=group) - 1:
+            grads = self.flatten_dense_tensors_aligned(self.averaged_gradients[i], int(self.partition_size[i]))
+        elif grads is None:
+            grads = self.flatten(self.averaged_gradients[i])
+        master = self.single_partition_of_fp32_groups[i]
+        adamw_step(master, grads, adamw_state(self.optimizer, master), self.optimizer.param_groups[i],
+                   self.parallel_partitioned_bit16_groups[i][partition_id], skip, clip)
+        self.free_grad_in_param_list(self.params_in_partition[i])
+        self._release_preflattened_grad_buffers(i)
+        self.averaged_gradients[i] = self.all_grad_tensors[i] = None
 
     def account_skipped_step(self) -> None:
         """Tell the engine (on_skipped) if the newest sync-free step skipped its update. Waits for that step's
@@ -116,18 +125,17 @@ def counted_once(p: torch.nn.Parameter) -> bool:
 def install(optimizer, on_skipped=None) -> bool:
     """Make DeepSpeed's ZeRO-1/2 optimizer a FusedNormZeroOptimizer where it can be (not with optimizer
     offload, MoE layers or compute_grad_norm off, not on ZeRO-0/3's optimizers); whether it did. Elsewhere
-    DeepSpeed's norm runs. Its step is sync-free with bf16 (no loss scale) when the inner optimizer is torch's
-    fused Adam/AdamW, whose kernel takes grad_scale and found_inf; on_skipped is then called, one step late,
-    for each update the kernel skipped."""
+    DeepSpeed's norm runs. Its step is sync-free (adamw_step) with bf16 (no loss scale) when the inner optimizer
+    is torch's fused AdamW (the state format adamw_step keeps) and Triton runs on the weights' device;
+    on_skipped is then called, one step late, for each update the kernel skipped."""
     if (type(optimizer) is not DeepSpeedZeroOptimizer or optimizer.cpu_offload or optimizer.has_moe_layers
             or not optimizer.compute_grad_norm):
         return False
     optimizer.__class__ = FusedNormZeroOptimizer
-    inner = optimizer.optimizer
-    if (optimizer.dtype == torch.bfloat16 and isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
-            and all(group.get("fused") for group in inner.param_groups)):
+    if (optimizer.dtype == torch.bfloat16 and supports(optimizer.optimizer) and not optimizer.zenflow
+            and optimizer.torch_autocast_gradscaler is None
+            and triton_runs_on(optimizer.single_partition_of_fp32_groups[0].device)):
         optimizer.sync_free, optimizer.on_skipped = True, on_skipped
-        optimizer.check_grad_overflow = False  # with bf16, DeepSpeed's step then leaves the norm on the device
     return True
 
 
