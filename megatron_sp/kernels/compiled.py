@@ -17,7 +17,8 @@ def _device_type(args) -> str | None:
 
 
 class Fused:
-    """Calls ``fn`` eagerly, or its torch.compile'd form when its first tensor argument is on a GPU.
+    """Calls ``fn`` eagerly, or its torch.compile'd form when its first tensor argument is on a GPU, or there
+    ``kernel`` (a hand-written equivalent of fn, where one measured faster than the compiled form) if given.
 
     Compiled lazily (first GPU call). The first shapes get a static-shape kernel (training shapes do not
     change); a dimension seen with a second size is recompiled once as dynamic (torch.compile's automatic
@@ -26,14 +27,17 @@ class Fused:
     keeps one Python definition as the reference the compiled form must match.
     """
 
-    def __init__(self, fn: Callable, enabled: bool, backend: str = "inductor", devices: tuple[str, ...] = ("cuda",)):
-        self.fn, self.enabled, self.backend, self.devices = fn, enabled, backend, devices
+    def __init__(self, fn: Callable, enabled: bool, backend: str = "inductor", devices: tuple[str, ...] = ("cuda",),
+                 kernel: Callable | None = None):
+        self.fn, self.enabled, self.backend, self.devices, self.kernel = fn, enabled, backend, devices, kernel
         self._compiled = None
 
     def __call__(self, *args):
         # inside a compiled region (compile_layers) the enclosing graph traces fn and fuses it with its neighbours
         if not (self.enabled and _device_type(args) in self.devices) or torch.compiler.is_compiling():
             return self.fn(*args)
+        if self.kernel is not None:
+            return self.kernel(*args)
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, backend=self.backend, dynamic=None, fullgraph=True)
         return self._compiled(*args)

@@ -4,7 +4,8 @@ In eager mode RMSNorm is ~5 kernels forward and more backward, SwiGLU 3, rotary 
 reading and writing the whole activation: together up to ~15 % of a 1.3B step at 64k tokens
 (docs/benchmarks_history.md). Compiled, each becomes one kernel forward and one backward. The Python below
 is the single definition: CPU (and --no-fused-elementwise) runs it eagerly, CUDA compiles it
-(kernels/compiled.py's Fused).
+(kernels/compiled.py's Fused), except SwiGLU, which runs a Triton kernel pair there (swiglu_kernel) unless
+inside a compiled layer (--compile-layers).
 """
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,12 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     """[.., 2f] (gate, up) -> [.., f] silu(gate) * up."""
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def swiglu_kernel(h: torch.Tensor) -> torch.Tensor:
+    """swiglu by the Triton kernels of kernels/swiglu.py (GPU; imported on first use: Triton is Linux-only)."""
+    from megatron_sp.kernels.swiglu import SwiGLU
+    return SwiGLU.apply(h)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

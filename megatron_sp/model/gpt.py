@@ -70,7 +70,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.activation = Fused(fused.swiglu if cfg.swiglu else F.gelu, cfg.fused_elementwise)
+        self.activation = (Fused(fused.swiglu, cfg.fused_elementwise, kernel=fused.swiglu_kernel) if cfg.swiglu
+                           else Fused(F.gelu, cfg.fused_elementwise))
         bias = not cfg.disable_bias_linear
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size * (2 if cfg.swiglu else 1), bias=bias)
         self.fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=bias)
