@@ -60,6 +60,15 @@ def test_a_skipped_first_update_leaves_everything_as_it_was():
     assert not exp_avg.any() and not exp_avg_sq.any()
 
 
+def test_a_step_count_kept_elsewhere_moves_beside_the_weights():
+    master = torch.zeros(4, device=DEVICE)
+    opt = torch.optim.AdamW([torch.nn.Parameter(master)], fused=True)
+    opt.state[master].update(step=torch.tensor(7.0, dtype=torch.float64), exp_avg=torch.zeros_like(master),
+                             exp_avg_sq=torch.zeros_like(master))
+    step = adamw.adamw_state(opt, master)["step"]
+    assert (step.device, step.dtype, step.item()) == (master.device, torch.float32, 7.0)
+
+
 def test_adamw_step_refuses_mismatched_vectors():
     master, grad = torch.zeros(8, device=DEVICE), torch.zeros(7, dtype=torch.bfloat16, device=DEVICE)
     opt = torch.optim.AdamW([torch.nn.Parameter(master)], fused=True)

@@ -57,12 +57,15 @@ def _adamw_kernel(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, out_ptr, sc
 
 
 def adamw_state(optimizer: torch.optim.AdamW, master: torch.Tensor) -> dict:
-    """`optimizer`'s state of `master`, made as torch's fused AdamW makes it if the parameter has none yet."""
+    """`optimizer`'s state of `master`, made as torch's fused AdamW makes it if the parameter has none yet; a step
+    count loaded elsewhere (torch keeps a non-fused AdamW's on the CPU) is moved beside the weights."""
     state = optimizer.state[master]
     if not state:
         state["step"] = torch.zeros((), dtype=torch.float32, device=master.device)
         state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+    elif state["step"].device != master.device or state["step"].dtype != torch.float32:
+        state["step"] = state["step"].to(master.device, torch.float32)
     return state
 
 
