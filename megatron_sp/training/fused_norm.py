@@ -32,9 +32,9 @@ class FusedNormZeroOptimizer(DeepSpeedZeroOptimizer):
     check of the norm), torch's AdamW and the fp32 -> bf16 copy of the weights become one adamw_step: it divides
     each gradient by the clipping factor as it reads it, and on an inf/NaN norm leaves weights, moments and step
     count as they were. DeepSpeed's optimizer timers do not time this step. The host learns of a skip one step
-    later (account_skipped_step): DeepSpeed's engine, told of no overflow, advanced the lr
-    schedule and did not count the skip; both are put right before the next step's update, a log line or a
-    save, so the lr of every update and the saved counters are those of DeepSpeed's own step."""
+    later (account_skipped_step): DeepSpeed's engine, told of no overflow, advanced the lr schedule and did not
+    count the skip; both are put right before the next step's update, a log line or a save, so the lr of every
+    update and the saved counters are those of DeepSpeed's own step."""
 
     sync_free = False
     on_skipped = None  # () -> None: the engine's bookkeeping for an update that did not happen
