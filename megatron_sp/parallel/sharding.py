@@ -79,6 +79,12 @@ def effective_strategy(strategy: str, sp_size: int) -> str:
     return strategy if sp_size > 1 else "local"
 
 
+def configured_sp(parallel) -> tuple[int, str, int | None]:
+    """(SP size, the strategy that runs, --ulysses-degree) of the parallel flags (a ParallelConfig)."""
+    sp = parallel.sequence_parallel_size
+    return sp, effective_strategy(parallel.sequence_parallel_strategy, sp), parallel.ulysses_degree
+
+
 def ulysses_degree_of(strategy: str, sp_size: int, ulysses_degree: int | None = None) -> int:
     """Ranks that exchange heads by all-to-all: all P for 'ulysses' (and 'local'), none (1) for
     'ring', the given --ulysses-degree for 'hybrid'."""

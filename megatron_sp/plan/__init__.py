@@ -11,7 +11,7 @@ from megatron_sp.config import RunConfig, fill_defaults, read_deepspeed_json
 from megatron_sp.errors import ConfigError
 from megatron_sp.parallel.layout import layout_lines
 from megatron_sp.parallel.pipeline import schedule_lines
-from megatron_sp.parallel.sharding import effective_strategy
+from megatron_sp.parallel.sharding import configured_sp
 from megatron_sp.plan.choose import candidates, choose
 from megatron_sp.plan.fit import HOST_RESERVE, MEMORY_RESERVE, estimate_for, host_memory_gib, keep_layers_that_fit
 from megatron_sp.plan.memory import (GIB, MemoryEstimate, ZeroSetup, count_parameters, detect_gpu_memory_gib,
@@ -32,10 +32,7 @@ def zero_setup(cfg: RunConfig) -> ZeroSetup:
 def configured_estimate(cfg: RunConfig, world: int, pp_rank: int | None = None) -> MemoryEstimate:
     """The per-rank estimate for the flags as given (their SP size, strategy, Ulysses degree, ZeRO setup and
     GPU memory; what --dry-run prints) of pipeline stage pp_rank, by default of the stage that needs the most."""
-    p = cfg.parallel
-    sp = p.sequence_parallel_size
-    return estimate_for(cfg, world, sp, effective_strategy(p.sequence_parallel_strategy, sp), p.ulysses_degree,
-                        zero_setup(cfg), gpu_memory_gib(cfg), pp_rank)
+    return estimate_for(cfg, world, *configured_sp(cfg.parallel), zero_setup(cfg), gpu_memory_gib(cfg), pp_rank)
 
 
 def resolve_auto(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
@@ -67,12 +64,11 @@ def resolve_auto(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
 def resolve_keep_layers(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
     """Replace --checkpoint-in-cpu-keep-layers auto by the most layers whose checkpoints fit on the GPU
     beside everything else (fit.keep_layers_that_fit); returns the line that says so."""
-    p, m = cfg.parallel, cfg.model
-    sp, gib = p.sequence_parallel_size, gpu_memory_gib(cfg)
-    strategy = effective_strategy(p.sequence_parallel_strategy, sp)
-    keep = keep_layers_that_fit(cfg, world, sp, strategy, p.ulysses_degree, zero_setup(cfg), gib)
-    m.checkpoint_in_cpu_keep_layers = keep
-    host = max(configured_estimate(cfg, world, r).host_total for r in range(p.pipeline_model_parallel_size))
+    gib = gpu_memory_gib(cfg)
+    keep = keep_layers_that_fit(cfg, world, *configured_sp(cfg.parallel), zero_setup(cfg), gib)
+    cfg.model.checkpoint_in_cpu_keep_layers = keep
+    host = max(configured_estimate(cfg, world, r).host_total
+               for r in range(cfg.parallel.pipeline_model_parallel_size))
     layers = layers_per_stage(cfg)
     return [f"--checkpoint-in-cpu-keep-layers auto: {keep} of {layers} layers keep their checkpoints on the "
             f"GPU (the most under {MEMORY_RESERVE:.0%} of {gib:.1f} GiB); the other {layers - keep} use "

@@ -4,7 +4,7 @@ import copy
 import dataclasses
 
 from megatron_sp.config import RunConfig
-from megatron_sp.parallel.sharding import effective_strategy
+from megatron_sp.parallel.sharding import configured_sp
 from megatron_sp.plan.activations import layer_bytes
 from megatron_sp.plan.choose import ACHIEVED_FLOPS, iteration_seconds
 from megatron_sp.plan.fit import HOST_RESERVE, MEMORY_RESERVE, estimate_for, longest_sequence
@@ -20,9 +20,8 @@ def memory_lines(cfg: RunConfig, world: int, zero: ZeroSetup, gpu_gib: float, ho
     """The memory estimate for the configured SP size and strategy (GPU and host, per rank), the longest
     sequence these flags fit, and a warning line last if this one does not fit."""
     m, p, t = cfg.model, cfg.parallel, cfg.training
-    sp = p.sequence_parallel_size
-    strategy, pp = effective_strategy(p.sequence_parallel_strategy, sp), p.pipeline_model_parallel_size
-    stages = [estimate_for(cfg, world, sp, strategy, p.ulysses_degree, zero, gpu_gib, r) for r in range(pp)]
+    (sp, strategy, ulysses_degree), pp = configured_sp(p), p.pipeline_model_parallel_size
+    stages = [estimate_for(cfg, world, sp, strategy, ulysses_degree, zero, gpu_gib, r) for r in range(pp)]
     stage = max(range(pp), key=lambda r: stages[r].total)
     est = stages[stage]
     ckpt = "on" if m.checkpoint_activations else "selective (MLP)" if m.recompute_granularity == "selective" else "off"
@@ -42,7 +41,7 @@ def memory_lines(cfg: RunConfig, world: int, zero: ZeroSetup, gpu_gib: float, ho
     flipped.model = dataclasses.replace(m, checkpoint_activations=not m.checkpoint_activations,
                                         recompute_granularity=None, checkpoint_in_cpu=False,
                                         checkpoint_in_cpu_keep_layers=0)
-    alt = estimate_memory(flipped, world, sp, strategy, p.ulysses_degree, zero, stage)
+    alt = estimate_memory(flipped, world, sp, strategy, ulysses_degree, zero, stage)
     lines.append(f"  with activation checkpointing {'off' if m.checkpoint_activations else 'on'} (GPU only): "
                  f"activations {_gib(alt.parts.get('activations', 0)).strip()}, total {_gib(alt.total).strip()}")
     return lines + _per_token_lines(cfg, world, zero, gpu_gib, host_gib, est)
@@ -51,15 +50,14 @@ def memory_lines(cfg: RunConfig, world: int, zero: ZeroSetup, gpu_gib: float, ho
 def _per_token_lines(cfg: RunConfig, world: int, zero: ZeroSetup, gpu_gib: float, host_gib: float, est) -> list[str]:
     """A layer's bytes per local token, the longest sequence that fits, what is not counted, and a warning
     line last if the estimate `est` does not fit."""
-    m, p = cfg.model, cfg.parallel
-    sp = p.sequence_parallel_size
-    strategy = effective_strategy(p.sequence_parallel_strategy, sp)
-    layer = layer_bytes(cfg, sp, strategy, p.ulysses_degree, cfg.elem_bytes)
+    m = cfg.model
+    sp, strategy, ulysses_degree = configured_sp(cfg.parallel)
+    layer = layer_bytes(cfg, sp, strategy, ulysses_degree, cfg.elem_bytes)
     lines = [f"  bytes per local token per layer with nothing recomputed: {sum(layer.terms.values()):.0f} = "
              + " + ".join(f"{k} {v:.0f}" for k, v in layer.terms.items() if v)
              + f"; kept for backward as configured: {layer.kept:.0f}; a layer's backward at most "
              f"{layer.backward_peak:.0f}"]
-    longest = longest_sequence(cfg, world, sp, strategy, p.ulysses_degree, zero, gpu_gib, host_gib)
+    longest = longest_sequence(cfg, world, sp, strategy, ulysses_degree, zero, gpu_gib, host_gib)
     lines.append(f"  longest sequence these flags fit: {longest} tokens per sample (under {MEMORY_RESERVE:.0%} "
                  f"of GPU and {HOST_RESERVE:.0%} of host memory)" if longest else
                  "  longest sequence these flags fit: none")
@@ -109,9 +107,8 @@ def flops_lines(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
     m, p, t = cfg.model, cfg.parallel, cfg.training
     tokens = t.global_batch_size * m.seq_length
     model, hardware = flops_per_token(cfg, False) * tokens, flops_per_token(cfg, True) * tokens
-    sp = p.sequence_parallel_size
-    strategy = effective_strategy(p.sequence_parallel_strategy, sp)
-    seconds, sent = iteration_seconds(cfg, world, sp, strategy, p.ulysses_degree, gpus_per_node, t.global_batch_size)
+    sp, strategy, ulysses_degree = configured_sp(p)
+    seconds, sent = iteration_seconds(cfg, world, sp, strategy, ulysses_degree, gpus_per_node, t.global_batch_size)
     lines = [f"model: {count_parameters(cfg) / 1e9:.3f} B parameters, {m.num_layers} layers, hidden {m.hidden_size}, "
              f"heads {m.num_attention_heads}/{m.num_key_value_heads} (q/kv), FFN {m.ffn_hidden_size}, "
              f"vocab {cfg.padded_vocab_size}",
