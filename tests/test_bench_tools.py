@@ -282,3 +282,20 @@ def test_packed_mock_samples_end_each_document_with_one_eod():
     text = PackedMock(mock, document_lengths(6, 20), eod)[0]["text"]
     assert np.flatnonzero(text == eod).tolist() == [5, 11, 17, 19]
     assert document_lengths(6, 20) == [6, 6, 6, 2] and (mock[0]["text"] == eod).all()  # the dataset is untouched
+
+
+def test_bench_adamw_runs_both_steps_and_the_sweep_on_cpu(tmp_path, monkeypatch):
+    """--device cpu (Triton's interpreter): both ways and every tiling run, one JSON line is appended, and the
+    kernel's default tiling is left as it was."""
+    from megatron_sp.kernels import adamw
+    from tools import bench_adamw
+    default = (adamw.BLOCK, adamw.NUM_WARPS)
+    out = tmp_path / "adamw.json"
+    result = bench_adamw.main(["--device", "cpu", "--numel", "3000", "--warmup", "0", "--reps", "1", "--sweep",
+                               "--out", str(out)])
+    assert result["deepspeed"]["ms"] > 0 and result["ours"]["ms"] > 0 and len(result["sweep"]) == 12
+    assert json.loads(out.read_text())["numel"] == 3000
+    assert (adamw.BLOCK, adamw.NUM_WARPS) == default
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(SystemExit, match="set TRITON_INTERPRET=1"):
+        bench_adamw.main(["--device", "cpu"])

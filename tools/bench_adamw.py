@@ -6,10 +6,12 @@
 
     python tools/bench_adamw.py --numel 1350000000 --out adamw.json
     python tools/bench_adamw.py --numel 1350000000 --sweep    # ours at other tilings (BLOCK x warps)
+    TRITON_INTERPRET=1 python tools/bench_adamw.py --device cpu --numel 5000   # checks this tool, times nothing real
 
 Prints ms per update and the bytes each moves per element over that time (GB/s); --out appends one JSON line."""
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -21,31 +23,57 @@ from megatron_sp.kernels.adamw import adamw_state, adamw_step
 BYTES = {"deepspeed": 2 + 4 + 4 * 4 + 4 * 4 + 4 + 2, "ours": 2 + 3 * 4 + 3 * 4 + 2}  # read + written per element
 
 
-def time_ms(fn, warmup: int, reps: int) -> float:
+def time_ms(fn, warmup: int, reps: int, cuda: bool) -> float:
+    """Median ms of fn over reps calls after warmup ones: CUDA events on a GPU, the host clock on CPU."""
     for _ in range(warmup):
         fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
     return sorted(times)[len(times) // 2]
 
 
-def main() -> None:
+def sweep(ours, n: int, warmup: int, reps: int, cuda: bool) -> dict:
+    """ms of ours at each elements-per-program x warps tiling; the module's default is restored after."""
+    default, times = (adamw.BLOCK, adamw.NUM_WARPS), {}
+    try:
+        for block in (1024, 2048, 4096, 8192):
+            for warps in (4, 8, 16):
+                adamw.BLOCK, adamw.NUM_WARPS = block, warps
+                ms = time_ms(ours, warmup, reps, cuda)
+                times[f"{block}x{warps}"] = round(ms, 3)
+                print(f"     ours BLOCK {block:5d} warps {warps:2d}: {ms:8.3f} ms  "
+                      f"{BYTES['ours'] * n / ms / 1e6:7.1f} GB/s")
+    finally:
+        adamw.BLOCK, adamw.NUM_WARPS = default
+    return times
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--numel", type=int, default=1_350_000_000, help="elements of the partition")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", help="append the result as one JSON line to this file")
     parser.add_argument("--sweep", action="store_true", help="also time ours at other elements per program and warps")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_adamw needs a CUDA GPU")
-    n, device = args.numel, torch.device("cuda")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: Triton's interpreter (TRITON_INTERPRET=1), for checking this tool at tiny sizes")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_adamw needs a CUDA GPU (or --device cpu with TRITON_INTERPRET=1)")
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("bench_adamw --device cpu runs Triton's interpreter: set TRITON_INTERPRET=1")
+    n, device, cuda = args.numel, torch.device(args.device), args.device == "cuda"
     master = torch.randn(n, device=device) * 0.02
     grad = (torch.randn(n, device=device) * 1e-3).to(torch.bfloat16)
     weights = torch.empty(n, dtype=torch.bfloat16, device=device)
@@ -62,24 +90,18 @@ def main() -> None:
     def ours():
         adamw_step(master, grad, state, group, weights, skip, clip)
 
-    result = {"numel": n, "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-              "argv": sys.argv[1:]}
+    result = {"numel": n, "device": torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)",
+              "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:] if argv is None else argv}
     for name, fn in (("deepspeed", deepspeed_step), ("ours", ours)):
-        ms = time_ms(fn, args.warmup, args.reps)
+        ms = time_ms(fn, args.warmup, args.reps, cuda)
         result[name] = {"ms": round(ms, 3), "GB/s": round(BYTES[name] * n / ms / 1e6, 1)}
         print(f"{name:>9}: {ms:8.3f} ms  {BYTES[name] * n / ms / 1e6:7.1f} GB/s ({BYTES[name]} B per element)")
     if args.sweep:
-        result["sweep"] = {}
-        for block in (1024, 2048, 4096, 8192):
-            for warps in (4, 8, 16):
-                adamw.BLOCK, adamw.NUM_WARPS = block, warps
-                ms = time_ms(ours, args.warmup, args.reps)
-                result["sweep"][f"{block}x{warps}"] = round(ms, 3)
-                rate = BYTES["ours"] * n / ms / 1e6
-                print(f"     ours BLOCK {block:5d} warps {warps:2d}: {ms:8.3f} ms  {rate:7.1f} GB/s")
+        result["sweep"] = sweep(ours, n, args.warmup, args.reps, cuda)
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps(result) + "\n")
+    return result
 
 
 if __name__ == "__main__":
