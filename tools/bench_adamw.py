@@ -15,32 +15,15 @@ import os
 import sys
 import time
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sp.kernels import adamw
-from megatron_sp.kernels.adamw import adamw_state, adamw_step
+import torch  # noqa: E402
+
+from megatron_sp.kernels import adamw  # noqa: E402
+from megatron_sp.kernels.adamw import adamw_state, adamw_step  # noqa: E402
+from tools.timing import time_ms  # noqa: E402
 
 BYTES = {"deepspeed": 2 + 4 + 4 * 4 + 4 * 4 + 4 + 2, "ours": 2 + 3 * 4 + 3 * 4 + 2}  # read + written per element
-
-
-def time_ms(fn, warmup: int, reps: int, cuda: bool) -> float:
-    """Median ms of fn over reps calls after warmup ones: CUDA events on a GPU, the host clock on CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def sweep(ours, n: int, warmup: int, reps: int, cuda: bool) -> dict:

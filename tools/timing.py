@@ -1,4 +1,4 @@
-"""Timing shared by the benchmarks (tools/bench_attention.py, tools/bench_flash_attn.py)."""
+"""Timing shared by the benchmarks (tools/bench_attention.py, tools/bench_flash_attn.py, tools/bench_adamw.py)."""
 import statistics
 import time
 
