@@ -167,6 +167,17 @@ def test_sync_free_step_is_deepspeeds_step(corpus):
         assert differing <= 2  # only where the masters' last-bit difference straddles a bf16 rounding boundary
 
 
+def test_a_deepspeed_without_a_part_the_sync_free_step_uses_gets_its_own_step(corpus, monkeypatch):
+    """Should a DeepSpeed release lack something the sync-free step calls, install() leaves DeepSpeed's step in
+    place (not sync-free) and training goes on, rather than failing at the first step."""
+    from megatron_sp.training import fused_norm
+    monkeypatch.setattr(fused_norm, "DEEPSPEED_PARTS", (*fused_norm.DEEPSPEED_PARTS, "a_method_of_another_release"))
+    argv = flags(corpus, "--zero-stage", "1", "--bf16", "--lr-warmup-iters", "0", iters=4)
+    name, sync_free, start, after, _ = run_ranks(1, _weights_after_one_step, argv)[0]
+    assert (name, sync_free) == ("FusedNormZeroOptimizer", False)
+    assert all(np.abs(a - s).max() > 1e-4 for s, a in zip(start, after))
+
+
 def test_fused_grad_norm_leaves_other_optimizers_alone():
     from megatron_sp.training import fused_norm
     adamw = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])

@@ -122,18 +122,29 @@ def counted_once(p: torch.nn.Parameter) -> bool:
     return not getattr(p, PIPE_REPLICATED, False)
 
 
+# what the sync-free step uses of DeepSpeed 0.19's ZeRO-1/2 optimizer; a release without one of them gets
+# DeepSpeed's own step instead of an AttributeError mid-run
+DEEPSPEED_PARTS = ("bit16_groups", "bit16_groups_flat", "real_dp_process_group", "params_in_partition",
+                   "params_not_in_partition", "partition_size", "averaged_gradients", "all_grad_tensors",
+                   "single_partition_of_fp32_groups", "parallel_partitioned_bit16_groups", "nccl_start_alignment_factor",
+                   "allgather_bucket_size", "free_grad_in_param_list", "_get_preflattened_grad_partition",
+                   "flatten_dense_tensors_aligned", "flatten", "_release_preflattened_grad_buffers",
+                   "_lazy_init_hp_params_optimizer_state", "_update_model_bit16_weights")
+
+
 def install(optimizer, on_skipped=None) -> bool:
     """Make DeepSpeed's ZeRO-1/2 optimizer a FusedNormZeroOptimizer where it can be (not with optimizer
     offload, MoE layers or compute_grad_norm off, not on ZeRO-0/3's optimizers); whether it did. Elsewhere
     DeepSpeed's norm runs. Its step is sync-free (adamw_step) with bf16 (no loss scale) when the inner optimizer
-    is torch's fused AdamW (the state format adamw_step keeps) and Triton runs on the weights' device;
-    on_skipped is then called, one step late, for each update the kernel skipped."""
+    is torch's fused AdamW (the state format adamw_step keeps), DeepSpeed has the DEEPSPEED_PARTS it uses and
+    Triton runs on the weights' device; on_skipped is then called, one step late, for each update the kernel skipped."""
     if (type(optimizer) is not DeepSpeedZeroOptimizer or optimizer.cpu_offload or optimizer.has_moe_layers
             or not optimizer.compute_grad_norm):
         return False
     optimizer.__class__ = FusedNormZeroOptimizer
-    if (optimizer.dtype == torch.bfloat16 and supports(optimizer.optimizer) and not optimizer.zenflow
-            and optimizer.torch_autocast_gradscaler is None
+    if (optimizer.dtype == torch.bfloat16 and supports(optimizer.optimizer) and not getattr(optimizer, "zenflow", 0)
+            and getattr(optimizer, "torch_autocast_gradscaler", None) is None
+            and all(hasattr(optimizer, name) for name in DEEPSPEED_PARTS)
             and triton_runs_on(optimizer.single_partition_of_fp32_groups[0].device)):
         optimizer.sync_free, optimizer.on_skipped = True, on_skipped
     return True
