@@ -126,10 +126,11 @@ def counted_once(p: torch.nn.Parameter) -> bool:
 # DeepSpeed's own step instead of an AttributeError mid-run
 DEEPSPEED_PARTS = ("bit16_groups", "bit16_groups_flat", "real_dp_process_group", "params_in_partition",
                    "params_not_in_partition", "partition_size", "averaged_gradients", "all_grad_tensors",
-                   "single_partition_of_fp32_groups", "parallel_partitioned_bit16_groups", "nccl_start_alignment_factor",
-                   "allgather_bucket_size", "free_grad_in_param_list", "_get_preflattened_grad_partition",
-                   "flatten_dense_tensors_aligned", "flatten", "_release_preflattened_grad_buffers",
-                   "_lazy_init_hp_params_optimizer_state", "_update_model_bit16_weights")
+                   "single_partition_of_fp32_groups", "parallel_partitioned_bit16_groups",
+                   "nccl_start_alignment_factor", "allgather_bucket_size", "free_grad_in_param_list",
+                   "_get_preflattened_grad_partition", "flatten_dense_tensors_aligned", "flatten",
+                   "_release_preflattened_grad_buffers", "_lazy_init_hp_params_optimizer_state",
+                   "_update_model_bit16_weights")
 
 
 def install(optimizer, on_skipped=None) -> bool:
