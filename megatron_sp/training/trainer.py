@@ -278,8 +278,6 @@ class Run:
             log_now = bool(log_interval) and self.iteration % log_interval == 0 or final
             save_now = bool(t.save) and (bool(t.save_interval) and self.iteration % t.save_interval == 0 or final)
             self.check_finite(settle=log_now or save_now)
-            if log_now or save_now:  # the skip count and lr schedule, settled with the newest step
-                fused_norm.account_skipped_step(s.engine.optimizer)
             if log_now:
                 self.log_iteration(window.close(self.consumed, s.scheduler.get_lr()[0], grad_norm, s.device))
             if (self.datasets[1] is not None and t.eval_interval and self.iteration % t.eval_interval == 0
@@ -307,7 +305,11 @@ class Run:
         return loss_sum, count, grad_norm
 
     def check_finite(self, settle: bool) -> None:
-        """Stop with one line (exit 2) once --max-nonfinite-iterations in a row were not finite."""
+        """Stop with one line (exit 2) once --max-nonfinite-iterations in a row were not finite. settle: read
+        every flag the device still owes, the sync-free optimizer's skip too (its skip count and lr schedule are
+        then those of the newest step), as a log line or a save needs."""
+        if settle:
+            fused_norm.account_skipped_step(self.s.engine.optimizer)
         if self.guard is None:
             return
         if reason := (self.guard.settle() if settle else self.guard.poll()):
