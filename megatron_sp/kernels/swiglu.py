@@ -13,12 +13,19 @@ BLOCK = 1024  # columns of one half per program
 
 
 @triton.jit
+def _gate_and_up(h_row_ptr, f, cols, inside):
+    """Columns `cols` of one row's gate half and up half, in fp32."""
+    gate = tl.load(h_row_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(h_row_ptr + f + cols, mask=inside, other=0.0).to(tl.float32)
+    return gate, up
+
+
+@triton.jit
 def _swiglu_forward_kernel(h_ptr, out_ptr, f, h_row_stride, out_row_stride, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < f
-    gate = tl.load(h_ptr + row * h_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
-    up = tl.load(h_ptr + row * h_row_stride + f + cols, mask=inside, other=0.0).to(tl.float32)
+    gate, up = _gate_and_up(h_ptr + row * h_row_stride, f, cols, inside)
     out = gate * tl.sigmoid(gate) * up
     tl.store(out_ptr + row * out_row_stride + cols, out.to(out_ptr.dtype.element_ty), mask=inside)
 
@@ -29,8 +36,7 @@ def _swiglu_backward_kernel(h_ptr, dout_ptr, dh_ptr, f, h_row_stride, dout_row_s
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < f
-    gate = tl.load(h_ptr + row * h_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
-    up = tl.load(h_ptr + row * h_row_stride + f + cols, mask=inside, other=0.0).to(tl.float32)
+    gate, up = _gate_and_up(h_ptr + row * h_row_stride, f, cols, inside)
     dout = tl.load(dout_ptr + row * dout_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     # d silu(g) / dg = sig * (1 + g * (1 - sig))
