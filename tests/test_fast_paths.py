@@ -109,16 +109,18 @@ def _norms_then_a_nan_step(rank, world, argv):
             engine.skipped_steps, lr)
 
 
+@pytest.mark.parametrize("world", [2, 1])
 @pytest.mark.parametrize("precision", [[], ["--bf16"]])
-def test_fused_grad_norm_equals_deepspeeds_and_still_skips_a_nan_step(corpus, precision):
+def test_fused_grad_norm_equals_deepspeeds_and_still_skips_a_nan_step(corpus, precision, world):
     """ZeRO-1 on 2 ranks (each holds half the gradients): the fused norm is DeepSpeed's fp64 one within fp32
     rounding, and a NaN in one rank's gradient skips the step on both ranks, as DeepSpeed's scan did. With bf16
     the step is sync-free (AdamW's kernel skips the update): the lr schedule and the skip count still end as
-    DeepSpeed's, and the step after the skipped one runs at the lr DeepSpeed gives it."""
+    DeepSpeed's, and the step after the skipped one runs at the lr DeepSpeed gives it. The same on one rank,
+    where the bf16 gradients skip DeepSpeed's reduction (reduce_gradients)."""
     argv = flags(corpus, "--zero-stage", "1", *precision, "--lr-warmup-iters", "4", iters=4)  # on by default
-    expected = run_ranks(2, _norms_then_a_nan_step, argv + ["--no-fused-grad-norm"])[0]
+    expected = run_ranks(world, _norms_then_a_nan_step, argv + ["--no-fused-grad-norm"])[0]
     for name, sync_free, (deepspeed_norm, fused), unchanged, steps_done, skipped, lr in run_ranks(
-            2, _norms_then_a_nan_step, argv):
+            world, _norms_then_a_nan_step, argv):
         assert name == "FusedNormZeroOptimizer" and sync_free == (precision != [])
         assert fused == pytest.approx(deepspeed_norm, rel=1e-6) and fused > 0
         assert unchanged
@@ -176,6 +178,42 @@ def test_a_deepspeed_without_a_part_the_sync_free_step_uses_gets_its_own_step(co
     name, sync_free, start, after, _ = run_ranks(1, _weights_after_one_step, argv)[0]
     assert (name, sync_free) == ("FusedNormZeroOptimizer", False)
     assert all(np.abs(a - s).max() > 1e-4 for s, a in zip(start, after))
+
+
+def _three_steps_of_two_micro_batches(rank, world, argv):
+    from megatron_sp.configure import configure
+    from megatron_sp.training.trainer import build
+    cfg, tokenizer = configure(argv, world)
+    setup = build(cfg, tokenizer)
+    engine, opt = setup.engine, setup.engine.optimizer
+    torch.manual_seed(rank)
+    norms, kinds = [], set()
+    for _ in range(3 * 2):
+        b = setup.ctx.batch({"text": torch.randint(0, 64, (2, 33))})
+        engine.backward(engine(b["tokens"], b["position_ids"], b["labels"]).sum())
+        if engine.is_gradient_accumulation_boundary():
+            norms.append(opt.scaled_global_norm().item())
+            kinds |= {type(grads).__name__ for grads in opt.averaged_gradients.values()}
+        engine.step()
+    return (opt.one_rank, kinds, norms,
+            [w.detach().numpy().copy() for w in opt.single_partition_of_fp32_groups],
+            [p.detach().float().numpy().copy() for p in engine.module.parameters()])
+
+
+def test_one_rank_copies_each_gradient_once_and_steps_as_deepspeed(corpus, monkeypatch):
+    """One rank, bf16, two micro batches per step: the gradients go straight into one flat buffer (DeepSpeed's
+    contiguous gradient partition is never made) and three steps leave the gradient norms, the fp32 masters and
+    the bf16 weights bit for bit as DeepSpeed's reduction over one rank leaves them."""
+    from megatron_sp.training import fused_norm
+    argv = flags(corpus, "--zero-stage", "1", "--bf16", "--global-batch-size", "4", "--clip-grad", "0.05",
+                 "--lr-warmup-iters", "0", iters=3)
+    got = run_ranks(1, _three_steps_of_two_micro_batches, argv)[0]
+    monkeypatch.setattr(fused_norm, "reduction_is_identity", lambda optimizer: False)
+    expected = run_ranks(1, _three_steps_of_two_micro_batches, argv)[0]
+    assert got[:2] == (True, {"FlatGradients"}) and expected[:2] == (False, {"list"})
+    assert got[2] == expected[2] and len(got[2]) == 3
+    for g, e in zip(got[3] + got[4], expected[3] + expected[4]):
+        np.testing.assert_array_equal(g, e)
 
 
 def test_fused_grad_norm_leaves_other_optimizers_alone():

@@ -1,7 +1,8 @@
 """--fused-grad-norm (on by default): DeepSpeed's ZeRO-1/2 optimizer step with one multi-tensor gradient norm
 in place of its per-parameter fp64 norms and per-parameter inf/NaN scan; an inf/NaN gradient still skips the
 step. With bf16 and torch's fused AdamW, where Triton runs, the step is also one pass over memory without a
-host sync: kernels/adamw.py reads the bf16 gradients, and the clipping factor and the skip as device tensors."""
+host sync: kernels/adamw.py reads the bf16 gradients, and the clipping factor and the skip as device tensors.
+On one data-parallel rank, the gradients also skip DeepSpeed's reduction (no value changes there) and its copies."""
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.constants import PIPE_REPLICATED
@@ -37,6 +38,7 @@ class FusedNormZeroOptimizer(DeepSpeedZeroOptimizer):
     update and the saved counters are those of DeepSpeed's own step."""
 
     sync_free = False
+    one_rank = False  # one data-parallel rank: reduce_gradients copies each gradient once (see there)
     on_skipped = None  # () -> None: the engine's bookkeeping for an update that did not happen
     _pending_skip = None  # (the newest sync-free step's skip flag on the host, its CUDA event or None)
 
@@ -54,6 +56,48 @@ class FusedNormZeroOptimizer(DeepSpeedZeroOptimizer):
         dist.all_reduce(squares, group=self.dp_process_group)
         self._model_parallel_all_reduce(tensor=squares, op=dist.ReduceOp.SUM)
         return squares.nan_to_num_(nan=float("inf")).sqrt()
+
+    def reduce_gradients(self, pipeline_parallel=False):
+        """ZeRO-1 calls this once per step, at the gradient accumulation boundary. On one data-parallel rank
+        (one_rank) DeepSpeed's reduction changes no value but copies every gradient three times: into its reduce
+        bucket, through the bucket's all-reduce over one rank, into its contiguous gradient partition; and the
+        step then flattens the partition once more. Here each gradient is copied once, into one flat buffer
+        laid out as the partition, which adamw_step reads whole."""
+        if not self.one_rank:
+            return super().reduce_gradients(pipeline_parallel)
+        for i, params in enumerate(self.params_in_partition):
+            self.averaged_gradients[i] = self._flat_gradients(i, params)
+        self._release_ipg_buffers()  # DeepSpeed's end of a reduction: the next backward sets up afresh
+
+    def setup_buckets(self):
+        """DeepSpeed's, called by each gradient's hook, less the reduce bucket (reduce_bucket_size elements,
+        allocated as the backward's first gradient arrives) that one_rank's reduce_gradients never fills."""
+        if not self.one_rank:
+            return super().setup_buckets()
+        if not self.ready_for_gradients:
+            self.micro_step_id += 1
+            self.ready_for_gradients = True
+
+    def _flat_gradients(self, i, params):
+        """Group i's gradients copied into a new [partition_size] buffer at DeepSpeed's offsets, as views shaped
+        like the parameters (each p.grad now one of them), padding marked as DeepSpeed marks it."""
+        flat = torch.empty(int(self.partition_size[i]), dtype=self.dtype, device=self.device)
+        pieces, end = [], 0
+        for p in params:
+            start = int(self.grad_partition_insertion_offset[i][0][self.get_param_id(p)])
+            if start > end:
+                pieces.append(_padding(flat, end, start))
+            view = flat.narrow(0, start, p.numel()).view(p.shape)
+            if p.grad is None:  # a parameter the loss did not reach: DeepSpeed counts zeros
+                view.zero_()
+            else:
+                view.copy_(p.grad)
+                p.grad = view
+            pieces.append(view)
+            end = start + p.numel()
+        if end < flat.numel():
+            pieces.append(_padding(flat, end, flat.numel()))
+        return FlatGradients(pieces, flat)
 
     def step(self, closure=None):
         self.account_skipped_step()  # before this step's update runs at the scheduler's lr
@@ -116,6 +160,22 @@ class FusedNormZeroOptimizer(DeepSpeedZeroOptimizer):
                     yield g
 
 
+class FlatGradients(list):
+    """A group's gradient views (averaged_gradients[i]) over one flat buffer, `flat_partition`, which DeepSpeed's
+    _get_preflattened_grad_partition hands the step instead of flattening the views again."""
+
+    def __init__(self, views, flat_partition):
+        super().__init__(views)
+        self.flat_partition = flat_partition
+
+
+def _padding(flat, start, end):
+    """flat[start:end] zeroed and marked as ZeRO's alignment padding (no gradient of any parameter)."""
+    pad = flat[start:end].zero_()
+    pad._zero_padding = True
+    return pad
+
+
 def counted_once(p: torch.nn.Parameter) -> bool:
     """False for the copy of a parameter another pipeline stage also holds and counts (the last stage's tied
     word embedding, marked by engine.mark_pipeline_parameters): norms and parameter counts skip it."""
@@ -130,7 +190,9 @@ DEEPSPEED_PARTS = ("bit16_groups", "bit16_groups_flat", "real_dp_process_group",
                    "nccl_start_alignment_factor", "allgather_bucket_size", "free_grad_in_param_list",
                    "_get_preflattened_grad_partition", "flatten_dense_tensors_aligned", "flatten",
                    "_release_preflattened_grad_buffers", "_lazy_init_hp_params_optimizer_state",
-                   "_update_model_bit16_weights")
+                   "_update_model_bit16_weights", "partition_gradients", "overlap_comm", "use_grad_accum_attribute",
+                   "gradient_predivide_factor", "grad_partition_insertion_offset", "get_param_id", "device",
+                   "ready_for_gradients", "micro_step_id", "_release_ipg_buffers")
 
 
 def install(optimizer, on_skipped=None) -> bool:
@@ -148,7 +210,17 @@ def install(optimizer, on_skipped=None) -> bool:
             and all(hasattr(optimizer, name) for name in DEEPSPEED_PARTS)
             and triton_runs_on(optimizer.single_partition_of_fp32_groups[0].device)):
         optimizer.sync_free, optimizer.on_skipped = True, on_skipped
+        optimizer.one_rank = reduction_is_identity(optimizer)
     return True
+
+
+def reduction_is_identity(optimizer) -> bool:
+    """Whether DeepSpeed's ZeRO-1 gradient reduction leaves every value as it is: one rank in each data-parallel
+    group, reduced once at the boundary (no gradient partitioning, no overlapped reduction, no fp32 accumulation
+    attribute), with no pre-division (which would divide and multiply back, with a rounding each way)."""
+    return (not optimizer.partition_gradients and not optimizer.overlap_comm
+            and not optimizer.use_grad_accum_attribute and optimizer.gradient_predivide_factor == 1.0
+            and all(dist.get_world_size(group=group) == 1 for group in optimizer.real_dp_process_group))
 
 
 def account_skipped_step(optimizer) -> None:
