@@ -7,7 +7,7 @@ backward, which therefore uses the lse it is given. Head dims of HEAD_DIMS; one 
 padded inside the kernels (masked loads and stores on the d axis), never copied. Optional document masks
 (q_docs, k_docs) keep attention inside each document of a packed sample (flash_attn_docs).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -22,18 +22,21 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclass(frozen=True)
 class FwdConfig:
-    """Forward tiling: block_m queries per program, block_n keys per inner step."""
+    """Forward tiling: block_m queries per program, block_n keys per inner step. tma: load q, k, v tiles through
+    tensor descriptors (Hopper TMA) where the tensors allow it (flash_attn_fwd.use_tma), else through pointers."""
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool = False
 
 
 @dataclass(frozen=True)
 class BwdConfig:
     """Backward tiling. Kernel 1 (dk/dv): block_n1 keys per program, block_m1 queries per step
     (block_n1 % block_m1 == 0). Kernel 2 (dq): block_m2 queries per program, block_n2 keys per step.
-    dq_atomic: kernel 1 also accumulates dq with fp32 atomics and kernel 2 is skipped."""
+    dq_atomic: kernel 1 also accumulates dq with fp32 atomics and kernel 2 is skipped.
+    tma: both kernels load q, k, v, dout tiles through tensor descriptors where allowed, as FwdConfig.tma."""
     block_m1: int
     block_n1: int
     block_m2: int
@@ -43,6 +46,7 @@ class BwdConfig:
     num_warps2: int
     num_stages2: int
     dq_atomic: bool = False
+    tma: bool = False
 
 
 def block_d(head_dim: int) -> int:
@@ -62,6 +66,9 @@ _GPU_BWD = {32: BwdConfig(64, 128, 128, 64, 8, 3, 8, 3), 64: BwdConfig(64, 128, 
 _F32_NARROW = (FwdConfig(16, 32, 4, 2), BwdConfig(16, 32, 32, 16, 4, 2, 4, 2))
 _GPU_F32 = {32: _F32_NARROW, 64: _F32_NARROW, 128: _F32_NARROW,
             256: (FwdConfig(32, 32, 8, 2), BwdConfig(16, 32, 32, 16, 8, 2, 8, 2))}
+# TMA tensor descriptors in the 16-bit GPU defaults (FwdConfig.tma, BwdConfig.tma): off until measured on the GPU.
+# Not for fp32: compiled for sm_90 with descriptors, its narrow tiles spill kilobytes (docs/kernels.md).
+_GPU_TMA = False
 # CPU interpreter: small tiles keep the numpy emulation fast; tails and diagonals still get exercised
 _CPU_FWD = FwdConfig(16, 16, 4, 1)
 _CPU_BWD = BwdConfig(16, 32, 32, 16, 4, 1, 4, 1)
@@ -74,7 +81,7 @@ def default_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> 
     width = block_d(head_dim)
     if dtype == torch.float32:
         return _GPU_F32[width]
-    return _GPU_FWD[width], _GPU_BWD[width]
+    return replace(_GPU_FWD[width], tma=_GPU_TMA), replace(_GPU_BWD[width], tma=_GPU_TMA)
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_sp.kernels.flash_attn_fwd import LOG2E, LOG2E_F, load_tile, query_block_keys
+from megatron_sp.kernels.flash_attn_fwd import LOG2E, LOG2E_F, load_rows, query_block_keys, tile_source, use_tma
 
 
 @triton.jit
@@ -28,25 +28,27 @@ def _bwd_delta_kernel(O, DO, DELTA, sq,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, kd, q_base, do_base, l_ptrs, d_ptrs, qd_ptrs, dq_base, q_off, do_off, dq_off,
+def _dkdv_inner(dk, dv, k, v, kd, q_src, do_src, l_ptrs, d_ptrs, qd_ptrs, dq_base, q_off, do_off, dq_off,
                 stride_qs, stride_dos, stride_ls, stride_dqs, offs_n, d_ok, lo, hi, sq, qk_scale, scale,
                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr,
-                HAS_DOCS: tl.constexpr, DQ_ATOMIC: tl.constexpr, PREC: tl.constexpr):
+                HAS_DOCS: tl.constexpr, DQ_ATOMIC: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr):
     """Accumulate dk, dv [N, D] of one key block over query blocks [lo, hi); transposed form (rows = keys).
 
     With DQ_ATOMIC, also add this key block's share of dq into the fp32 dq buffer (FA2's original scheme).
+    TMA: q_src, do_src are descriptors (tile_source) and q_off, do_off go unused.
     """
-    # scalar bases advance, int32 offsets stay (q_off [D, M]: q^T; do_off, dq_off [M, D]): fewer registers
-    # than loop-carried tensors of 64-bit pointers
+    # pointer path: scalar bases advance, int32 offsets stay (q_off [D, M]: q^T; do_off, dq_off [M, D]): fewer
+    # registers than loop-carried tensors of 64-bit pointers. A descriptor is addressed by row instead.
     offs_m = tl.arange(0, BLOCK_M)
-    q_base += tl.cast(lo, tl.int64) * stride_qs
-    do_base += tl.cast(lo, tl.int64) * stride_dos
+    if not TMA:
+        q_src += tl.cast(lo, tl.int64) * stride_qs
+        do_src += tl.cast(lo, tl.int64) * stride_dos
     if DQ_ATOMIC:
         dq_base += tl.cast(lo, tl.int64) * stride_dqs
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        qT = load_tile(q_base + q_off, rows[None, :] < sq, d_ok[:, None], MASKED, PAD_D)
-        do = load_tile(do_base + do_off, rows[:, None] < sq, d_ok[None, :], MASKED, PAD_D)
+        qT = load_rows(q_src, start_m, q_off, rows[None, :] < sq, d_ok[:, None], MASKED, PAD_D, TMA, True)  # [D, M]
+        do = load_rows(do_src, start_m, do_off, rows[:, None] < sq, d_ok[None, :], MASKED, PAD_D, TMA, False)
         if MASKED:
             lse2 = tl.load(l_ptrs + rows * stride_ls, mask=rows < sq, other=float("inf")) * LOG2E  # p = 0 past sq
             delta = tl.load(d_ptrs + rows, mask=rows < sq, other=0.0)
@@ -74,8 +76,9 @@ def _dkdv_inner(dk, dv, k, v, kd, q_base, do_base, l_ptrs, d_ptrs, qd_ptrs, dq_b
             else:
                 tl.atomic_add(dq_base + dq_off, dq, sem="relaxed")
             dq_base += BLOCK_M * stride_dqs
-        q_base += BLOCK_M * stride_qs
-        do_base += BLOCK_M * stride_dos
+        if not TMA:
+            q_src += BLOCK_M * stride_qs
+            do_src += BLOCK_M * stride_dos
     return dk, dv
 
 
@@ -90,10 +93,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, Q_DOCS, K_DOCS, RANGES
                      stride_dqb, stride_dqs, stride_dqh, stride_dqd,
                      H_KV, GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
-                     DQ_ATOMIC: tl.constexpr, PREC: tl.constexpr):
+                     DQ_ATOMIC: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr):
     """One program = one key block of one (batch, kv head); loops over the GROUP q heads sharing it, so GQA's
     dk/dv sum needs no atomics. Grid: (cdiv(sk, BLOCK_N), b * H_KV). DQ (fp32) is only touched with DQ_ATOMIC.
-    HAS_DOCS: document ids as in the forward; RANGES [b, cdiv(sk, BLOCK_N), 4] from key_block_ranges."""
+    HAS_DOCS: document ids as in the forward; RANGES [b, cdiv(sk, BLOCK_N), 4] from key_block_ranges.
+    TMA: k, v, q and dout tiles come from tensor descriptors, one per (batch, head); dq's atomics stay pointers."""
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H_KV).to(tl.int64)
     off_hk = (pid_bh % H_KV).to(tl.int64)
@@ -105,10 +109,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, Q_DOCS, K_DOCS, RANGES
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     cols = offs_n.to(tl.int64)[:, None]
     kmask = offs_n[:, None] < sk
-    k = load_tile(K + off_b * stride_kb + off_hk * stride_kh + cols * stride_ks + offs_d[None, :] * stride_kd,
-                  kmask, d_ok[None, :], True, PAD_D)  # [N, D]; rows past sk are 0 and never stored
-    v = load_tile(V + off_b * stride_vb + off_hk * stride_vh + cols * stride_vs + offs_d[None, :] * stride_vd,
-                  kmask, d_ok[None, :], True, PAD_D)
+    k_src = tile_source(K + off_b * stride_kb + off_hk * stride_kh, sk, stride_ks, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    v_src = tile_source(V + off_b * stride_vb + off_hk * stride_vh, sk, stride_vs, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    k = load_rows(k_src, start_n, cols * stride_ks + offs_d[None, :] * stride_kd, kmask, d_ok[None, :], True, PAD_D,
+                  TMA, False)  # [N, D]; rows past sk are 0 and never stored
+    v = load_rows(v_src, start_n, cols * stride_vs + offs_d[None, :] * stride_vd, kmask, d_ok[None, :], True, PAD_D,
+                  TMA, False)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # query rows: [lo, mid) masked (the causal diagonal, document edges), [mid, full) see the whole block (no
@@ -136,8 +142,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, Q_DOCS, K_DOCS, RANGES
     dq_off = offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd
     for g in range(GROUP):
         off_h = off_hk * GROUP + g
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        q_src = tile_source(Q + off_b * stride_qb + off_h * stride_qh, sq, stride_qs, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
+        do_src = tile_source(DO + off_b * stride_dob + off_h * stride_doh, sq, stride_dos, HEAD_DIM, BLOCK_M, BLOCK_D,
+                             TMA)
         dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
         l_ptrs = LSE + off_b * stride_lb + off_h * stride_lh
         d_ptrs = DELTA + (off_b * H_KV * GROUP + off_h) * sq
@@ -152,9 +159,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, Q_DOCS, K_DOCS, RANGES
             else:
                 p_lo = full
                 p_hi = hi
-            dk, dv = _dkdv_inner(dk, dv, k, v, kd, q_base, do_base, l_ptrs, d_ptrs, qd_ptrs, dq_base, q_off, do_off,
+            dk, dv = _dkdv_inner(dk, dv, k, v, kd, q_src, do_src, l_ptrs, d_ptrs, qd_ptrs, dq_base, q_off, do_off,
                                  dq_off, stride_qs, stride_dos, stride_ls, stride_dqs, offs_n, d_ok, p_lo, p_hi, sq,
-                                 qk_scale, scale, BLOCK_M, phase != 1, CAUSAL, PAD_D, HAS_DOCS, DQ_ATOMIC, PREC)
+                                 qk_scale, scale, BLOCK_M, phase != 1, CAUSAL, PAD_D, HAS_DOCS, DQ_ATOMIC, TMA, PREC)
     dk = dk * scale  # s = scale * q.k, so d/dk carries one factor of scale
     out_off = off_b * stride_dkb + off_hk * stride_dkh + cols * stride_dks + offs_d[None, :] * stride_dkd
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kmask & d_ok[None, :])
@@ -162,16 +169,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, Q_DOCS, K_DOCS, RANGES
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, qd, k_base, v_base, kd_base, k_off, v_off, stride_ks, stride_vs, offs_m,
+def _dq_inner(dq, q, do, lse2, delta, qd, k_src, v_src, kd_base, k_off, v_off, stride_ks, stride_vs, offs_m,
               offs_n, d_ok, lo, hi, sk, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-              PAD_D: tl.constexpr, HAS_DOCS: tl.constexpr, PREC: tl.constexpr):
-    """Accumulate dq [M, D] of one query block over key blocks [lo, hi)."""
-    k_base += tl.cast(lo, tl.int64) * stride_ks  # k_off, v_off [D, N]: k^T, v^T
-    v_base += tl.cast(lo, tl.int64) * stride_vs
+              PAD_D: tl.constexpr, HAS_DOCS: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate dq [M, D] of one query block over key blocks [lo, hi). TMA: k_src, v_src are descriptors."""
+    if not TMA:  # as the forward: base pointers advance over the fixed offsets k_off, v_off [D, N] (k^T, v^T)
+        k_src += tl.cast(lo, tl.int64) * stride_ks
+        v_src += tl.cast(lo, tl.int64) * stride_vs
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kT = load_tile(k_base + k_off, cols[None, :] < sk, d_ok[:, None], MASKED, PAD_D)
-        vT = load_tile(v_base + v_off, cols[None, :] < sk, d_ok[:, None], MASKED, PAD_D)
+        kT = load_rows(k_src, start_n, k_off, cols[None, :] < sk, d_ok[:, None], MASKED, PAD_D, TMA, True)  # [D, N]
+        vT = load_rows(v_src, start_n, v_off, cols[None, :] < sk, d_ok[:, None], MASKED, PAD_D, TMA, True)
         qk = tl.dot(q, kT, input_precision=PREC)  # [M, N]
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED:
@@ -185,8 +193,9 @@ def _dq_inner(dq, q, do, lse2, delta, qd, k_base, v_base, kd_base, k_off, v_off,
         dp = tl.dot(do, vT, input_precision=PREC)  # [M, N]
         ds = (p * (dp - delta[:, None])).to(kT.dtype)
         dq = tl.dot(ds, tl.trans(kT), dq, input_precision=PREC)
-        k_base += BLOCK_N * stride_ks
-        v_base += BLOCK_N * stride_vs
+        if not TMA:
+            k_src += BLOCK_N * stride_ks
+            v_src += BLOCK_N * stride_vs
     return dq
 
 
@@ -200,9 +209,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, Q_DOCS, K_DOCS, RANGES, sq, sk, 
                    stride_dqb, stride_dqs, stride_dqh, stride_dqd,
                    H, GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
-                   PREC: tl.constexpr):
+                   TMA: tl.constexpr, PREC: tl.constexpr):
     """One program = one query block of one (batch, q head). Grid: (cdiv(sq, BLOCK_M), b * H).
-    HAS_DOCS: as the forward, RANGES [b, cdiv(sq, BLOCK_M), 4] from query_block_ranges."""
+    HAS_DOCS: as the forward, RANGES [b, cdiv(sq, BLOCK_M), 4] from query_block_ranges. TMA: q, dout, k and v
+    tiles come from tensor descriptors."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     start_m = tl.num_programs(0) - 1 - pid_m if CAUSAL else pid_m  # heaviest blocks first
@@ -216,25 +226,27 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, Q_DOCS, K_DOCS, RANGES, sq, sk, 
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     rows = offs_m.to(tl.int64)[:, None]
     rmask = offs_m[:, None] < sq
-    q = load_tile(Q + off_b * stride_qb + off_h * stride_qh + rows * stride_qs + offs_d[None, :] * stride_qd,
-                  rmask, d_ok[None, :], True, PAD_D)
-    do = load_tile(DO + off_b * stride_dob + off_h * stride_doh + rows * stride_dos + offs_d[None, :] * stride_dod,
-                   rmask, d_ok[None, :], True, PAD_D)
+    q_src = tile_source(Q + off_b * stride_qb + off_h * stride_qh, sq, stride_qs, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
+    do_src = tile_source(DO + off_b * stride_dob + off_h * stride_doh, sq, stride_dos, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
+    q = load_rows(q_src, start_m * BLOCK_M, rows * stride_qs + offs_d[None, :] * stride_qd, rmask, d_ok[None, :],
+                  True, PAD_D, TMA, False)  # [M, D]
+    do = load_rows(do_src, start_m * BLOCK_M, rows * stride_dos + offs_d[None, :] * stride_dod, rmask, d_ok[None, :],
+                   True, PAD_D, TMA, False)
     lse2 = tl.load(LSE + off_b * stride_lb + off_h * stride_lh + offs_m * stride_ls, mask=offs_m < sq,
                    other=float("inf")) * LOG2E
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * sq + offs_m, mask=offs_m < sq, other=0.0)
-    k_base = K + off_b * stride_kb + off_hk * stride_kh
-    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    k_src = tile_source(K + off_b * stride_kb + off_hk * stride_kh, sk, stride_ks, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    v_src = tile_source(V + off_b * stride_vb + off_hk * stride_vh, sk, stride_vs, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
     k_off = offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd
     v_off = offs_n[None, :] * stride_vs + offs_d[:, None] * stride_vd
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full, hi, qd = query_block_keys(RANGES, Q_DOCS, off_b, start_m, offs_m, sq, sk, BLOCK_M, BLOCK_N, CAUSAL,
                                         HAS_DOCS)  # the forward's split
     kd_base = K_DOCS + off_b * sk
-    dq = _dq_inner(dq, q, do, lse2, delta, qd, k_base, v_base, kd_base, k_off, v_off, stride_ks, stride_vs, offs_m,
-                   offs_n, d_ok, lo, full, sk, qk_scale, BLOCK_N, False, CAUSAL, PAD_D, HAS_DOCS, PREC)
-    dq = _dq_inner(dq, q, do, lse2, delta, qd, k_base, v_base, kd_base, k_off, v_off, stride_ks, stride_vs, offs_m,
-                   offs_n, d_ok, full, hi, sk, qk_scale, BLOCK_N, True, CAUSAL, PAD_D, HAS_DOCS, PREC)
+    dq = _dq_inner(dq, q, do, lse2, delta, qd, k_src, v_src, kd_base, k_off, v_off, stride_ks, stride_vs, offs_m,
+                   offs_n, d_ok, lo, full, sk, qk_scale, BLOCK_N, False, CAUSAL, PAD_D, HAS_DOCS, TMA, PREC)
+    dq = _dq_inner(dq, q, do, lse2, delta, qd, k_src, v_src, kd_base, k_off, v_off, stride_ks, stride_vs, offs_m,
+                   offs_n, d_ok, full, hi, sk, qk_scale, BLOCK_N, True, CAUSAL, PAD_D, HAS_DOCS, TMA, PREC)
     dq = dq * scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows * stride_dqs + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=rmask & d_ok[None, :])
@@ -258,7 +270,8 @@ def launch_backward(dout, q, k, v, out, lse, causal, scale, cfg, prec, docs=None
     dq_acc = torch.zeros((b, sq, hq, d), dtype=torch.float32, device=q.device) if cfg.dq_atomic else None
     common = (q, k, v, dout, lse, delta)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
-    shape = dict(HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_DOCS=docs is not None, PREC=prec)
+    shape = dict(HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_DOCS=docs is not None, PREC=prec,
+                 TMA=use_tma(cfg.tma, q, k, v, dout))
     _bwd_dkdv_kernel[(triton.cdiv(sk, cfg.block_n1), b * hkv)](
         *common, dk, dv, dq_acc if cfg.dq_atomic else dk, q_docs, k_docs, key_ranges, sq, sk, scale * LOG2E_F,
         scale, *strides, *dk.stride(), *(dq_acc.stride() if cfg.dq_atomic else dk.stride()),

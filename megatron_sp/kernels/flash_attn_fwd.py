@@ -1,5 +1,8 @@
 """Triton FlashAttention-2 forward kernel (online softmax, GQA, causal, ragged lengths, any head dim up to 256,
 document masks) and its launcher."""
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
@@ -25,23 +28,55 @@ def load_tile(ptrs, ok, d_ok, MASKED: tl.constexpr, PAD_D: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, qd, k_base, v_base, kd_base, k_off, v_off, stride_ks, stride_vs, offs_m, offs_n,
+def tile_source(base, rows, stride_s, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                TMA: tl.constexpr):
+    """Where load_rows reads the [rows, HEAD_DIM] matrix of one (batch, head) at `base` (row stride stride_s, d
+    contiguous) from. TMA: a tensor descriptor of [BLOCK_ROWS, BLOCK_D] tiles, which zero-fills rows >= rows and
+    lanes >= HEAD_DIM, so it needs no per-element addresses or masks. Else the base pointer itself."""
+    if TMA:
+        src = tl.make_tensor_descriptor(base, shape=[rows, HEAD_DIM], strides=[stride_s, 1],
+                                        block_shape=[BLOCK_ROWS, BLOCK_D])
+    else:
+        src = base
+    return src
+
+
+@triton.jit
+def load_rows(src, row, offs, ok, d_ok, MASKED: tl.constexpr, PAD_D: tl.constexpr, TMA: tl.constexpr,
+              TRANS: tl.constexpr):
+    """The tile of rows [row, row + BLOCK_ROWS) of a tile_source, as [rows, D], or [D, rows] when TRANS.
+
+    TMA: src is the descriptor, read at `row`. Else src points at the tile's first row and offs ([rows, D] or
+    [D, rows], int) are its elements; load_tile bounds them with ok / d_ok. Either way out of range reads 0.
+    """
+    if TMA:
+        x = src.load([row, 0])
+        if TRANS:
+            x = tl.trans(x)
+    else:
+        x = load_tile(src + offs, ok, d_ok, MASKED, PAD_D)
+    return x
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, qd, k_src, v_src, kd_base, k_off, v_off, stride_ks, stride_vs, offs_m, offs_n,
                d_ok, lo, hi, sk, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               PAD_D: tl.constexpr, HAS_DOCS: tl.constexpr, PREC: tl.constexpr):
+               PAD_D: tl.constexpr, HAS_DOCS: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr):
     """Fold key blocks [lo, hi) into (acc [M, D], l_i [M], m_i [M]); m_i is a running max in log2 units.
 
     MASKED: the blocks may hold keys past sk, past the causal diagonal or of another document, so loads are
     bounded and the scores masked; the unmasked variant (the bulk of the work) does neither. PAD_D: the head
     dim is narrower than the BLOCK_D tile, so loads mask the d axis (d_ok [D]) and fill it with zeros.
+    TMA: k_src, v_src are descriptors (tile_source), which bound both axes themselves.
     """
-    # scalar base pointers advance; the per-element offsets (int32, loop-invariant) stay put: half the
-    # registers of a loop-carried tensor of 64-bit pointers
-    k_base += tl.cast(lo, tl.int64) * stride_ks  # int64: lo * stride can pass 2**31 at ~1M tokens
-    v_base += tl.cast(lo, tl.int64) * stride_vs
+    if not TMA:  # scalar base pointers advance; the per-element offsets (int32, loop-invariant) stay put: half
+        # the registers of a loop-carried tensor of 64-bit pointers. A descriptor is addressed by row instead.
+        k_src += tl.cast(lo, tl.int64) * stride_ks  # int64: lo * stride can pass 2**31 at ~1M tokens
+        v_src += tl.cast(lo, tl.int64) * stride_vs
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n  # [N] key index
-        k = load_tile(k_base + k_off, cols[None, :] < sk, d_ok[:, None], MASKED, PAD_D)  # [D, N]
-        v = load_tile(v_base + v_off, cols[:, None] < sk, d_ok[None, :], MASKED, PAD_D)  # [N, D]
+        k = load_rows(k_src, start_n, k_off, cols[None, :] < sk, d_ok[:, None], MASKED, PAD_D, TMA, True)  # [D, N]
+        v = load_rows(v_src, start_n, v_off, cols[:, None] < sk, d_ok[None, :], MASKED, PAD_D, TMA, False)  # [N, D]
         qk = tl.dot(q, k, input_precision=PREC)  # [M, N] fp32
         if MASKED:
             ok = cols[None, :] < sk
@@ -62,8 +97,9 @@ def _fwd_inner(acc, l_i, m_i, q, qd, k_base, v_base, kd_base, k_off, v_off, stri
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
         m_i = m_new
-        k_base += BLOCK_N * stride_ks
-        v_base += BLOCK_N * stride_vs
+        if not TMA:
+            k_src += BLOCK_N * stride_ks
+            v_src += BLOCK_N * stride_vs
     return acc, l_i, m_i
 
 
@@ -99,12 +135,14 @@ def _fwd_kernel(Q, K, V, O, LSE, Q_DOCS, K_DOCS, RANGES, sq, sk, qk_scale,
                 stride_lb, stride_lh,
                 H, GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
-                PREC: tl.constexpr):
+                TMA: tl.constexpr, PREC: tl.constexpr):
     """One program = one block of BLOCK_M queries of one (batch, q head). Grid: (cdiv(sq, BLOCK_M), b * H).
 
     HAS_DOCS: Q_DOCS [b, sq], K_DOCS [b, sk] int32 document ids and RANGES [b, cdiv(sq, BLOCK_M), 4] int32,
     per query block (first visible key, -, end of the unmasked keys, end of the visible keys), from
     flash_attn_docs.query_block_ranges. Without docs these three pointers are never read.
+    TMA: q, k and v tiles come from tensor descriptors (the launcher checks that the strides allow them); the
+    offset tensors below then go unused and the compiler drops them.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -119,11 +157,12 @@ def _fwd_kernel(Q, K, V, O, LSE, Q_DOCS, K_DOCS, RANGES, sq, sk, qk_scale,
     d_ok = offs_d < HEAD_DIM
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
 
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qs \
-        + offs_d[None, :] * stride_qd
-    q = load_tile(q_ptrs, offs_m[:, None] < sq, d_ok[None, :], True, PAD_D)  # [M, D]
-    k_base = K + off_b * stride_kb + off_hk * stride_kh
-    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    q_src = tile_source(Q + off_b * stride_qb + off_h * stride_qh, sq, stride_qs, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
+    q_off = offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :] * stride_qd
+    q = load_rows(q_src, start_m * BLOCK_M, q_off, offs_m[:, None] < sq, d_ok[None, :], True, PAD_D, TMA,
+                  False)  # [M, D]
+    k_src = tile_source(K + off_b * stride_kb + off_hk * stride_kh, sk, stride_ks, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    v_src = tile_source(V + off_b * stride_vb + off_hk * stride_vh, sk, stride_vs, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
     k_off = offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd  # [D, N]: k^T, so q @ k^T is a plain dot
     v_off = offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd  # [N, D]
 
@@ -133,12 +172,12 @@ def _fwd_kernel(Q, K, V, O, LSE, Q_DOCS, K_DOCS, RANGES, sq, sk, qk_scale,
     lo, full, hi, qd = query_block_keys(RANGES, Q_DOCS, off_b, start_m, offs_m, sq, sk, BLOCK_M, BLOCK_N, CAUSAL,
                                         HAS_DOCS)
     kd_base = K_DOCS + off_b * sk
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qd, k_base, v_base, kd_base, k_off, v_off, stride_ks, stride_vs,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qd, k_src, v_src, kd_base, k_off, v_off, stride_ks, stride_vs,
                                offs_m, offs_n, d_ok, lo, full, sk, qk_scale, BLOCK_N, False, CAUSAL, PAD_D, HAS_DOCS,
-                               PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qd, k_base, v_base, kd_base, k_off, v_off, stride_ks, stride_vs,
+                               TMA, PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qd, k_src, v_src, kd_base, k_off, v_off, stride_ks, stride_vs,
                                offs_m, offs_n, d_ok, full, hi, sk, qk_scale, BLOCK_N, True, CAUSAL, PAD_D, HAS_DOCS,
-                               PREC)
+                               TMA, PREC)
 
     seen = l_i > 0.0  # a row that sees no key gets out = 0, lse = -inf (the identity of the lse merge)
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -147,6 +186,34 @@ def _fwd_kernel(Q, K, V, O, LSE, Q_DOCS, K_DOCS, RANGES, sq, sk, qk_scale,
         + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < sq) & d_ok[None, :])
     tl.store(LSE + off_b * stride_lb + off_h * stride_lh + offs_m, lse, mask=offs_m < sq)
+
+
+def tma_qualifies(*tensors: torch.Tensor) -> bool:
+    """Whether tensor descriptors can address each of these [b, s, h, d] tensors: d contiguous, the base address and
+    every other stride multiples of 16 bytes (TMA's rules), and on CUDA a GPU of compute capability >= 9 (Hopper).
+    A tensor off CUDA counts as capable: Triton's interpreter emulates descriptors, so CPU tests run this path."""
+    for x in tensors:
+        if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+        if x.stride(-1) != 1 or x.data_ptr() % 16 or any(s * x.element_size() % 16 for s in x.stride()[:-1]):
+            return False
+    return True
+
+
+@functools.cache
+def _scratch_allocator(device: torch.device):
+    """Triton's allocator for the global scratch that device-side descriptors are written to, on `device`."""
+    return lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device)
+
+
+def use_tma(wanted: bool, *tensors: torch.Tensor) -> bool:
+    """The TMA switch of a launch: True when the config asks for it and every tensor qualifies, else the pointer
+    path, silently. When True it also hands Triton the scratch allocator. Triton keeps that in a per-thread context
+    variable, and autograd runs the backward on its own thread, so it is set at each such launch (a cheap set)."""
+    if not (wanted and tma_qualifies(*tensors)):
+        return False
+    triton.set_allocator(_scratch_allocator(tensors[0].device))
+    return True
 
 
 def launch_forward(q, k, v, out, lse, causal, scale, cfg, prec, docs=None):
@@ -160,5 +227,5 @@ def launch_forward(q, k, v, out, lse, causal, scale, cfg, prec, docs=None):
         q, k, v, out, lse, q_docs, k_docs, ranges, sq, sk, scale * LOG2E_F,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
         H=hq, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, CAUSAL=causal, HAS_DOCS=docs is not None, PREC=prec,
+        BLOCK_N=cfg.block_n, CAUSAL=causal, HAS_DOCS=docs is not None, TMA=use_tma(cfg.tma, q, k, v), PREC=prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
