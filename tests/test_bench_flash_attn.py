@@ -1,7 +1,7 @@
 """tools/bench_flash_attn.py's modes at tiny sizes on CPU (Triton's interpreter), so a GPU run does not find its bugs."""
 import ast
 
-from tools.bench_flash_attn import auto_table, bench, doc_bench, parse_args
+from tools.bench_flash_attn import auto_table, bench, doc_bench, parse_args, sweep_configs
 
 TINY = ["--device", "cpu", "--heads", "1", "--warmup", "0", "--reps", "1", "--causal", "yes"]
 
@@ -29,3 +29,12 @@ def test_auto_table_prints_the_choice_table(capsys):
     table = ast.literal_eval("{" + literal.split("{", 1)[1].split("}", 1)[0] + "}")
     assert list(table) == [(32, "float32", True)]
     assert table[(32, "float32", True)] == ((32, "triton"),)  # cuDNN cannot run on CPU; one winner, one entry
+
+
+def test_tma_flag_and_the_sweep_candidates_with_tma_flipped():
+    rows = bench(parse_args([*TINY, "--head-dims", "32", "--seqlens", "32", "--modes", "fwd_bwd", "--tma"]))
+    assert rows[0]["provider"] == "triton" and rows[0]["fwd_bwd_tflops"] > 0
+    for tma in (False, True):
+        cands = list(sweep_configs(128, tma))
+        assert {cfg.tma for _, cfg in cands[:-2]} == {tma}  # --tma: every tiling with descriptors
+        assert [(kind, cfg.tma) for kind, cfg in cands[-2:]] == [("fwd", not tma), ("bwd", not tma)]

@@ -6,6 +6,9 @@
     python tools/bench_flash_attn.py --sweep --head-dims 128 --seqlens 16384 --out sweep.json   # tilings
     python tools/bench_flash_attn.py --resources --head-dims 96,256 --causal yes   # no GPU: regs, spills, smem
 
+--tma runs (with --resources: compiles) ours with TMA tensor descriptors (FwdConfig.tma, BwdConfig.tma) on the
+default tilings, and with --sweep on every candidate; a sweep also times the defaults with TMA flipped.
+
 Shapes: b=1, 16 heads (--batch, --heads), bf16, q/k/v [b, s, h, d]; SDPA gets its own contiguous [b, h, s, d].
 FLOPs (model FLOPs, as the FlashAttention papers count them): fwd = 4*b*h*s^2*d, halved when causal;
 bwd = 2.5 * fwd; fwd+bwd = 3.5 * fwd. With --doc-len N a sample of s tokens holds s/N documents and its FLOPs
@@ -39,6 +42,12 @@ def inputs(b, s, h, d, device):
     return tuple(torch.randn(b, s, h, d, device=device, dtype=dtype) for _ in range(4))
 
 
+def ours_configs(d, dtype, device, tma):
+    """Our default (forward, backward) configs; tma: with TMA tensor descriptors turned on (--tma)."""
+    fcfg, bcfg = default_configs(d, dtype, torch.device(device))
+    return (dataclasses.replace(fcfg, tma=True), dataclasses.replace(bcfg, tma=True)) if tma else (fcfg, bcfg)
+
+
 def ours_fns(q, k, v, dout, causal, fcfg=None, bcfg=None, docs=None):
     """{mode: closure} for our kernels; bwd reuses one saved forward. docs: (q_docs, k_docs) or None."""
     scale = q.shape[-1] ** -0.5
@@ -69,9 +78,15 @@ def sdpa_fns(q, k, v, dout, causal, backend):
     return {"fwd": fwd, "fwd_bwd": both}
 
 
-PROVIDERS = {"triton": lambda q, k, v, dout, causal: ours_fns(q, k, v, dout, causal),
-             "sdpa_cudnn": lambda q, k, v, dout, causal: sdpa_fns(q, k, v, dout, causal, SDPBackend.CUDNN_ATTENTION),
-             "sdpa_flash": lambda q, k, v, dout, causal: sdpa_fns(q, k, v, dout, causal, SDPBackend.FLASH_ATTENTION)}
+def ours_default_fns(q, k, v, dout, causal, tma):
+    """ours_fns at the default tiling, with TMA when tma."""
+    return ours_fns(q, k, v, dout, causal, *ours_configs(q.shape[-1], q.dtype, q.device, tma))
+
+
+PROVIDERS = {  # make(q, k, v, dout, causal, tma) -> {mode: closure}; tma: ours with TMA (--tma)
+    "triton": ours_default_fns,
+    "sdpa_cudnn": lambda q, k, v, dout, causal, tma: sdpa_fns(q, k, v, dout, causal, SDPBackend.CUDNN_ATTENTION),
+    "sdpa_flash": lambda q, k, v, dout, causal, tma: sdpa_fns(q, k, v, dout, causal, SDPBackend.FLASH_ATTENTION)}
 
 
 def measure(row, make, flops, modes, args):
@@ -105,7 +120,7 @@ def bench(args):
         flops = attention_fwd_flops(args.batch, args.heads, s, d, causal)
         for name, make in PROVIDERS.items():
             row = dict(provider=name, head_dim=d, seqlen=s, causal=causal)
-            rows.append(measure(row, lambda: make(q, k, v, dout, causal), flops, args.modes, args))
+            rows.append(measure(row, lambda: make(q, k, v, dout, causal, args.tma), flops, args.modes, args))
     print(f"\n{'d':>4} {'seqlen':>7} {'causal':>6} {'ours':>7} {'cuDNN':>7} {'FA2':>7} {'ours/cuDNN':>10}"
           "   (fwd+bwd TFLOP/s)")
     rate = {(r["provider"], r["head_dim"], r["seqlen"], r["causal"]): r.get("fwd_bwd_tflops") for r in rows}
@@ -127,15 +142,16 @@ def doc_bench(args):
         lengths = [n] * (s // n)
         docs = document_ids_of(lengths, args.batch).to(q.device)
         doc_flops = attention_fwd_flops(args.batch, args.heads, s, d, causal, doc_lengths=lengths)
+        dense_flops, one_doc_flops = (attention_fwd_flops(args.batch, args.heads, x, d, causal) for x in (s, n))
+        cfgs = ours_configs(d, q.dtype, q.device, args.tma)
         dense = measure(dict(kind="dense", head_dim=d, seqlen=s, causal=causal),
-                        lambda: ours_fns(q, k, v, dout, causal), attention_fwd_flops(args.batch, args.heads, s, d,
-                                                                                   causal), args.modes, args)
+                        lambda: ours_fns(q, k, v, dout, causal, *cfgs), dense_flops, args.modes, args)
         with_docs = measure(dict(kind="documents", doc_len=n, head_dim=d, seqlen=s, causal=causal),
-                            lambda: ours_fns(q, k, v, dout, causal, docs=(docs, docs)), doc_flops, args.modes, args)
+                            lambda: ours_fns(q, k, v, dout, causal, *cfgs, docs=(docs, docs)), doc_flops, args.modes,
+                            args)
         qn, kn, vn, dn = (x[:, :n] for x in (q, k, v, dout))
         one_doc = measure(dict(kind="dense", head_dim=d, seqlen=n, causal=causal),
-                          lambda: ours_fns(qn, kn, vn, dn, causal), attention_fwd_flops(args.batch, args.heads, n, d,
-                                                                                      causal), args.modes, args)
+                          lambda: ours_fns(qn, kn, vn, dn, causal, *cfgs), one_doc_flops, args.modes, args)
         rows += [dense, with_docs, one_doc]
         for mode in args.modes:
             if all(mode + "_ms" in r for r in (dense, with_docs, one_doc)):
@@ -154,7 +170,7 @@ def auto_table(args):
         ms = {}
         for name in ("triton", "sdpa_cudnn"):
             row = measure(dict(provider=name, head_dim=d, seqlen=s, causal=causal),
-                          lambda: PROVIDERS[name](q, k, v, dout, causal), flops, ["fwd_bwd"], args)
+                          lambda: PROVIDERS[name](q, k, v, dout, causal, args.tma), flops, ["fwd_bwd"], args)
             rows.append(row)
             ms[name] = row.get("fwd_bwd_ms", float("inf"))
         faster = "cudnn" if ms["sdpa_cudnn"] < ms["triton"] else "triton"
@@ -185,26 +201,29 @@ SWEEP = {
 }
 
 
-def sweep_configs(d):
+def sweep_configs(d, tma=False):
     """(kind, config) candidates around the defaults: forward configs, then backward kernel 1 with kernel 2 at
-    its default, then kernel 2 with kernel 1 at its default (and the atomic-dq variant of the default)."""
-    fdef, bdef = default_configs(d, torch.bfloat16, torch.device("cuda"))  # the GPU's defaults, also on CPU
+    its default, then kernel 2 with kernel 1 at its default; then the atomic-dq variant of the default and the
+    defaults with TMA flipped. tma: every candidate with TMA on (--tma), so the flip is then TMA off."""
+    fdef, bdef = ours_configs(d, torch.bfloat16, "cuda", tma)  # the GPU's defaults, also on CPU
     cands = SWEEP[block_d(d)]
-    yield from (("fwd", FwdConfig(*c)) for c in cands["fwd"])
+    yield from (("fwd", FwdConfig(*c, tma=fdef.tma)) for c in cands["fwd"])
     yield from (("bwd", dataclasses.replace(bdef, block_m1=m, block_n1=n, num_warps1=w, num_stages1=st))
                 for m, n, w, st in cands["dkdv"])
     yield from (("bwd", dataclasses.replace(bdef, block_m2=m, block_n2=n, num_warps2=w, num_stages2=st))
                 for m, n, w, st in cands["dq"])
     yield "bwd", dataclasses.replace(bdef, dq_atomic=True)
+    yield "fwd", dataclasses.replace(fdef, tma=not fdef.tma)
+    yield "bwd", dataclasses.replace(bdef, tma=not bdef.tma)
 
 
 def sweep(args):
     """Time candidate tilings (causal) of each head dim at each length."""
     rows = []
     for d, s, causal, (q, k, v, dout) in shapes(args):
-        fdef, bdef = default_configs(d, torch.bfloat16, torch.device("cuda"))
+        fdef, bdef = ours_configs(d, torch.bfloat16, "cuda", args.tma)
         flops = attention_fwd_flops(args.batch, args.heads, s, d, causal)
-        for kind, cfg in sweep_configs(d):
+        for kind, cfg in sweep_configs(d, args.tma):
             row = dict(kind=kind, head_dim=d, seqlen=s, causal=causal, config=dataclasses.asdict(cfg))
             fcfg, bcfg = (cfg, bdef) if isinstance(cfg, FwdConfig) else (fdef, cfg)
             rows.append(measure(row, lambda: ours_fns(q, k, v, dout, causal, fcfg, bcfg), flops, [kind], args))
@@ -218,11 +237,11 @@ def resources(args):
     rows = []
     for d in args.head_dims:
         for dtype in (torch.bfloat16, torch.float32):
-            fcfg, bcfg = default_configs(d, dtype, torch.device("cuda"))
+            fcfg, bcfg = ours_configs(d, dtype, "cuda", args.tma)
             for causal, docs in itertools.product(args.causal, (False, True)):
                 for kernel, usage in kernel_resources(d, dtype, causal, docs, fcfg, bcfg).items():
                     rows.append(dict(head_dim=d, dtype=str(dtype).removeprefix("torch."), causal=causal,
-                                     documents=docs, kernel=kernel, **usage))
+                                     documents=docs, tma=fcfg.tma, kernel=kernel, **usage))
                     print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -246,11 +265,11 @@ def kernel_resources(d, dtype, causal, docs, fcfg, bcfg):
     shape = dict(HEAD_DIM=d, BLOCK_D=block_d(d), CAUSAL=causal, HAS_DOCS=docs, PREC="ieee" if elem == "fp32" else
                  "tf32", DQ_ATOMIC=bcfg.dq_atomic)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    kernels = {"fwd": (flash_attn_fwd._fwd_kernel, dict(BLOCK_M=fcfg.block_m, BLOCK_N=fcfg.block_n), fcfg.num_warps,
-                       fcfg.num_stages),
-               "dkdv": (flash_attn_bwd._bwd_dkdv_kernel, dict(BLOCK_M=bcfg.block_m1, BLOCK_N=bcfg.block_n1),
-                        bcfg.num_warps1, bcfg.num_stages1),
-               "dq": (flash_attn_bwd._bwd_dq_kernel, dict(BLOCK_M=bcfg.block_m2, BLOCK_N=bcfg.block_n2),
+    kernels = {"fwd": (flash_attn_fwd._fwd_kernel, dict(BLOCK_M=fcfg.block_m, BLOCK_N=fcfg.block_n, TMA=fcfg.tma),
+                       fcfg.num_warps, fcfg.num_stages),
+               "dkdv": (flash_attn_bwd._bwd_dkdv_kernel, dict(BLOCK_M=bcfg.block_m1, BLOCK_N=bcfg.block_n1,
+                                                              TMA=bcfg.tma), bcfg.num_warps1, bcfg.num_stages1),
+               "dq": (flash_attn_bwd._bwd_dq_kernel, dict(BLOCK_M=bcfg.block_m2, BLOCK_N=bcfg.block_n2, TMA=bcfg.tma),
                       bcfg.num_warps2, bcfg.num_stages2)}
     out = {}
     for name, (fn, blocks, warps, stages) in kernels.items():
@@ -302,6 +321,8 @@ def parse_args(argv=None):
     group.add_argument("--sweep", action="store_true", help="time candidate tilings instead of the provider table")
     group.add_argument("--resources", action="store_true",
                        help="no GPU needed: compile the default tilings for sm_90, print registers, spills, smem")
+    p.add_argument("--tma", action="store_true",
+                   help="ours with TMA tensor descriptors (Hopper) on the default tilings; --resources compiles them")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: Triton's interpreter (TRITON_INTERPRET=1), fp32, for checking this tool at tiny sizes")
     p.add_argument("--out", default="bench_flash_attn.json")
