@@ -10,6 +10,7 @@ import torch
 
 from megatron_sp.attention import LocalAttention, attention_forward
 from megatron_sp.kernels.flash_attn import HEAD_DIMS, default_configs, flash_attn_backward, flash_attn_forward
+from megatron_sp.kernels.flash_attn_fwd import tma_qualifies
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -36,10 +37,15 @@ def reference_grads(q, k, v, dout, causal, scale):
     return out.detach(), lse.detach(), q64.grad, k64.grad, v64.grad
 
 
-def ours(q, k, v, dout, causal, scale, bwd_config=None):
-    out, lse = flash_attn_forward(q, k, v, causal, scale)
+def ours(q, k, v, dout, causal, scale, bwd_config=None, fwd_config=None):
+    out, lse = flash_attn_forward(q, k, v, causal, scale, config=fwd_config)
     dq, dk, dv = flash_attn_backward(dout, q, k, v, out, lse, causal, scale, config=bwd_config)
     return out, lse, dq, dk, dv
+
+
+def configs(d, dtype, tma):
+    """The default (forward, backward) configs of this device, with TMA descriptors when tma."""
+    return tuple(dataclasses.replace(c, tma=tma) for c in default_configs(d, dtype, torch.device(DEVICE)))
 
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -97,6 +103,32 @@ def test_cross_lengths_and_strided_views(d):
         assert rel_err(x, ref) < 1e-5
 
 
+@pytest.mark.parametrize("dtype,causal,sq,sk,hq,hkv,d", [
+    (torch.float32, True, 45, 45, 4, 2, 64),  # ragged tail, GQA
+    (torch.float16, False, 19, 35, 2, 1, 96),  # padded head dim, cross lengths
+    (torch.float16, True, 33, 33, 2, 2, 80),
+    (torch.float32, False, 40, 21, 2, 2, 128)])
+def test_tma_matches_reference(dtype, causal, sq, sk, hq, hkv, d):
+    """The TMA path: tiles from descriptors, which zero-fill past the sequence end and past d themselves."""
+    q, k, v, dout = make_inputs(1, sq, sk, hq, hkv, d, dtype, seed=sq + d)
+    assert q.is_cuda or tma_qualifies(q, k, v, dout)  # on CPU the interpreter surely runs the descriptors
+    fwd, bwd = configs(d, dtype, tma=True)
+    got = ours(q, k, v, dout, causal, d ** -0.5, bwd, fwd)
+    check_against_reference(got, reference_grads(q, k, v, dout, causal, d ** -0.5), TOL[dtype])
+
+
+def test_tma_falls_back_to_pointers_for_tensors_descriptors_cannot_address():
+    g = torch.Generator(device=DEVICE).manual_seed(4)
+    q = torch.randn(1, 21, 2, 128, generator=g, device=DEVICE)[..., ::2]  # d strided: stride 2
+    k = torch.randn(1, 21, 2, 65, generator=g, device=DEVICE)[..., :64]  # head stride 260 bytes
+    v = torch.randn(1, 21 * 2 * 64 + 1, generator=g, device=DEVICE)[:, 1:].view(1, 21, 2, 64)  # base off by 4 bytes
+    dout = torch.randn(1, 21, 2, 64, generator=g, device=DEVICE)
+    assert tma_qualifies(dout) and not any(tma_qualifies(x) for x in (q, k, v))
+    fwd, bwd = configs(64, torch.float32, tma=True)
+    got = ours(q, k, v, dout, True, 0.125, bwd, fwd)
+    check_against_reference(got, reference_grads(q, k, v, dout, True, 0.125), TOL[torch.float32])
+
+
 def test_dq_atomic_variant():
     q, k, v, dout = make_inputs(1, 45, 45, 4, 2, 64, torch.float32, seed=7)
     cfg = dataclasses.replace(default_configs(64, torch.float32, q.device)[1], dq_atomic=True)
@@ -106,15 +138,17 @@ def test_dq_atomic_variant():
         assert rel_err(x, ref) < 1e-5
 
 
-def test_backward_uses_the_given_global_lse():
+@pytest.mark.parametrize("tma", [False, True])
+def test_backward_uses_the_given_global_lse(tma):
     """Ring attention's contract: partial forwards over key chunks, merged by lse; each chunk's backward with
     the merged out and *global* lse yields exactly that chunk's share of the full gradient."""
     q, k, v, dout = make_inputs(1, 24, 40, 2, 2, 64, torch.float32, seed=11)
+    fwd, bwd = configs(64, torch.float32, tma)
     chunks = [(0, 17), (17, 40)]
-    parts = [flash_attn_forward(q, k[:, a:b], v[:, a:b], False, 0.125) for a, b in chunks]
+    parts = [flash_attn_forward(q, k[:, a:b], v[:, a:b], False, 0.125, fwd) for a, b in chunks]
     lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)  # [b, h, sq]
     out = sum(o * torch.exp(l - lse).transpose(1, 2)[..., None] for o, l in parts)
-    grads = [flash_attn_backward(dout, q, k[:, a:b], v[:, a:b], out, lse, False, 0.125) for a, b in chunks]
+    grads = [flash_attn_backward(dout, q, k[:, a:b], v[:, a:b], out, lse, False, 0.125, bwd) for a, b in chunks]
     want = reference_grads(q, k, v, dout, False, 0.125)
     assert rel_err(out, want[0]) < 1e-5
     assert rel_err(grads[0][0] + grads[1][0], want[2]) < 1e-5

@@ -7,7 +7,8 @@ import torch
 
 from megatron_sp.kernels.flash_attn import default_configs, flash_attn_backward, flash_attn_forward
 from megatron_sp.kernels.flash_attn_docs import key_block_ranges, query_block_ranges
-from tests.test_triton_flash_attn import DEVICE, ON_GPU, TOL, assert_within_twice_sdpa, make_inputs, rel_err, sdpa_grads
+from tests.test_triton_flash_attn import (DEVICE, ON_GPU, TOL, assert_within_twice_sdpa, configs, make_inputs, rel_err,
+                                         sdpa_grads)
 
 
 def doc_ids(*lengths_per_sample) -> torch.Tensor:
@@ -39,10 +40,10 @@ def masked_reference(q, k, v, dout, causal, scale, q_docs, k_docs):
     return out.detach(), lse.detach(), q64.grad, k64.grad, v64.grad
 
 
-def run_case(q_docs, k_docs, hq, hkv, d, dtype, causal, bwd_config=None):
+def run_case(q_docs, k_docs, hq, hkv, d, dtype, causal, bwd_config=None, fwd_config=None):
     q, k, v, dout = make_inputs(q_docs.shape[0], q_docs.shape[1], k_docs.shape[1], hq, hkv, d, dtype, seed=hq + d)
     mask = dict(q_docs=q_docs, k_docs=k_docs)
-    got = flash_attn_forward(q, k, v, causal, d ** -0.5, **mask)
+    got = flash_attn_forward(q, k, v, causal, d ** -0.5, fwd_config, **mask)
     got = (*got, *flash_attn_backward(dout, q, k, v, *got, causal, d ** -0.5, bwd_config, **mask))
     return (q, k, v, dout), got, masked_reference(q, k, v, dout, causal, d ** -0.5, q_docs, k_docs)
 
@@ -54,19 +55,37 @@ CASES = {  # (q_docs, k_docs, hq, hkv): ragged lengths (not multiples of the 16/
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("case", CASES)
-def test_document_mask_matches_reference(case, causal, dtype):
-    q_docs, k_docs, hq, hkv = CASES[case]
-    _, got, want = run_case(q_docs, k_docs, hq, hkv, 64, dtype, causal)
+def check_masked(got, want, tol):
+    """got, want: (out, lse, dq, dk, dv) of ours and masked_reference; rows that see no key exactly so."""
     seen = torch.isfinite(want[1])
     assert torch.equal(torch.isinf(got[1]), ~seen)  # lse -inf exactly where a row sees no key
     assert (got[1][seen].double() - want[1][seen]).abs().max().item() < 1e-4
     unseen_rows = (~seen).transpose(1, 2)  # [b, sq, h]
     assert (got[0][unseen_rows] == 0).all() and (got[2][unseen_rows] == 0).all()  # out 0, no gradient
     for name, x, ref in zip(("out", "dq", "dk", "dv"), got[:1] + got[2:], want[:1] + want[2:]):
-        assert rel_err(x, ref) < TOL[dtype], name
+        assert rel_err(x, ref) < tol, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_document_mask_matches_reference(case, causal, dtype):
+    q_docs, k_docs, hq, hkv = CASES[case]
+    _, got, want = run_case(q_docs, k_docs, hq, hkv, 64, dtype, causal)
+    check_masked(got, want, TOL[dtype])
+
+
+@pytest.mark.parametrize("case,dtype,causal,d,dq_atomic", [
+    ("short documents, GQA", torch.float16, True, 96, False),
+    ("rows that see no key", torch.float32, False, 64, False),
+    ("one document", torch.float32, True, 80, True)])
+def test_document_mask_with_tma(case, dtype, causal, d, dq_atomic):
+    """The TMA path under document masks (dq's atomics stay pointer-based)."""
+    q_docs, k_docs, hq, hkv = CASES[case]
+    fwd, bwd = configs(d, dtype, tma=True)
+    _, got, want = run_case(q_docs, k_docs, hq, hkv, d, dtype, causal, dataclasses.replace(bwd, dq_atomic=dq_atomic),
+                            fwd)
+    check_masked(got, want, TOL[dtype])
 
 
 @pytest.mark.parametrize("d, dq_atomic", [(96, False), (256, False), (64, True)])
