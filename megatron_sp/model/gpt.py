@@ -21,6 +21,7 @@ from megatron_sp.model import fused
 from megatron_sp.model.loss import chunked_cross_entropy
 from megatron_sp.model.recompute import layer_runner, mlp_runner
 from megatron_sp.model.rotary import rotary_cos_sin
+from megatron_sp.model.split_linear import SplitLinear
 
 
 class Norm(nn.Module):
@@ -44,7 +45,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, head_dim
         bias = not cfg.disable_bias_linear
-        self.qkv = nn.Linear(cfg.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * head_dim, bias=bias)
+        q_size, kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        self.qkv = SplitLinear(cfg.hidden_size, [q_size, kv_size, kv_size], bias=bias)  # -> q, k, v parts
         self.out = nn.Linear(self.num_heads * head_dim, cfg.hidden_size, bias=bias)
         self.inner_attention = inner_attention
         self.rotate = Fused(fused.apply_rotary, cfg.fused_elementwise)
@@ -52,8 +54,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
                 documents=None) -> torch.Tensor:
         b, s, _ = x.shape  # x: [b, s_local, h]
-        q, k, v = self.qkv(x).split(
-            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], dim=-1)
+        q, k, v = self.qkv(x)
         q = q.view(b, s, self.num_heads, self.head_dim)
         k = k.view(b, s, self.num_kv_heads, self.head_dim)
         v = v.view(b, s, self.num_kv_heads, self.head_dim)
