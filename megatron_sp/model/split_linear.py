@@ -1,11 +1,14 @@
-"""A linear layer whose output is used in parts (the fused q/k/v projection), without a gradient concatenation.
+"""A linear layer whose output is used in parts (the fused q/k/v projection), without copies of the parts.
 
 With `nn.Linear(x).split(...)`, autograd hands the backward of the split the parts' gradients separately and
 concatenates them into one [.., out] gradient before the projection's backward: a copy of the whole projection
 output per layer (2.4 ms of a 16k step of the 1.3B benchmark model on one H200). Here the backward takes the
 parts' gradients as they come: dx is the sum of one matmul per part (each accumulating into dx), and each part's
 weight gradient is written into its rows of dW. The matmuls are as large as before along every other axis, so
-they run at the same rate; the sum costs the re-read of dx in the matmul epilogue, not a pass of its own.
+they run at the same rate; the sum costs the re-read of dx in the matmul epilogue, not a pass of its own. The
+forward is one matmul per part too, so that each part is dense (v goes to attention as it is, not copied).
+In bf16, dx is rounded after each part's product: the rounding torchtitan's and Hugging Face's Llama, with
+separate q, k and v projections, get.
 """
 import itertools
 
@@ -14,8 +17,8 @@ from torch import nn
 
 
 class SplitLinear(nn.Linear):
-    """nn.Linear(in_features, sum(sizes)) returning its output as len(sizes) parts (views of one output)
-    instead of one tensor; the parameters (and so checkpoints) are exactly nn.Linear's."""
+    """nn.Linear(in_features, sum(sizes)) returning its output as len(sizes) contiguous parts instead of one
+    tensor; the parameters (and so checkpoints) are exactly nn.Linear's."""
 
     def __init__(self, in_features: int, sizes: list[int], bias: bool = True):
         super().__init__(in_features, sum(sizes), bias=bias)
@@ -32,7 +35,10 @@ class LinearInParts(torch.autograd.Function):
     def forward(ctx, x, weight, bias, sizes):
         ctx.save_for_backward(x, weight)
         ctx.sizes, ctx.has_bias = sizes, bias is not None
-        return torch.nn.functional.linear(x, weight, bias).split(sizes, dim=-1)
+        biases = bias.split(sizes) if bias is not None else [None] * len(sizes)
+        # one matmul per part, so each part is a contiguous tensor of its own: a strided view of one output
+        # would be copied by whatever needs it dense (cuDNN attention copies v in its forward and backward)
+        return tuple(torch.nn.functional.linear(x, w, b) for w, b in zip(weight.split(sizes), biases))
 
     @staticmethod
     def backward(ctx, *grads):
