@@ -196,8 +196,8 @@ def _three_steps_of_two_micro_batches(rank, world, argv):
             kinds |= {type(grads).__name__ for grads in opt.averaged_gradients.values()}
         engine.step()
     return (opt.one_rank, kinds, norms,
-            [w.detach().numpy().copy() for w in opt.single_partition_of_fp32_groups],
-            [p.detach().float().numpy().copy() for p in engine.module.parameters()])
+            [w.detach().cpu().numpy() for w in opt.single_partition_of_fp32_groups],
+            [p.detach().float().cpu().numpy() for p in engine.module.parameters()])
 
 
 def test_one_rank_copies_each_gradient_once_and_steps_as_deepspeed(corpus, monkeypatch):

@@ -9,7 +9,8 @@ the rest from the CUDA allocator, at four moments of the step (tools/bench_e2e.p
                              inside engine.step (ZeRO 1/2: flatten, then cast), beside them; the sync-free
                              step (training/fused_norm.py) makes none: its flat bf16 copy counts as other
     gradients + buffers      the model parameters' .grad and every other tensor DeepSpeed's optimizer object
-                             holds: bf16 gradient partitions, reduce buckets, flat copies
+                             holds: bf16 gradient partitions, reduce buckets, flat copies (on one data-parallel
+                             rank the sync-free step's gradients are views of one flat buffer, counted here)
     other                    allocated - the above: activations, autograd and kernel workspace, caches
 Each tensor is counted once, by its storage (views into one flat buffer count the buffer once), in the
 order above. The moments: after forward (activations held), after backward (gradients held), inside the

@@ -91,6 +91,7 @@ class ZeroSetup:
     offload_param: bool = False
     reduce_bucket: int = DEFAULT_REDUCE_BUCKET
     prefetch_bucket: int = DEFAULT_PREFETCH_BUCKET
+    overlap_comm: bool = False  # DeepSpeed's default below stage 3
 
     @classmethod
     def from_config(cls, cfg: RunConfig, ds_json: dict) -> "ZeroSetup":
@@ -100,7 +101,8 @@ class ZeroSetup:
         return cls(stage=int(stage), offload_optimizer=offloaded("offload_optimizer"),
                    offload_param=offloaded("offload_param") and int(stage) == 3,
                    reduce_bucket=int(zero.get("reduce_bucket_size", DEFAULT_REDUCE_BUCKET)),
-                   prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", DEFAULT_PREFETCH_BUCKET)))
+                   prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", DEFAULT_PREFETCH_BUCKET)),
+                   overlap_comm=bool(zero.get("overlap_comm", int(stage) == 3)))
 
 
 def model_state_bytes(params: int, world: int, stage: int, elem: int) -> dict[str, float]:
@@ -184,7 +186,10 @@ def estimate_memory(cfg: RunConfig, world: int, sp: int, strategy: str, ulysses_
     if zero.offload_param:
         host["parameters"] = states.pop("parameters")
     gradients = states.pop("gradients")
-    if zero.stage >= 1:  # gradient reduce bucket (stages 1-2) / reduce-scatter bucket (stage 3)
+    one_pass = t.bf16 and t.fused_grad_norm and not zero.offload_optimizer  # training/fused_norm.py's step
+    # one data-parallel rank, ZeRO-1, that step: the gradients skip DeepSpeed's reduction and its bucket
+    one_rank = one_pass and zero.stage == 1 and world // pp == 1 and not zero.overlap_comm
+    if zero.stage >= 1 and not one_rank:  # gradient reduce bucket (stages 1-2) / reduce-scatter bucket (stage 3)
         states["ZeRO buckets"] = elem * min(zero.reduce_bucket, params)
     if zero.stage == 3:  # gathered full parameters of the layers in flight (the prefetch window)
         states["ZeRO buckets"] += elem * max(2 * layer_parameters(cfg), zero.prefetch_bucket)
@@ -210,8 +215,8 @@ def estimate_memory(cfg: RunConfig, world: int, sp: int, strategy: str, ulysses_
                                        in_backward, 2 if on_host else 1) * layer.kept * local + outside,
                                        "backward workspace": work},
         "the optimizer step": {**states, "gradients": gradients,
-                               "optimizer step": step_temporaries(params, world // pp, zero.stage, elem, one_pass=(
-                                   t.bf16 and t.fused_grad_norm and not zero.offload_optimizer))},
+                               "optimizer step": step_temporaries(params, world // pp, zero.stage, elem,
+                                                                   one_pass=one_pass)},
     }
     if last:
         phases["the loss's backward"] = {**states, "gradients": early, "activations": waiting + at_start
