@@ -169,7 +169,8 @@ class TrainingConfig:
                                 "is also one pass over memory without a host sync: one AdamW kernel reads the bf16 "
                                 "gradients and applies the clipping factor and the skip. Measured on one H200: 12 %% "
                                 "less time per step at 8k tokens, 2 %% at 32k for the norm, then another 4.6 %% at 8k "
-                                "and 2.8 %% at 16k for the one-pass step (docs/benchmarks.md). "
+                                "and 2.8 %% at 16k for the one-pass step (docs/benchmarks.md). On one data-parallel rank "
+                                "with ZeRO-1 the gradients also skip DeepSpeed's reduction (one copy each, not three). "
                                 "Elsewhere DeepSpeed's own norm runs. --no-fused-grad-norm keeps DeepSpeed's step.",
                                 flags=("--fused-grad-norm",))
     adam_beta1: float = arg(0.9, "AdamW beta1.")
