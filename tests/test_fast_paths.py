@@ -216,6 +216,18 @@ def test_one_rank_copies_each_gradient_once_and_steps_as_deepspeed(corpus, monke
         np.testing.assert_array_equal(g, e)
 
 
+def test_one_rank_path_under_a_pipeline_trains_bit_for_bit_as_deepspeed(corpus, monkeypatch):
+    """Two pipeline stages of one data-parallel rank each, bf16, tied embeddings (their gradients summed across
+    the stages through p.grad, which the one-rank path has made a view of its flat buffer): four steps' losses
+    equal those of DeepSpeed's reduction, bit for bit."""
+    from megatron_sp.training import fused_norm
+    argv = flags(corpus, "--zero-stage", "1", "--bf16", "--pipeline-model-parallel-size", "2",
+                 "--global-batch-size", "4", "--lr-warmup-iters", "0", iters=4)
+    got = train(2, argv)
+    monkeypatch.setattr(fused_norm, "reduction_is_identity", lambda optimizer: False)
+    assert got == train(2, argv)
+
+
 def test_fused_grad_norm_leaves_other_optimizers_alone():
     from megatron_sp.training import fused_norm
     adamw = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
