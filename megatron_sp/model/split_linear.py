@@ -34,7 +34,7 @@ class LinearInParts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, sizes):
         ctx.save_for_backward(x, weight)
-        ctx.sizes, ctx.has_bias = sizes, bias is not None
+        ctx.sizes = sizes
         biases = bias.split(sizes) if bias is not None else [None] * len(sizes)
         # one matmul per part, so each part is a contiguous tensor of its own: a strided view of one output
         # would be copied by whatever needs it dense (cuDNN attention copies v in its forward and backward)
@@ -43,19 +43,23 @@ class LinearInParts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         x, weight = ctx.saved_tensors
-        x2 = x.reshape(-1, x.shape[-1])  # [tokens, in]
-        dw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        db = weight.new_zeros(weight.shape[0]) if ctx.needs_input_grad[2] and ctx.has_bias else None
+        want_dx, want_dw, want_db = ctx.needs_input_grad[:3]  # want_db is False without a bias
+        dw = torch.empty_like(weight) if want_dw else None  # every part's rows are written below
+        db = weight.new_empty(weight.shape[0]) if want_db else None
         dx, ends = None, list(itertools.accumulate(ctx.sizes))
         for grad, rows, end in zip(grads, weight.split(ctx.sizes), ends):  # rows [size_i, in]: this part's weights
             start = end - rows.shape[0]  # [start, end): this part's rows of the output
-            if grad is None:  # a part the loss did not reach: no gradient from it (dw, db rows stay 0)
+            if grad is None:  # a part the loss did not reach: no gradient from it
+                if want_dw:
+                    dw[start:end].zero_()
+                if want_db:
+                    db[start:end].zero_()
                 continue
             g2 = grad.reshape(-1, rows.shape[0])  # [tokens, size_i]
-            if ctx.needs_input_grad[0]:
+            if want_dx:
                 dx = g2 @ rows if dx is None else dx.addmm_(g2, rows)  # [tokens, in]
-            if dw is not None:
-                torch.mm(g2.t(), x2, out=dw[start:end])
-            if db is not None:
+            if want_dw:
+                torch.mm(g2.t(), x.reshape(-1, x.shape[-1]), out=dw[start:end])
+            if want_db:
                 torch.sum(g2, dim=0, out=db[start:end])
         return (None if dx is None else dx.view(x.shape)), dw, db, None
