@@ -79,20 +79,31 @@ def test_compile_layers_refuses_zero_3():
         configure(["--mock-data", "--train-iters", "2", "--compile-layers", "--zero-stage", "3"], 1)
 
 
+def _built(rank, world, argv):
+    """This rank's training setup for argv (trainer.build), its torch seed set to the rank."""
+    from megatron_sp.configure import configure
+    from megatron_sp.training.trainer import build
+    cfg, tokenizer = configure(argv, world)
+    setup = build(cfg, tokenizer)
+    torch.manual_seed(rank)
+    return setup
+
+
+def _backward(setup):
+    """Forward and backward of a random micro batch of 2 samples."""
+    b = setup.ctx.batch({"text": torch.randint(0, 64, (2, 33))})
+    setup.engine.backward(setup.engine(b["tokens"], b["position_ids"], b["labels"]).sum())
+
+
 def _norms_then_a_nan_step(rank, world, argv):
     """Both norms of one backward's gradients, then a step with a NaN in one gradient of rank 0 only, then a
     finite step -> (optimizer class, sync-free, norms, weights unchanged by the NaN step, lr schedule steps done,
     DeepSpeed's skip count, lr of the finite step)."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-    from megatron_sp.configure import configure
     from megatron_sp.training import fused_norm
-    from megatron_sp.training.trainer import build
-    cfg, tokenizer = configure(argv, world)
-    setup = build(cfg, tokenizer)
+    setup = _built(rank, world, argv)
     engine, opt = setup.engine, setup.engine.optimizer
-    torch.manual_seed(rank)
-    b = setup.ctx.batch({"text": torch.randint(0, 64, (2, 33))})
-    engine.backward(engine(b["tokens"], b["position_ids"], b["labels"]).sum())
+    _backward(setup)
     fused = isinstance(opt, fused_norm.FusedNormZeroOptimizer)
     norms = [DeepSpeedZeroOptimizer.scaled_global_norm(opt).item(),
              fused_norm.FusedNormZeroOptimizer.scaled_global_norm(opt).item() if fused else None]
@@ -101,7 +112,7 @@ def _norms_then_a_nan_step(rank, world, argv):
         next(g for g in opt.averaged_gradients[0] if g.numel()).view(-1)[0] = float("nan")
     engine.step()
     unchanged = all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
-    engine.backward(engine(b["tokens"], b["position_ids"], b["labels"]).sum())
+    _backward(setup)
     engine.step()  # learns of the skip before its update
     lr = opt.param_groups[0]["lr"]
     fused_norm.account_skipped_step(opt)
@@ -134,16 +145,11 @@ def test_fused_grad_norm_trains_like_deepspeeds(corpus):
 
 
 def _weights_after_one_step(rank, world, argv):
-    from megatron_sp.configure import configure
-    from megatron_sp.training.trainer import build
-    cfg, tokenizer = configure(argv, world)
-    setup = build(cfg, tokenizer)
+    setup = _built(rank, world, argv)
     engine = setup.engine
-    torch.manual_seed(rank)
     start = [w.detach().numpy().copy() for w in engine.optimizer.single_partition_of_fp32_groups]  # arrays: a forked
     # rank's tensors would travel to the parent as shared memory, which dies with the rank
-    b = setup.ctx.batch({"text": torch.randint(0, 64, (2, 33))})
-    engine.backward(engine(b["tokens"], b["position_ids"], b["labels"]).sum())
+    _backward(setup)
     engine.step()
     return (type(engine.optimizer).__name__, getattr(engine.optimizer, "sync_free", False), start,
             [w.detach().numpy().copy() for w in engine.optimizer.single_partition_of_fp32_groups],
@@ -181,16 +187,11 @@ def test_a_deepspeed_without_a_part_the_sync_free_step_uses_gets_its_own_step(co
 
 
 def _three_steps_of_two_micro_batches(rank, world, argv):
-    from megatron_sp.configure import configure
-    from megatron_sp.training.trainer import build
-    cfg, tokenizer = configure(argv, world)
-    setup = build(cfg, tokenizer)
+    setup = _built(rank, world, argv)
     engine, opt = setup.engine, setup.engine.optimizer
-    torch.manual_seed(rank)
     norms, kinds = [], set()
     for _ in range(3 * 2):
-        b = setup.ctx.batch({"text": torch.randint(0, 64, (2, 33))})
-        engine.backward(engine(b["tokens"], b["position_ids"], b["labels"]).sum())
+        _backward(setup)
         if engine.is_gradient_accumulation_boundary():
             norms.append(opt.scaled_global_norm().item())
             kinds |= {type(grads).__name__ for grads in opt.averaged_gradients.values()}
