@@ -11,9 +11,12 @@ import torch
 from megatron_sp.attention import LocalAttention, attention_forward
 from megatron_sp.kernels.flash_attn import HEAD_DIMS, default_configs, flash_attn_backward, flash_attn_forward
 from megatron_sp.kernels.flash_attn_fwd import tma_qualifies
+from tests.triton_interpreter import teach_descriptor_reduce_add
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
+if not ON_GPU:
+    teach_descriptor_reduce_add()  # dq's TMA reduce-add (dq_atomic with tma) under the interpreter
 
 
 def rel_err(x, ref):
@@ -129,11 +132,14 @@ def test_tma_falls_back_to_pointers_for_tensors_descriptors_cannot_address():
     check_against_reference(got, reference_grads(q, k, v, dout, True, 0.125), TOL[torch.float32])
 
 
-def test_dq_atomic_variant():
-    q, k, v, dout = make_inputs(1, 45, 45, 4, 2, 64, torch.float32, seed=7)
-    cfg = dataclasses.replace(default_configs(64, torch.float32, q.device)[1], dq_atomic=True)
-    got = ours(q, k, v, dout, True, 0.125, bwd_config=cfg)
-    want = reference_grads(q, k, v, dout, True, 0.125)
+@pytest.mark.parametrize("tma,sq,d", [(False, 45, 64), (True, 45, 64), (True, 37, 96)])
+def test_dq_atomic_variant(tma, sq, d):
+    """dq added up by the dk/dv kernel: fp32 atomics through pointers, or with tma one reduce-add per tile through a
+    descriptor, which drops the rows past the ragged end and the lanes of a padded head dim."""
+    q, k, v, dout = make_inputs(1, sq, sq, 4, 2, d, torch.float32, seed=7)
+    cfg = dataclasses.replace(configs(d, torch.float32, tma)[1], dq_atomic=True)
+    got = ours(q, k, v, dout, True, d ** -0.5, bwd_config=cfg)
+    want = reference_grads(q, k, v, dout, True, d ** -0.5)
     for x, ref in zip(got[2:], want[2:]):
         assert rel_err(x, ref) < 1e-5
 
@@ -212,10 +218,10 @@ def assert_within_twice_sdpa(got, want, base):
         assert ours_e <= 2 * sdpa_e + 1e-3, f"{name}: ours {ours_e:.2e} vs sdpa {sdpa_e:.2e}"
 
 
-def check_gpu_case(b, s, hq, hkv, d, dtype, causal):
+def check_gpu_case(b, s, hq, hkv, d, dtype, causal, bwd_config=None):
     q, k, v, dout = make_inputs(b, s, s, hq, hkv, d, dtype, seed=s + d)
     scale = d ** -0.5
-    got = ours(q, k, v, dout, causal, scale)
+    got = ours(q, k, v, dout, causal, scale, bwd_config)
     torch.cuda.synchronize()
     assert_within_twice_sdpa(got, reference_grads(q, k, v, dout, causal, scale),
                              sdpa_grads(q, k, v, dout, causal, scale))
@@ -239,3 +245,12 @@ def test_gpu_within_twice_sdpa_error(causal, b, s, hq, hkv, d, dtype):
 def test_gpu_every_head_dim(d, dtype, causal):
     """Each head dim's GPU tiling compiles (fits shared memory) and is as accurate as SDPA; GQA, ragged 1500."""
     check_gpu_case(1, 1500, 4, 2, d, dtype, causal)
+
+
+@needs_gpu
+@pytest.mark.parametrize("d", [64, 96, 128])
+def test_gpu_dq_reduce_add_within_twice_sdpa_error(d):
+    """dq added up inside the dk/dv kernel by TMA reduce-adds into fp32 (dq_atomic with tma), bf16, causal, GQA,
+    a ragged 1500 tokens."""
+    bwd = dataclasses.replace(configs(d, torch.bfloat16, tma=True)[1], dq_atomic=True)
+    check_gpu_case(1, 1500, 4, 2, d, torch.bfloat16, True, bwd)

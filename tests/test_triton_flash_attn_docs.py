@@ -80,7 +80,7 @@ def test_document_mask_matches_reference(case, causal, dtype):
     ("rows that see no key", torch.float32, False, 64, False),
     ("one document", torch.float32, True, 80, True)])
 def test_document_mask_with_tma(case, dtype, causal, d, dq_atomic):
-    """The TMA path under document masks (dq's atomics stay pointer-based)."""
+    """The TMA path under document masks (with dq_atomic, dq's reduce-add through a descriptor as well)."""
     q_docs, k_docs, hq, hkv = CASES[case]
     fwd, bwd = configs(d, dtype, tma=True)
     _, got, want = run_case(q_docs, k_docs, hq, hkv, d, dtype, causal, dataclasses.replace(bwd, dq_atomic=dq_atomic),

@@ -35,7 +35,8 @@ class FwdConfig:
 class BwdConfig:
     """Backward tiling. Kernel 1 (dk/dv): block_n1 keys per program, block_m1 queries per step
     (block_n1 % block_m1 == 0). Kernel 2 (dq): block_m2 queries per program, block_n2 keys per step.
-    dq_atomic: kernel 1 also accumulates dq with fp32 atomics and kernel 2 is skipped.
+    dq_atomic: kernel 1 also adds dq up in fp32 (element-wise atomics, or with tma one bulk reduce-add per tile)
+    and kernel 2 is skipped: 5 matmuls instead of 7, not deterministic, slower on H200 (docs/kernels.md).
     tma: both kernels load q, k, v, dout tiles through tensor descriptors where allowed, as FwdConfig.tma."""
     block_m1: int
     block_n1: int

@@ -29,12 +29,13 @@ def _bwd_delta_kernel(O, DO, DELTA, sq,
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, kd, q_src, do_src, l_ptrs, d_ptrs, qd_ptrs, dq_base, q_off, do_off, dq_off,
-                stride_qs, stride_dos, stride_ls, stride_dqs, offs_n, d_ok, lo, hi, sq, qk_scale, scale,
+                stride_qs, stride_dos, stride_ls, stride_dqs, offs_n, d_ok, lo, hi, sq, qk_scale,
                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr,
                 HAS_DOCS: tl.constexpr, DQ_ATOMIC: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr):
     """Accumulate dk, dv [N, D] of one key block over query blocks [lo, hi); transposed form (rows = keys).
 
-    With DQ_ATOMIC, also add this key block's share of dq into the fp32 dq buffer (FA2's original scheme).
+    With DQ_ATOMIC, also add this key block's share of dq, unscaled, into the fp32 dq buffer: element-wise atomics
+    (FA2's original scheme), or with TMA one bulk reduce-add per tile through the descriptor dq_base (FA3's).
     TMA: q_src, do_src are descriptors (tile_source) and q_off, do_off go unused.
     """
     # pointer path: scalar bases advance, int32 offsets stay (q_off [D, M]: q^T; do_off, dq_off [M, D]): fewer
@@ -43,7 +44,7 @@ def _dkdv_inner(dk, dv, k, v, kd, q_src, do_src, l_ptrs, d_ptrs, qd_ptrs, dq_bas
     if not TMA:
         q_src += tl.cast(lo, tl.int64) * stride_qs
         do_src += tl.cast(lo, tl.int64) * stride_dos
-    if DQ_ATOMIC:
+    if DQ_ATOMIC and not TMA:
         dq_base += tl.cast(lo, tl.int64) * stride_dqs
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
@@ -68,14 +69,17 @@ def _dkdv_inner(dk, dv, k, v, kd, q_src, do_src, l_ptrs, d_ptrs, qd_ptrs, dq_bas
         dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
         dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=PREC)
         if DQ_ATOMIC:
-            dq = tl.dot(tl.trans(dsT), k, input_precision=PREC) * scale  # [M, D]
-            if MASKED:
+            dq = tl.dot(tl.trans(dsT), k, input_precision=PREC)  # [M, D], unscaled (the launcher scales the sum)
+            if TMA:  # one bulk reduce-add of the tile; the descriptor drops rows >= sq and lanes >= HEAD_DIM
+                dq_base.atomic_add([start_m, 0], dq)
+            elif MASKED:
                 tl.atomic_add(dq_base + dq_off, dq, mask=(rows[:, None] < sq) & d_ok[None, :], sem="relaxed")
             elif PAD_D:
                 tl.atomic_add(dq_base + dq_off, dq, mask=d_ok[None, :], sem="relaxed")
             else:
                 tl.atomic_add(dq_base + dq_off, dq, sem="relaxed")
-            dq_base += BLOCK_M * stride_dqs
+            if not TMA:
+                dq_base += BLOCK_M * stride_dqs
         if not TMA:
             q_src += BLOCK_M * stride_qs
             do_src += BLOCK_M * stride_dos
@@ -97,7 +101,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, Q_DOCS, K_DOCS, RANGES
     """One program = one key block of one (batch, kv head); loops over the GROUP q heads sharing it, so GQA's
     dk/dv sum needs no atomics. Grid: (cdiv(sk, BLOCK_N), b * H_KV). DQ (fp32) is only touched with DQ_ATOMIC.
     HAS_DOCS: document ids as in the forward; RANGES [b, cdiv(sk, BLOCK_N), 4] from key_block_ranges.
-    TMA: k, v, q and dout tiles come from tensor descriptors, one per (batch, head); dq's atomics stay pointers."""
+    TMA: k, v, q and dout tiles come from tensor descriptors, one per (batch, head), and so does DQ's reduce-add."""
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H_KV).to(tl.int64)
     off_hk = (pid_bh % H_KV).to(tl.int64)
@@ -145,7 +149,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, Q_DOCS, K_DOCS, RANGES
         q_src = tile_source(Q + off_b * stride_qb + off_h * stride_qh, sq, stride_qs, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
         do_src = tile_source(DO + off_b * stride_dob + off_h * stride_doh, sq, stride_dos, HEAD_DIM, BLOCK_M, BLOCK_D,
                              TMA)
-        dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
+        dq_base = tile_source(DQ + off_b * stride_dqb + off_h * stride_dqh, sq, stride_dqs, HEAD_DIM, BLOCK_M, BLOCK_D,
+                              TMA and DQ_ATOMIC)  # fp32 [sq, D]; a descriptor for TMA's reduce-add
         l_ptrs = LSE + off_b * stride_lb + off_h * stride_lh
         d_ptrs = DELTA + (off_b * H_KV * GROUP + off_h) * sq
         qd_ptrs = Q_DOCS + off_b * sq
@@ -161,7 +166,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, Q_DOCS, K_DOCS, RANGES
                 p_hi = hi
             dk, dv = _dkdv_inner(dk, dv, k, v, kd, q_src, do_src, l_ptrs, d_ptrs, qd_ptrs, dq_base, q_off, do_off,
                                  dq_off, stride_qs, stride_dos, stride_ls, stride_dqs, offs_n, d_ok, p_lo, p_hi, sq,
-                                 qk_scale, scale, BLOCK_M, phase != 1, CAUSAL, PAD_D, HAS_DOCS, DQ_ATOMIC, TMA, PREC)
+                                 qk_scale, BLOCK_M, phase != 1, CAUSAL, PAD_D, HAS_DOCS, DQ_ATOMIC, TMA, PREC)
     dk = dk * scale  # s = scale * q.k, so d/dk carries one factor of scale
     out_off = off_b * stride_dkb + off_hk * stride_dkh + cols * stride_dks + offs_d[None, :] * stride_dkd
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kmask & d_ok[None, :])
@@ -278,7 +283,7 @@ def launch_backward(dout, q, k, v, out, lse, causal, scale, cfg, prec, docs=None
         H_KV=hkv, GROUP=group, BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, DQ_ATOMIC=cfg.dq_atomic, **shape,
         num_warps=cfg.num_warps1, num_stages=cfg.num_stages1)
     if cfg.dq_atomic:
-        return dq_acc.to(q.dtype), dk, dv
+        return (dq_acc * scale).to(q.dtype), dk, dv
     dq = torch.empty((b, sq, hq, d), dtype=q.dtype, device=q.device)
     _bwd_dq_kernel[(triton.cdiv(sq, cfg.block_m2), b * hq)](
         *common, dq, q_docs, k_docs, query_ranges, sq, sk, scale * LOG2E_F, scale, *strides, *dq.stride(),
