@@ -38,3 +38,6 @@ def test_tma_flag_and_the_sweep_candidates_with_tma_flipped():
         cands = list(sweep_configs(128, tma))
         assert {cfg.tma for _, cfg in cands[:-2]} == {tma}  # --tma: every tiling with descriptors
         assert [(kind, cfg.tma) for kind, cfg in cands[-2:]] == [("fwd", not tma), ("bwd", not tma)]
+    dkdv = list(sweep_configs(128, True, ["dkdv"]))[:-2]  # each dk/dv tiling with the dq kernel, then dq added inside
+    assert {kind for kind, _ in dkdv} == {"bwd"} and [c.dq_atomic for _, c in dkdv] == [False, True] * (len(dkdv) // 2)
+    assert all(a.block_m1 == b.block_m1 and a.block_n1 == b.block_n1 for (_, a), (_, b) in zip(dkdv[::2], dkdv[1::2]))

@@ -6,8 +6,10 @@
     python tools/bench_flash_attn.py --sweep --head-dims 128 --seqlens 16384 --out sweep.json   # tilings
     python tools/bench_flash_attn.py --resources --head-dims 96,256 --causal yes   # no GPU: regs, spills, smem
 
---tma runs (with --resources: compiles) ours with TMA tensor descriptors (FwdConfig.tma, BwdConfig.tma) on the
-default tilings, and with --sweep on every candidate; a sweep also times the defaults with TMA flipped.
+--tma / --no-tma run (with --resources: compile) ours with TMA tensor descriptors (FwdConfig.tma, BwdConfig.tma)
+turned on / off in the default tilings, and with --sweep in every candidate; without either, as the defaults have
+it. A sweep also times the defaults with TMA flipped; --sweep-kernels dkdv also times each dk/dv tiling with dq
+added up inside it (BwdConfig.dq_atomic).
 
 Shapes: b=1, 16 heads (--batch, --heads), bf16, q/k/v [b, s, h, d]; SDPA gets its own contiguous [b, h, s, d].
 FLOPs (model FLOPs, as the FlashAttention papers count them): fwd = 4*b*h*s^2*d, halved when causal;
@@ -42,10 +44,13 @@ def inputs(b, s, h, d, device):
     return tuple(torch.randn(b, s, h, d, device=device, dtype=dtype) for _ in range(4))
 
 
-def ours_configs(d, dtype, device, tma):
-    """Our default (forward, backward) configs; tma: with TMA tensor descriptors turned on (--tma)."""
+def ours_configs(d, dtype, device, tma=None):
+    """Our default (forward, backward) configs; tma True / False: with TMA tensor descriptors turned on / off
+    (--tma / --no-tma), None: as the defaults have it."""
     fcfg, bcfg = default_configs(d, dtype, torch.device(device))
-    return (dataclasses.replace(fcfg, tma=True), dataclasses.replace(bcfg, tma=True)) if tma else (fcfg, bcfg)
+    if tma is None:
+        return fcfg, bcfg
+    return dataclasses.replace(fcfg, tma=tma), dataclasses.replace(bcfg, tma=tma)
 
 
 def ours_fns(q, k, v, dout, causal, fcfg=None, bcfg=None, docs=None):
@@ -79,11 +84,11 @@ def sdpa_fns(q, k, v, dout, causal, backend):
 
 
 def ours_default_fns(q, k, v, dout, causal, tma):
-    """ours_fns at the default tiling, with TMA when tma."""
+    """ours_fns at the default tiling, TMA as ours_configs."""
     return ours_fns(q, k, v, dout, causal, *ours_configs(q.shape[-1], q.dtype, q.device, tma))
 
 
-PROVIDERS = {  # make(q, k, v, dout, causal, tma) -> {mode: closure}; tma: ours with TMA (--tma)
+PROVIDERS = {  # make(q, k, v, dout, causal, tma) -> {mode: closure}; tma: ours' TMA (--tma/--no-tma)
     "triton": ours_default_fns,
     "sdpa_cudnn": lambda q, k, v, dout, causal, tma: sdpa_fns(q, k, v, dout, causal, SDPBackend.CUDNN_ATTENTION),
     "sdpa_flash": lambda q, k, v, dout, causal, tma: sdpa_fns(q, k, v, dout, causal, SDPBackend.FLASH_ATTENTION)}
@@ -201,18 +206,26 @@ SWEEP = {
 }
 
 
-def sweep_configs(d, tma=False):
-    """(kind, config) candidates around the defaults: forward configs, then backward kernel 1 with kernel 2 at
-    its default, then kernel 2 with kernel 1 at its default; then the atomic-dq variant of the default and the
-    defaults with TMA flipped. tma: every candidate with TMA on (--tma), so the flip is then TMA off."""
+SWEEP_KERNELS = ("fwd", "dkdv", "dq")
+
+
+def sweep_configs(d, tma=None, kernels=SWEEP_KERNELS):
+    """(kind, config) candidates around the defaults, for the kernels named: "fwd", forward tilings; "dkdv", the dk/dv
+    kernel's tilings with the dq kernel at its default, each also with dq_atomic (dq added up inside the dk/dv
+    kernel, no dq kernel); "dq", the dq kernel's tilings with the dk/dv kernel at its default. Last the defaults
+    with TMA flipped. tma: as ours_configs, every candidate with TMA on (True) or off (False)."""
     fdef, bdef = ours_configs(d, torch.bfloat16, "cuda", tma)  # the GPU's defaults, also on CPU
     cands = SWEEP[block_d(d)]
-    yield from (("fwd", FwdConfig(*c, tma=fdef.tma)) for c in cands["fwd"])
-    yield from (("bwd", dataclasses.replace(bdef, block_m1=m, block_n1=n, num_warps1=w, num_stages1=st))
-                for m, n, w, st in cands["dkdv"])
-    yield from (("bwd", dataclasses.replace(bdef, block_m2=m, block_n2=n, num_warps2=w, num_stages2=st))
-                for m, n, w, st in cands["dq"])
-    yield "bwd", dataclasses.replace(bdef, dq_atomic=True)
+    if "fwd" in kernels:
+        yield from (("fwd", FwdConfig(*c, tma=fdef.tma)) for c in cands["fwd"])
+    if "dkdv" in kernels:
+        for m, n, w, st in cands["dkdv"]:
+            cfg = dataclasses.replace(bdef, block_m1=m, block_n1=n, num_warps1=w, num_stages1=st)
+            yield "bwd", dataclasses.replace(cfg, dq_atomic=False)
+            yield "bwd", dataclasses.replace(cfg, dq_atomic=True)
+    if "dq" in kernels:
+        yield from (("bwd", dataclasses.replace(bdef, block_m2=m, block_n2=n, num_warps2=w, num_stages2=st))
+                    for m, n, w, st in cands["dq"])
     yield "fwd", dataclasses.replace(fdef, tma=not fdef.tma)
     yield "bwd", dataclasses.replace(bdef, tma=not bdef.tma)
 
@@ -223,7 +236,7 @@ def sweep(args):
     for d, s, causal, (q, k, v, dout) in shapes(args):
         fdef, bdef = ours_configs(d, torch.bfloat16, "cuda", args.tma)
         flops = attention_fwd_flops(args.batch, args.heads, s, d, causal)
-        for kind, cfg in sweep_configs(d, args.tma):
+        for kind, cfg in sweep_configs(d, args.tma, args.sweep_kernels):
             row = dict(kind=kind, head_dim=d, seqlen=s, causal=causal, config=dataclasses.asdict(cfg))
             fcfg, bcfg = (cfg, bdef) if isinstance(cfg, FwdConfig) else (fdef, cfg)
             rows.append(measure(row, lambda: ours_fns(q, k, v, dout, causal, fcfg, bcfg), flops, [kind], args))
@@ -279,8 +292,8 @@ def kernel_resources(d, dtype, causal, docs, fcfg, bcfg):
                 signature[arg] = "constexpr"
                 constants[arg] = {**shape, **blocks}.get(arg, 1)  # Triton specialises unit strides at run time too
             elif arg.isupper() and arg not in ("H", "H_KV", "GROUP"):  # tensors: 16-byte aligned, as torch allocates
-                signature[arg] = "*" + ("fp32" if arg in ("LSE", "DELTA") else "i32" if "DOCS" in arg or
-                                        arg == "RANGES" else elem)
+                fp32 = arg in ("LSE", "DELTA") or arg == "DQ" and bcfg.dq_atomic  # dq_atomic: an fp32 sum
+                signature[arg] = "*" + ("fp32" if fp32 else "i32" if "DOCS" in arg or arg == "RANGES" else elem)
                 attrs[(i,)] = [["tt.divisibility", 16]]
             else:
                 signature[arg] = "fp32" if "scale" in arg else "i32"
@@ -321,14 +334,20 @@ def parse_args(argv=None):
     group.add_argument("--sweep", action="store_true", help="time candidate tilings instead of the provider table")
     group.add_argument("--resources", action="store_true",
                        help="no GPU needed: compile the default tilings for sm_90, print registers, spills, smem")
-    p.add_argument("--tma", action="store_true",
-                   help="ours with TMA tensor descriptors (Hopper) on the default tilings; --resources compiles them")
+    p.add_argument("--sweep-kernels", default=",".join(SWEEP_KERNELS),
+                   help="--sweep: comma-separated of fwd, dkdv, dq (default all); dkdv also times dq_atomic")
+    p.add_argument("--tma", action=argparse.BooleanOptionalAction, default=None,
+                   help="ours with TMA tensor descriptors (Hopper) on / off in the default tilings (default: as the "
+                        "defaults have it); --resources compiles them so")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: Triton's interpreter (TRITON_INTERPRET=1), fp32, for checking this tool at tiny sizes")
     p.add_argument("--out", default="bench_flash_attn.json")
     args = p.parse_args(argv)
     args.causal = {"yes": [True], "no": [False], "both": [True, False]}[args.causal]
     args.modes = args.modes.split(",")
+    args.sweep_kernels = args.sweep_kernels.split(",")
+    if set(args.sweep_kernels) - set(SWEEP_KERNELS):
+        p.error(f"--sweep-kernels takes {', '.join(SWEEP_KERNELS)}; got {','.join(args.sweep_kernels)}")
     if set(args.modes) - set(MODE_FLOPS):
         p.error(f"--modes takes {', '.join(MODE_FLOPS)}; got {','.join(args.modes)}")
     return args
