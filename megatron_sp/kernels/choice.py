@@ -2,7 +2,8 @@
 small measured table; where cuDNN cannot run the shape, ours. Pure lookups (no GPU, no Triton needed)."""
 import torch
 
-# Faster kernel, forward + backward, on one H200 (b=1, 16 heads, bf16; measured 2026-12-02, docs/kernels.md).
+# Faster kernel, forward + backward, on one H200 (b=1, 16 heads, bf16; measured 2026-12-02, the same winners
+# again 2026-12-03 with the kernel's TMA defaults and new tilings, docs/kernels.md).
 # Key: (head_dim, dtype, causal); value: ((from_length, kernel), ...) in ascending from_length; the last entry
 # whose from_length <= the length applies, and lengths below the first entry take the first. Printed by
 #   python tools/bench_flash_attn.py --auto-table --head-dims 64,96,128 --seqlens 4096,16384,65536 --warmup 2 --reps 5
