@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from megatron_sp.attention import LocalAttention, attention_forward
+from megatron_sp.kernels import flash_attn
 from megatron_sp.kernels.flash_attn import HEAD_DIMS, default_configs, flash_attn_backward, flash_attn_forward
 from megatron_sp.kernels.flash_attn_fwd import tma_qualifies
 from tests.triton_interpreter import teach_descriptor_reduce_add
@@ -130,6 +131,17 @@ def test_tma_falls_back_to_pointers_for_tensors_descriptors_cannot_address():
     fwd, bwd = configs(64, torch.float32, tma=True)
     got = ours(q, k, v, dout, True, 0.125, bwd, fwd)
     check_against_reference(got, reference_grads(q, k, v, dout, True, 0.125), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("shared_kb,block_n", [(227, 128), (163, 64)])
+def test_a_gpu_with_less_shared_memory_gets_a_forward_that_fits(monkeypatch, shared_kb, block_n):
+    """The d=128 forward's 128x128 tile needs 225 KB: Hopper's 227 KB per block; an A100's 163 KB gets 128x64."""
+    monkeypatch.setattr(flash_attn, "_max_shared_memory", lambda index: shared_kb * 1024)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for d in (80, 96, 128):
+        fwd, bwd = default_configs(d, torch.bfloat16, torch.device("cuda", 0))
+        assert (fwd.block_m, fwd.block_n) == (128, block_n) and fwd.tma and bwd.tma
+    assert default_configs(64, torch.bfloat16, torch.device("cuda", 0))[0].block_m == 64  # fits either way
 
 
 @pytest.mark.parametrize("tma,sq,d", [(False, 45, 64), (True, 45, 64), (True, 37, 96)])

@@ -7,6 +7,7 @@ backward, which therefore uses the lse it is given. Head dims of HEAD_DIMS; one 
 padded inside the kernels (masked loads and stores on the d axis), never copied. Optional document masks
 (q_docs, k_docs) keep attention inside each document of a packed sample (flash_attn_docs).
 """
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -62,6 +63,10 @@ _GPU_FWD = {32: FwdConfig(128, 64, 4, 3), 64: FwdConfig(64, 64, 4, 3), 128: FwdC
             256: FwdConfig(128, 32, 8, 2)}
 _GPU_BWD = {32: BwdConfig(64, 128, 128, 64, 8, 3, 8, 3), 64: BwdConfig(32, 64, 128, 64, 4, 3, 8, 3),
             128: BwdConfig(64, 128, 128, 64, 8, 3, 8, 3), 256: BwdConfig(32, 64, 64, 32, 8, 2, 8, 2)}
+# The 128x128 forward needs 225 KB of shared memory, which only Hopper-class GPUs give a block (227 KB); one with
+# less (A100: 163 KB) keeps the 128x64 forward, which fits there.
+_HOPPER_SHARED_MEMORY = 227 * 1024
+_GPU_FWD_LESS_SHARED_MEMORY = {128: FwdConfig(128, 64, 8, 3)}
 # fp32 (exact "ieee" dots on the FMA units, no tensor cores): operands twice as wide and held in registers, so
 # small tiles, the ones that spill least
 _F32_NARROW = (FwdConfig(16, 32, 4, 2), BwdConfig(16, 32, 32, 16, 4, 2, 4, 2))
@@ -82,7 +87,24 @@ def default_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> 
     width = block_d(head_dim)
     if dtype == torch.float32:
         return _GPU_F32[width]
-    return replace(_GPU_FWD[width], tma=_GPU_TMA), replace(_GPU_BWD[width], tma=_GPU_TMA)
+    fwd = _GPU_FWD[width]
+    if width in _GPU_FWD_LESS_SHARED_MEMORY and max_shared_memory(device) < _HOPPER_SHARED_MEMORY:
+        fwd = _GPU_FWD_LESS_SHARED_MEMORY[width]
+    return replace(fwd, tma=_GPU_TMA), replace(_GPU_BWD[width], tma=_GPU_TMA)
+
+
+def max_shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory a block may use on this CUDA device (with opt-in), as Triton checks a launch. On a
+    machine without a GPU (the defaults listed or compiled offline for sm_90): Hopper's."""
+    if not torch.cuda.is_available():
+        return _HOPPER_SHARED_MEMORY
+    return _max_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache
+def _max_shared_memory(index: int) -> int:
+    from triton.runtime import driver
+    return driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
 def _precision(dtype: torch.dtype) -> str:
