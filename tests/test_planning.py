@@ -139,3 +139,15 @@ def test_plan_cli_bad_input_is_one_line(argv):
 def test_validate_refuses_unresolved_auto():
     with pytest.raises(ConfigError, match="auto"):
         validate(parse_args([*TINY, "--sequence-parallel-size", "auto"]), 2)
+
+
+@pytest.mark.parametrize("world,zero,bucket", [
+    (1, ZeroSetup(stage=1), False),  # one rank: the sync-free step copies each gradient once, no reduce bucket
+    (1, ZeroSetup(stage=1, overlap_comm=True), True),
+    (1, ZeroSetup(stage=1, predivide_factor=2.0), True),
+    (2, ZeroSetup(stage=1), True),
+    (1, ZeroSetup(stage=2), True)])
+def test_the_reduce_bucket_is_planned_where_deepspeeds_reduction_runs(world, zero, bucket):
+    cfg = tiny_cfg("--bf16", world=world)
+    assert ("ZeRO buckets" in estimate_memory(cfg, world, 1, "local", None, zero).parts) == bucket
+    assert ZeroSetup.from_config(cfg, {"gradient_predivide_factor": 4}).predivide_factor == 4.0

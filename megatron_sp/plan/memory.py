@@ -29,6 +29,7 @@ from megatron_sp.config import RunConfig, zero_stage_of
 from megatron_sp.plan.activations import layer_bytes, loss_bytes, outside_layers_bytes
 from megatron_sp.parallel.pipeline import stage_layers
 from megatron_sp.parallel.sharding import effective_strategy
+from megatron_sp.training.zero_reduction import reduction_changes_nothing
 
 GIB = 2 ** 30
 DEFAULT_REDUCE_BUCKET = int(5e8)  # DeepSpeed's zero_optimization.reduce_bucket_size default (elements)
@@ -92,6 +93,7 @@ class ZeroSetup:
     reduce_bucket: int = DEFAULT_REDUCE_BUCKET
     prefetch_bucket: int = DEFAULT_PREFETCH_BUCKET
     overlap_comm: bool = False  # DeepSpeed's default below stage 3
+    predivide_factor: float = 1.0  # the JSON's gradient_predivide_factor
 
     @classmethod
     def from_config(cls, cfg: RunConfig, ds_json: dict) -> "ZeroSetup":
@@ -102,7 +104,8 @@ class ZeroSetup:
                    offload_param=offloaded("offload_param") and int(stage) == 3,
                    reduce_bucket=int(zero.get("reduce_bucket_size", DEFAULT_REDUCE_BUCKET)),
                    prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", DEFAULT_PREFETCH_BUCKET)),
-                   overlap_comm=bool(zero.get("overlap_comm", int(stage) == 3)))
+                   overlap_comm=bool(zero.get("overlap_comm", int(stage) == 3)),
+                   predivide_factor=float(ds_json.get("gradient_predivide_factor", 1.0)))
 
 
 def model_state_bytes(params: int, world: int, stage: int, elem: int) -> dict[str, float]:
@@ -187,8 +190,11 @@ def estimate_memory(cfg: RunConfig, world: int, sp: int, strategy: str, ulysses_
         host["parameters"] = states.pop("parameters")
     gradients = states.pop("gradients")
     one_pass = t.bf16 and t.fused_grad_norm and not zero.offload_optimizer  # training/fused_norm.py's step
-    # one data-parallel rank, ZeRO-1, that step: the gradients skip DeepSpeed's reduction and its bucket
-    one_rank = one_pass and zero.stage == 1 and world // pp == 1 and not zero.overlap_comm
+    # that step where DeepSpeed's reduction changes nothing: the gradients skip it and its bucket. No fp32
+    # accumulation attribute: bf16 with fp32 accumulation at ZeRO-1 runs DeepSpeed's BF16_Optimizer instead
+    one_rank = one_pass and reduction_changes_nothing(
+        partitioned=zero.stage >= 2, data_parallel_ranks=world // pp, overlap_comm=zero.overlap_comm,
+        fp32_accumulation_attribute=False, predivide_factor=zero.predivide_factor)
     if zero.stage >= 1 and not one_rank:  # gradient reduce bucket (stages 1-2) / reduce-scatter bucket (stage 3)
         states["ZeRO buckets"] = elem * min(zero.reduce_bucket, params)
     if zero.stage == 3:  # gathered full parameters of the layers in flight (the prefetch window)

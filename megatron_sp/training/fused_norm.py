@@ -12,6 +12,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpee
 from megatron_sp.kernels import triton_runs_on
 from megatron_sp.kernels.adamw import adamw_state, adamw_step, supports
 from megatron_sp.training.guard import copy_to_host_later, read_host_copy
+from megatron_sp.training.zero_reduction import reduction_changes_nothing
 
 
 class FusedNormZeroOptimizer(DeepSpeedZeroOptimizer):
@@ -215,12 +216,13 @@ def install(optimizer, on_skipped=None) -> bool:
 
 
 def reduction_is_identity(optimizer) -> bool:
-    """Whether DeepSpeed's ZeRO-1 gradient reduction leaves every value as it is: one rank in each data-parallel
-    group, reduced once at the boundary (no gradient partitioning, no overlapped reduction, no fp32 accumulation
-    attribute), with no pre-division (which would divide and multiply back, with a rounding each way)."""
-    return (not optimizer.partition_gradients and not optimizer.overlap_comm
-            and not optimizer.use_grad_accum_attribute and optimizer.gradient_predivide_factor == 1.0
-            and all(dist.get_world_size(group=group) == 1 for group in optimizer.real_dp_process_group))
+    """Whether this DeepSpeed ZeRO optimizer's gradient reduction leaves every value as it is
+    (zero_reduction.reduction_changes_nothing; each parameter group's data-parallel group counts)."""
+    return reduction_changes_nothing(
+        partitioned=optimizer.partition_gradients, overlap_comm=optimizer.overlap_comm,
+        data_parallel_ranks=max(dist.get_world_size(group=group) for group in optimizer.real_dp_process_group),
+        fp32_accumulation_attribute=optimizer.use_grad_accum_attribute,
+        predivide_factor=optimizer.gradient_predivide_factor)
 
 
 def account_skipped_step(optimizer) -> None:
