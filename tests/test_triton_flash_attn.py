@@ -144,6 +144,22 @@ def test_a_gpu_with_less_shared_memory_gets_a_forward_that_fits(monkeypatch, sha
     assert default_configs(64, torch.bfloat16, torch.device("cuda", 0))[0].block_m == 64  # fits either way
 
 
+@pytest.mark.skipif(ON_GPU, reason="the GPU tests run these tilings on the GPU")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [32, 64, 96, 128, 192])
+def test_the_gpu_tilings_under_the_interpreter(monkeypatch, d, causal):
+    """The 16-bit defaults a Hopper GPU gets (tiles, warps, TMA), run by the interpreter in fp16: their block
+    phases, causal diagonals and ragged ends at 333 tokens (200 queries against them when not causal)."""
+    with monkeypatch.context() as gpu:
+        gpu.setattr(torch.cuda, "is_available", lambda: True)
+        gpu.setattr(flash_attn, "_max_shared_memory", lambda index: 227 * 1024)
+        fwd, bwd = default_configs(d, torch.bfloat16, torch.device("cuda", 0))
+    assert fwd.tma and bwd.tma and fwd.block_m >= 64
+    q, k, v, dout = make_inputs(1, 333 if causal else 200, 333, 2, 1, d, torch.float16, seed=d)
+    got = ours(q, k, v, dout, causal, d ** -0.5, bwd, fwd)
+    check_against_reference(got, reference_grads(q, k, v, dout, causal, d ** -0.5), TOL[torch.float16])
+
+
 @pytest.mark.parametrize("tma,sq,d", [(False, 45, 64), (True, 45, 64), (True, 37, 96)])
 def test_dq_atomic_variant(tma, sq, d):
     """dq added up by the dk/dv kernel: fp32 atomics through pointers, or with tma one reduce-add per tile through a
