@@ -193,11 +193,17 @@ def tma_qualifies(*tensors: torch.Tensor) -> bool:
     every other stride multiples of 16 bytes (TMA's rules), and on CUDA a GPU of compute capability >= 9 (Hopper).
     A tensor off CUDA counts as capable: Triton's interpreter emulates descriptors, so CPU tests run this path."""
     for x in tensors:
-        if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 9:
+        if x.device.type == "cuda" and not _hopper_or_newer(x.device):
             return False
         if x.stride(-1) != 1 or x.data_ptr() % 16 or any(s * x.element_size() % 16 for s in x.stride()[:-1]):
             return False
     return True
+
+
+@functools.cache
+def _hopper_or_newer(device: torch.device) -> bool:
+    """Compute capability >= 9, asked once per device instead of at every launch."""
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @functools.cache

@@ -47,6 +47,7 @@ class LinearInParts(torch.autograd.Function):
         dw = torch.empty_like(weight) if want_dw else None  # every part's rows are written below
         db = weight.new_empty(weight.shape[0]) if want_db else None
         dx, ends = None, list(itertools.accumulate(ctx.sizes))
+        x2 = x.reshape(-1, x.shape[-1])  # [tokens, in]
         for grad, rows, end in zip(grads, weight.split(ctx.sizes), ends):  # rows [size_i, in]: this part's weights
             start = end - rows.shape[0]  # [start, end): this part's rows of the output
             if grad is None:  # a part the loss did not reach: no gradient from it
@@ -59,7 +60,7 @@ class LinearInParts(torch.autograd.Function):
             if want_dx:
                 dx = g2 @ rows if dx is None else dx.addmm_(g2, rows)  # [tokens, in]
             if want_dw:
-                torch.mm(g2.t(), x.reshape(-1, x.shape[-1]), out=dw[start:end])
+                torch.mm(g2.t(), x2, out=dw[start:end])
             if want_db:
                 torch.sum(g2, dim=0, out=db[start:end])
         return (None if dx is None else dx.view(x.shape)), dw, db, None
