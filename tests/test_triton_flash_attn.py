@@ -11,7 +11,7 @@ import torch
 from megatron_sp.attention import LocalAttention, attention_forward
 from megatron_sp.kernels import flash_attn
 from megatron_sp.kernels.flash_attn import HEAD_DIMS, default_configs, flash_attn_backward, flash_attn_forward
-from megatron_sp.kernels.flash_attn_fwd import tma_qualifies
+from megatron_sp.kernels.flash_attn_fwd import head_dim_chunks, tma_qualifies
 from tests.triton_interpreter import teach_descriptor_reduce_add
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
@@ -133,20 +133,30 @@ def test_tma_falls_back_to_pointers_for_tensors_descriptors_cannot_address():
     check_against_reference(got, reference_grads(q, k, v, dout, True, 0.125), TOL[torch.float32])
 
 
+def test_head_dims_run_as_two_power_of_two_chunks():
+    """No padded lanes: a head dim that is not a power of two is split into two that are, each at least 16 wide
+    (tl.dot's least side); every supported head dim splits so, and one that cannot is refused."""
+    assert [head_dim_chunks(d) for d in HEAD_DIMS] == [(32, 0), (64, 0), (64, 16), (64, 32), (128, 0), (128, 64),
+                                                       (256, 0)]
+    for d in (72, 112, 136):  # 64 + 8; 64 + 48; 128 + 8
+        with pytest.raises(ValueError, match=f"head_dim {d} is not a power of two"):
+            head_dim_chunks(d)
+
+
 @pytest.mark.parametrize("shared_kb,block_n", [(227, 128), (163, 64)])
 def test_a_gpu_with_less_shared_memory_gets_a_forward_that_fits(monkeypatch, shared_kb, block_n):
     """The d=128 forward's 128x128 tile needs 225 KB: Hopper's 227 KB per block; an A100's 163 KB gets 128x64."""
     monkeypatch.setattr(flash_attn, "_max_shared_memory", lambda index: shared_kb * 1024)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for d in (80, 96, 128):
-        fwd, bwd = default_configs(d, torch.bfloat16, torch.device("cuda", 0))
-        assert (fwd.block_m, fwd.block_n) == (128, block_n) and fwd.tma and bwd.tma
-    assert default_configs(64, torch.bfloat16, torch.device("cuda", 0))[0].block_m == 64  # fits either way
+    fwd, bwd = default_configs(128, torch.bfloat16, torch.device("cuda", 0))
+    assert (fwd.block_m, fwd.block_n) == (128, block_n) and fwd.tma and bwd.tma
+    for d, fits_either_way in ((64, (64, 64)), (80, (128, 128))):
+        assert dataclasses.astuple(default_configs(d, torch.bfloat16, torch.device("cuda", 0))[0])[:2] == fits_either_way
 
 
 @pytest.mark.skipif(ON_GPU, reason="the GPU tests run these tilings on the GPU")
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("d", [32, 64, 96, 128, 192])
+@pytest.mark.parametrize("d", [32, 64, 80, 96, 128, 192])
 def test_the_gpu_tilings_under_the_interpreter(monkeypatch, d, causal):
     """The 16-bit defaults a Hopper GPU gets (tiles, warps, TMA), run by the interpreter in fp16: their block
     phases, causal diagonals and ragged ends at 333 tokens (200 queries against them when not causal)."""

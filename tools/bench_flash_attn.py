@@ -274,8 +274,9 @@ def kernel_resources(d, dtype, causal, docs, fcfg, bcfg):
     from triton.compiler import ASTSource
 
     from megatron_sp.kernels import flash_attn_bwd, flash_attn_fwd
+    from megatron_sp.kernels.flash_attn_fwd import head_dim_chunks
     elem = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-    shape = dict(HEAD_DIM=d, BLOCK_D=block_d(d), CAUSAL=causal, HAS_DOCS=docs, PREC="ieee" if elem == "fp32" else
+    shape = dict(HEAD_DIM=d, D0=head_dim_chunks(d)[0], CAUSAL=causal, HAS_DOCS=docs, PREC="ieee" if elem == "fp32" else
                  "tf32", DQ_ATOMIC=bcfg.dq_atomic)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     kernels = {"fwd": (flash_attn_fwd._fwd_kernel, dict(BLOCK_M=fcfg.block_m, BLOCK_N=fcfg.block_n, TMA=fcfg.tma),

@@ -3,8 +3,8 @@ megatron_sp.attention.LocalAttention(backend="triton"); the torch reference is a
 
 Layout everywhere: q [b, sq, hq, d], k/v [b, sk, hkv, d] (hq % hkv == 0, GQA), out like q, lse [b, hq, sq]
 float32 natural log. Ring attention merges partial outputs by lse and hands a *global* lse back to the
-backward, which therefore uses the lse it is given. Head dims of HEAD_DIMS; one that is not a power of two is
-padded inside the kernels (masked loads and stores on the d axis), never copied. Optional document masks
+backward, which therefore uses the lse it is given. Head dims of HEAD_DIMS; one that is not a power of two runs
+as two power-of-two chunks of the head dim (96 = 64 + 32), never padded or copied. Optional document masks
 (q_docs, k_docs) keep attention inside each document of a packed sample (flash_attn_docs).
 """
 import functools
@@ -17,7 +17,7 @@ from megatron_sp.kernels.flash_attn_bwd import launch_backward
 from megatron_sp.kernels.flash_attn_docs import check_docs, key_block_ranges, query_block_ranges
 from megatron_sp.kernels.flash_attn_fwd import launch_forward
 
-HEAD_DIMS = (32, 64, 80, 96, 128, 192, 256)  # tiled as 32, 64, 128 or 256 wide (d padded inside the kernel)
+HEAD_DIMS = (32, 64, 80, 96, 128, 192, 256)  # each a power of two or the sum of two (flash_attn_fwd.head_dim_chunks)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -52,19 +52,24 @@ class BwdConfig:
 
 
 def block_d(head_dim: int) -> int:
-    """The width the kernels tile the head dim with: the next power of two (80, 96 -> 128; 192 -> 256)."""
-    return triton.next_power_of_2(head_dim)  # as the launchers pass it to the kernels
+    """The head dim's width class, the next power of two (80, 96 -> 128; 192 -> 256): the fp32 tilings and the bench
+    tool's sweep candidates are keyed by it. The kernels themselves run d as two power-of-two chunks
+    (flash_attn_fwd.head_dim_chunks), so no padded lanes are computed."""
+    return triton.next_power_of_2(head_dim)
 
 
-# Hopper (H200), keyed by block_d. d=128 and d=64 bf16 are swept (tools/bench_flash_attn.py --sweep); the rest are
+# Hopper (H200), per head dim. d = 64 and 128 bf16 are swept (tools/bench_flash_attn.py --sweep); the rest are
 # picked by compiling for sm_90 offline (shared memory within the 227 KB a block may use, fewest register spills)
 # and wait for a sweep. docs/kernels.md has the table and the reasons.
-_GPU_FWD = {32: FwdConfig(128, 64, 4, 3), 64: FwdConfig(64, 64, 4, 3), 128: FwdConfig(128, 128, 8, 3),
+_BWD_128 = BwdConfig(64, 128, 128, 64, 8, 3, 8, 3)
+_BWD_256 = BwdConfig(32, 64, 64, 32, 8, 2, 8, 2)
+_GPU_FWD = {32: FwdConfig(128, 64, 4, 3), 64: FwdConfig(64, 64, 4, 3), 80: FwdConfig(128, 128, 8, 3),
+            96: FwdConfig(128, 128, 8, 3), 128: FwdConfig(128, 128, 8, 3), 192: FwdConfig(128, 32, 8, 2),
             256: FwdConfig(128, 32, 8, 2)}
-_GPU_BWD = {32: BwdConfig(64, 128, 128, 64, 8, 3, 8, 3), 64: BwdConfig(32, 64, 128, 64, 4, 3, 8, 3),
-            128: BwdConfig(64, 128, 128, 64, 8, 3, 8, 3), 256: BwdConfig(32, 64, 64, 32, 8, 2, 8, 2)}
-# The 128x128 forward needs 225 KB of shared memory, which only Hopper-class GPUs give a block (227 KB); one with
-# less (A100: 163 KB) keeps the 128x64 forward, which fits there.
+_GPU_BWD = {32: BwdConfig(64, 128, 128, 64, 8, 3, 8, 3), 64: BwdConfig(32, 64, 128, 64, 4, 3, 8, 3), 80: _BWD_128,
+            96: _BWD_128, 128: _BWD_128, 192: _BWD_256, 256: _BWD_256}
+# The d=128 forward's 128x128 tile needs 225 KB of shared memory, which only Hopper-class GPUs give a block (227 KB);
+# one with less (A100: 163 KB) gets the 128x64 forward, which fits there. The other defaults fit 163 KB.
 _HOPPER_SHARED_MEMORY = 227 * 1024
 _GPU_FWD_LESS_SHARED_MEMORY = {128: FwdConfig(128, 64, 8, 3)}
 # fp32 (exact "ieee" dots on the FMA units, no tensor cores): operands twice as wide and held in registers, so
@@ -84,13 +89,12 @@ def default_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> 
     """The (forward, backward) tiling used when the caller passes none."""
     if device.type != "cuda":
         return _CPU_FWD, _CPU_BWD
-    width = block_d(head_dim)
     if dtype == torch.float32:
-        return _GPU_F32[width]
-    fwd = _GPU_FWD[width]
-    if width in _GPU_FWD_LESS_SHARED_MEMORY and max_shared_memory(device) < _HOPPER_SHARED_MEMORY:
-        fwd = _GPU_FWD_LESS_SHARED_MEMORY[width]
-    return replace(fwd, tma=_GPU_TMA), replace(_GPU_BWD[width], tma=_GPU_TMA)
+        return _GPU_F32[block_d(head_dim)]
+    fwd = _GPU_FWD[head_dim]
+    if head_dim in _GPU_FWD_LESS_SHARED_MEMORY and max_shared_memory(device) < _HOPPER_SHARED_MEMORY:
+        fwd = _GPU_FWD_LESS_SHARED_MEMORY[head_dim]
+    return replace(fwd, tma=_GPU_TMA), replace(_GPU_BWD[head_dim], tma=_GPU_TMA)
 
 
 def max_shared_memory(device: torch.device) -> int:

@@ -1,5 +1,5 @@
-"""Triton FlashAttention-2 forward kernel (online softmax, GQA, causal, ragged lengths, any head dim up to 256,
-document masks) and its launcher."""
+"""Triton FlashAttention-2 forward kernel (online softmax, GQA, causal, ragged lengths, head dims up to 256 that are a
+power of two or the sum of two, document masks), its launcher, and the tile helpers the backward shares."""
 import functools
 
 import torch
@@ -11,73 +11,176 @@ LOG2E = tl.constexpr(LOG2E_F)  # kernels may read only constexpr globals
 LN2 = tl.constexpr(0.6931471805599453)  # lse is returned in natural log: ln(x) = log2(x) * ln(2)
 
 
+def head_dim_chunks(head_dim: int) -> tuple[int, int]:
+    """(d0, d1): the head dim as two power-of-two chunks the kernels tile it with, d0 the largest power of two
+    <= head_dim and d1 = head_dim - d0 (0 for a power of two). 80 = 64 + 16, 96 = 64 + 32, 192 = 128 + 64: every
+    matmul over d runs once per chunk, so no lanes are padded and computed for nothing."""
+    d0 = 1 << (head_dim.bit_length() - 1)
+    d1 = head_dim - d0
+    if d1 & (d1 - 1) or 0 < d1 < 16:  # tl.dot needs power-of-two sides of at least 16
+        raise ValueError(f"head_dim {head_dim} is not a power of two or the sum of two of at least 16")
+    return d0, d1
+
+
 @triton.jit
-def load_tile(ptrs, ok, d_ok, MASKED: tl.constexpr, PAD_D: tl.constexpr):
-    """A tile load: when MASKED, `ok` (broadcast to ptrs) bounds the sequence axis; when PAD_D, d_ok bounds the
-    head dim. Out-of-range elements read 0. Neither: the plain load of the fast path."""
-    if MASKED:
-        if PAD_D:
-            x = tl.load(ptrs, mask=ok & d_ok, other=0.0)
-        else:
-            x = tl.load(ptrs, mask=ok, other=0.0)
-    elif PAD_D:
-        x = tl.load(ptrs, mask=d_ok, other=0.0)
+def lane_offsets(rows, stride_s, stride_d, FIRST: tl.constexpr, WIDTH: tl.constexpr, TRANS: tl.constexpr):
+    """Element offsets of a [rows, WIDTH] tile of head-dim lanes [FIRST, FIRST + WIDTH) ([WIDTH, rows] when TRANS)."""
+    lanes = FIRST + tl.arange(0, WIDTH)
+    if TRANS:
+        offs = rows[None, :] * stride_s + lanes[:, None] * stride_d
     else:
-        x = tl.load(ptrs)
+        offs = rows[:, None] * stride_s + lanes[None, :] * stride_d
+    return offs
+
+
+# The head dim runs as the two chunks of head_dim_chunks: lanes [0, D0) and, when HEAD_DIM is not a power of two,
+# [D0, HEAD_DIM). Every [rows, d] operand is a pair (chunk 0, chunk 1); without a second chunk, element 1 repeats
+# element 0 and is never read (each use of it sits under `if HEAD_DIM > D0`, decided at compile time).
+
+
+@triton.jit
+def chunk_offsets(rows, stride_s, stride_d, HEAD_DIM: tl.constexpr, D0: tl.constexpr, TRANS: tl.constexpr):
+    """lane_offsets of both chunks: the pointer path's addresses of a [rows, d] tile ([d, rows] when TRANS)."""
+    offs0 = lane_offsets(rows, stride_s, stride_d, 0, D0, TRANS)
+    if HEAD_DIM > D0:
+        offs1 = lane_offsets(rows, stride_s, stride_d, D0, HEAD_DIM - D0, TRANS)
+    else:
+        offs1 = offs0
+    return offs0, offs1
+
+
+@triton.jit
+def tile_sources(base, rows, stride_s, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr, D0: tl.constexpr,
+                 TMA: tl.constexpr):
+    """Where load_rows reads [BLOCK_ROWS, chunk] tiles of the [rows, HEAD_DIM] matrix of one (batch, head) at `base`
+    (row stride stride_s, d contiguous) from, per chunk. TMA: a tensor descriptor per chunk, which zero-fills rows
+    >= rows, so it needs no per-element addresses or masks. Else the base pointer itself, for both chunks."""
+    if TMA:
+        src0 = tl.make_tensor_descriptor(base, shape=[rows, HEAD_DIM], strides=[stride_s, 1],
+                                         block_shape=[BLOCK_ROWS, D0])
+        if HEAD_DIM > D0:
+            src1 = tl.make_tensor_descriptor(base, shape=[rows, HEAD_DIM], strides=[stride_s, 1],
+                                             block_shape=[BLOCK_ROWS, HEAD_DIM - D0])
+        else:
+            src1 = src0
+    else:
+        src0 = base
+        src1 = base
+    return src0, src1
+
+
+@triton.jit
+def load_rows(src, row, offs, ok, HEAD_DIM: tl.constexpr, D0: tl.constexpr, MASKED: tl.constexpr,
+              TMA: tl.constexpr, TRANS: tl.constexpr):
+    """The tile of rows [row, row + BLOCK_ROWS) of a pair of tile_sources, as a pair of [rows, chunk] tiles
+    ([chunk, rows] when TRANS).
+
+    TMA: src holds descriptors, read at (row, first lane of the chunk). Else src holds the pointer to the tile's first
+    row and offs (chunk_offsets) are its elements; when MASKED, `ok` (broadcast to offs) bounds the rows, and rows
+    out of range read 0. Unmasked: the plain load of the fast path.
+    """
+    x0 = _load_chunk(src[0], row, 0, offs[0], ok, MASKED, TMA, TRANS)
+    if HEAD_DIM > D0:
+        x1 = _load_chunk(src[1], row, D0, offs[1], ok, MASKED, TMA, TRANS)
+    else:
+        x1 = x0
+    return x0, x1
+
+
+@triton.jit
+def _load_chunk(src, row, lane, offs, ok, MASKED: tl.constexpr, TMA: tl.constexpr, TRANS: tl.constexpr):
+    if TMA:
+        x = src.load([row, lane])
+        if TRANS:
+            x = tl.trans(x)
+    elif MASKED:
+        x = tl.load(src + offs, mask=ok, other=0.0)
+    else:
+        x = tl.load(src + offs)
     return x
 
 
 @triton.jit
-def tile_source(base, rows, stride_s, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-                TMA: tl.constexpr):
-    """Where load_rows reads the [rows, HEAD_DIM] matrix of one (batch, head) at `base` (row stride stride_s, d
-    contiguous) from. TMA: a tensor descriptor of [BLOCK_ROWS, BLOCK_D] tiles, which zero-fills rows >= rows and
-    lanes >= HEAD_DIM, so it needs no per-element addresses or masks. Else the base pointer itself."""
-    if TMA:
-        src = tl.make_tensor_descriptor(base, shape=[rows, HEAD_DIM], strides=[stride_s, 1],
-                                        block_shape=[BLOCK_ROWS, BLOCK_D])
-    else:
-        src = base
+def advance(src, step, TMA: tl.constexpr):
+    """The pointer path's tile_sources moved on by `step` elements; descriptors are addressed by row instead."""
+    if not TMA:
+        src = (src[0] + step, src[1] + step)
     return src
 
 
 @triton.jit
-def load_rows(src, row, offs, ok, d_ok, MASKED: tl.constexpr, PAD_D: tl.constexpr, TMA: tl.constexpr,
-              TRANS: tl.constexpr):
-    """The tile of rows [row, row + BLOCK_ROWS) of a tile_source, as [rows, D], or [D, rows] when TRANS.
+def dot_over_d(a, b, HEAD_DIM: tl.constexpr, D0: tl.constexpr, PREC: tl.constexpr):
+    """a [M, d] @ b [d, N] in fp32, each given as a pair of chunks: the product summed over both chunks."""
+    acc = tl.dot(a[0], b[0], input_precision=PREC)
+    if HEAD_DIM > D0:
+        acc = tl.dot(a[1], b[1], acc, input_precision=PREC)
+    return acc
 
-    TMA: src is the descriptor, read at `row`. Else src points at the tile's first row and offs ([rows, D] or
-    [D, rows], int) are its elements; load_tile bounds them with ok / d_ok. Either way out of range reads 0.
-    """
-    if TMA:
-        x = src.load([row, 0])
-        if TRANS:
-            x = tl.trans(x)
+
+@triton.jit
+def dot_into_d(p, b, acc, HEAD_DIM: tl.constexpr, D0: tl.constexpr, PREC: tl.constexpr):
+    """acc + p [M, N] @ b [N, d], with b and acc [M, d] (fp32) as pairs of chunks; p is cast to b's dtype."""
+    acc0 = tl.dot(p.to(b[0].dtype), b[0], acc[0], input_precision=PREC)
+    if HEAD_DIM > D0:
+        acc1 = tl.dot(p.to(b[1].dtype), b[1], acc[1], input_precision=PREC)
     else:
-        x = load_tile(src + offs, ok, d_ok, MASKED, PAD_D)
+        acc1 = acc0
+    return acc0, acc1
+
+
+@triton.jit
+def scale_chunks(x, factor, HEAD_DIM: tl.constexpr, D0: tl.constexpr):
+    """Both chunks of x times factor (broadcast)."""
+    if HEAD_DIM > D0:
+        x = (x[0] * factor, x[1] * factor)
+    else:
+        x0 = x[0] * factor
+        x = (x0, x0)
     return x
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, qd, k_src, v_src, kd_base, k_off, v_off, stride_ks, stride_vs, offs_m, offs_n,
-               d_ok, lo, hi, sk, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               PAD_D: tl.constexpr, HAS_DOCS: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr):
-    """Fold key blocks [lo, hi) into (acc [M, D], l_i [M], m_i [M]); m_i is a running max in log2 units.
+def zero_chunks(ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr):
+    """An fp32 accumulator [ROWS, d] as a pair of chunks, zeroed."""
+    x0 = tl.zeros([ROWS, D0], dtype=tl.float32)
+    if HEAD_DIM > D0:
+        x1 = tl.zeros([ROWS, HEAD_DIM - D0], dtype=tl.float32)
+    else:
+        x1 = x0
+    return x0, x1
+
+
+@triton.jit
+def store_rows(base, rows, stride_s, stride_d, x, ok, HEAD_DIM: tl.constexpr, D0: tl.constexpr):
+    """Store x, a pair of chunks of [rows, d] (cast to base's dtype), at rows `rows` of the [s, d] matrix at base;
+    ok [rows, 1] bounds the rows."""
+    offs = chunk_offsets(rows, stride_s, stride_d, HEAD_DIM, D0, False)
+    tl.store(base + offs[0], x[0].to(base.dtype.element_ty), mask=ok)
+    if HEAD_DIM > D0:
+        tl.store(base + offs[1], x[1].to(base.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, qd, k_src, v_src, kd_base, k_off, v_off, stride_ks, stride_vs, offs_m, offs_n, lo,
+               hi, sk, qk_scale, HEAD_DIM: tl.constexpr, D0: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, TMA: tl.constexpr,
+               PREC: tl.constexpr):
+    """Fold key blocks [lo, hi) into (acc [M, d] as a pair of chunks, l_i [M], m_i [M]); m_i is a running max in
+    log2 units.
 
     MASKED: the blocks may hold keys past sk, past the causal diagonal or of another document, so loads are
-    bounded and the scores masked; the unmasked variant (the bulk of the work) does neither. PAD_D: the head
-    dim is narrower than the BLOCK_D tile, so loads mask the d axis (d_ok [D]) and fill it with zeros.
-    TMA: k_src, v_src are descriptors (tile_source), which bound both axes themselves.
+    bounded and the scores masked; the unmasked variant (the bulk of the work) does neither.
+    TMA: k_src, v_src hold descriptors (tile_sources), which bound the rows themselves.
     """
-    if not TMA:  # scalar base pointers advance; the per-element offsets (int32, loop-invariant) stay put: half
-        # the registers of a loop-carried tensor of 64-bit pointers. A descriptor is addressed by row instead.
-        k_src += tl.cast(lo, tl.int64) * stride_ks  # int64: lo * stride can pass 2**31 at ~1M tokens
-        v_src += tl.cast(lo, tl.int64) * stride_vs
+    # pointer path: scalar base pointers advance; the per-element offsets (int32, loop-invariant) stay put: half the
+    # registers of a loop-carried tensor of 64-bit pointers. int64: lo * stride can pass 2**31 at ~1M tokens.
+    k_src = advance(k_src, tl.cast(lo, tl.int64) * stride_ks, TMA)
+    v_src = advance(v_src, tl.cast(lo, tl.int64) * stride_vs, TMA)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n  # [N] key index
-        k = load_rows(k_src, start_n, k_off, cols[None, :] < sk, d_ok[:, None], MASKED, PAD_D, TMA, True)  # [D, N]
-        v = load_rows(v_src, start_n, v_off, cols[:, None] < sk, d_ok[None, :], MASKED, PAD_D, TMA, False)  # [N, D]
-        qk = tl.dot(q, k, input_precision=PREC)  # [M, N] fp32
+        k = load_rows(k_src, start_n, k_off, cols[None, :] < sk, HEAD_DIM, D0, MASKED, TMA, True)  # [d, N]
+        v = load_rows(v_src, start_n, v_off, cols[:, None] < sk, HEAD_DIM, D0, MASKED, TMA, False)  # [N, d]
+        qk = dot_over_d(q, k, HEAD_DIM, D0, PREC)  # [M, N] fp32
         if MASKED:
             ok = cols[None, :] < sk
             if CAUSAL:
@@ -94,12 +197,10 @@ def _fwd_inner(acc, l_i, m_i, q, qd, k_src, v_src, kd_base, k_off, v_off, stride
         p = tl.math.exp2(qk)
         alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        acc = dot_into_d(p, v, scale_chunks(acc, alpha[:, None], HEAD_DIM, D0), HEAD_DIM, D0, PREC)
         m_i = m_new
-        if not TMA:
-            k_src += BLOCK_N * stride_ks
-            v_src += BLOCK_N * stride_vs
+        k_src = advance(k_src, BLOCK_N * stride_ks, TMA)
+        v_src = advance(v_src, BLOCK_N * stride_vs, TMA)
     return acc, l_i, m_i
 
 
@@ -133,13 +234,14 @@ def _fwd_kernel(Q, K, V, O, LSE, Q_DOCS, K_DOCS, RANGES, sq, sk, qk_scale,
                 stride_vb, stride_vs, stride_vh, stride_vd,
                 stride_ob, stride_os, stride_oh, stride_od,
                 stride_lb, stride_lh,
-                H, GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                H, GROUP, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
                 TMA: tl.constexpr, PREC: tl.constexpr):
     """One program = one block of BLOCK_M queries of one (batch, q head). Grid: (cdiv(sq, BLOCK_M), b * H).
 
-    HAS_DOCS: Q_DOCS [b, sq], K_DOCS [b, sk] int32 document ids and RANGES [b, cdiv(sq, BLOCK_M), 4] int32,
-    per query block (first visible key, -, end of the unmasked keys, end of the visible keys), from
+    The head dim runs as the chunks of head_dim_chunks: lanes [0, D0), and [D0, HEAD_DIM) when HEAD_DIM is not a
+    power of two. HAS_DOCS: Q_DOCS [b, sq], K_DOCS [b, sk] int32 document ids and RANGES [b, cdiv(sq, BLOCK_M), 4]
+    int32, per query block (first visible key, -, end of the unmasked keys, end of the visible keys), from
     flash_attn_docs.query_block_ranges. Without docs these three pointers are never read.
     TMA: q, k and v tiles come from tensor descriptors (the launcher checks that the strides allow them); the
     offset tensors below then go unused and the compiler drops them.
@@ -153,38 +255,35 @@ def _fwd_kernel(Q, K, V, O, LSE, Q_DOCS, K_DOCS, RANGES, sq, sk, qk_scale,
     off_hk = off_h // GROUP  # GQA: GROUP consecutive q heads share one kv head
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)  # BLOCK_D = HEAD_DIM rounded up to a power of two
-    d_ok = offs_d < HEAD_DIM
-    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    rows = offs_m.to(tl.int64)
+    q_ok = offs_m[:, None] < sq
 
-    q_src = tile_source(Q + off_b * stride_qb + off_h * stride_qh, sq, stride_qs, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
-    q_off = offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :] * stride_qd
-    q = load_rows(q_src, start_m * BLOCK_M, q_off, offs_m[:, None] < sq, d_ok[None, :], True, PAD_D, TMA,
-                  False)  # [M, D]
-    k_src = tile_source(K + off_b * stride_kb + off_hk * stride_kh, sk, stride_ks, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
-    v_src = tile_source(V + off_b * stride_vb + off_hk * stride_vh, sk, stride_vs, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
-    k_off = offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd  # [D, N]: k^T, so q @ k^T is a plain dot
-    v_off = offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd  # [N, D]
+    q_src = tile_sources(Q + off_b * stride_qb + off_h * stride_qh, sq, stride_qs, HEAD_DIM, BLOCK_M, D0, TMA)
+    q = load_rows(q_src, start_m * BLOCK_M, chunk_offsets(rows, stride_qs, stride_qd, HEAD_DIM, D0, False), q_ok,
+                  HEAD_DIM, D0, True, TMA, False)  # [M, d]
+    k_src = tile_sources(K + off_b * stride_kb + off_hk * stride_kh, sk, stride_ks, HEAD_DIM, BLOCK_N, D0, TMA)
+    v_src = tile_sources(V + off_b * stride_vb + off_hk * stride_vh, sk, stride_vs, HEAD_DIM, BLOCK_N, D0, TMA)
+    k_off = chunk_offsets(offs_n, stride_ks, stride_kd, HEAD_DIM, D0, True)  # [d, N]: k^T, so q @ k^T is a plain dot
+    v_off = chunk_offsets(offs_n, stride_vs, stride_vd, HEAD_DIM, D0, False)  # [N, d]
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = zero_chunks(BLOCK_M, HEAD_DIM, D0)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked block never gives inf - inf
     lo, full, hi, qd = query_block_keys(RANGES, Q_DOCS, off_b, start_m, offs_m, sq, sk, BLOCK_M, BLOCK_N, CAUSAL,
                                         HAS_DOCS)
     kd_base = K_DOCS + off_b * sk
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qd, k_src, v_src, kd_base, k_off, v_off, stride_ks, stride_vs,
-                               offs_m, offs_n, d_ok, lo, full, sk, qk_scale, BLOCK_N, False, CAUSAL, PAD_D, HAS_DOCS,
+                               offs_m, offs_n, lo, full, sk, qk_scale, HEAD_DIM, D0, BLOCK_N, False, CAUSAL, HAS_DOCS,
                                TMA, PREC)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qd, k_src, v_src, kd_base, k_off, v_off, stride_ks, stride_vs,
-                               offs_m, offs_n, d_ok, full, hi, sk, qk_scale, BLOCK_N, True, CAUSAL, PAD_D, HAS_DOCS,
+                               offs_m, offs_n, full, hi, sk, qk_scale, HEAD_DIM, D0, BLOCK_N, True, CAUSAL, HAS_DOCS,
                                TMA, PREC)
 
     seen = l_i > 0.0  # a row that sees no key gets out = 0, lse = -inf (the identity of the lse merge)
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
-    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_os \
-        + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < sq) & d_ok[None, :])
+    l_safe = tl.where(seen, l_i, 1.0)
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    out = scale_chunks(acc, 1.0 / l_safe[:, None], HEAD_DIM, D0)
+    store_rows(O + off_b * stride_ob + off_h * stride_oh, rows, stride_os, stride_od, out, q_ok, HEAD_DIM, D0)
     tl.store(LSE + off_b * stride_lb + off_h * stride_lh + offs_m, lse, mask=offs_m < sq)
 
 
@@ -232,6 +331,6 @@ def launch_forward(q, k, v, out, lse, causal, scale, cfg, prec, docs=None):
     _fwd_kernel[grid](
         q, k, v, out, lse, q_docs, k_docs, ranges, sq, sk, scale * LOG2E_F,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
-        H=hq, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=cfg.block_m,
+        H=hq, GROUP=hq // hkv, HEAD_DIM=d, D0=head_dim_chunks(d)[0], BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, CAUSAL=causal, HAS_DOCS=docs is not None, TMA=use_tma(cfg.tma, q, k, v), PREC=prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
