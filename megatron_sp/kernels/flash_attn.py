@@ -58,12 +58,12 @@ def block_d(head_dim: int) -> int:
     return triton.next_power_of_2(head_dim)
 
 
-# Hopper (H200), per head dim. d = 64, 96 and 128 bf16 are swept (tools/bench_flash_attn.py --sweep); the rest are
-# picked by compiling for sm_90 offline (shared memory within the 227 KB a block may use, fewest register spills)
-# and wait for a sweep. docs/kernels.md has the table and the reasons.
+# Hopper (H200), per head dim. d = 64, 96 and 128 bf16 are swept (tools/bench_flash_attn.py --sweep), d = 80 its
+# forward; the rest are picked by compiling for sm_90 offline (shared memory within the 227 KB a block may use,
+# fewest register spills) and wait for a sweep. docs/kernels.md has the table and the reasons.
 _BWD_128 = BwdConfig(64, 128, 128, 64, 8, 3, 8, 3)
 _BWD_256 = BwdConfig(32, 64, 64, 32, 8, 2, 8, 2)
-_GPU_FWD = {32: FwdConfig(128, 64, 4, 3), 64: FwdConfig(64, 64, 4, 3), 80: FwdConfig(128, 128, 8, 3),
+_GPU_FWD = {32: FwdConfig(128, 64, 4, 3), 64: FwdConfig(64, 64, 4, 3), 80: FwdConfig(128, 64, 8, 4),
             96: FwdConfig(128, 64, 8, 3), 128: FwdConfig(128, 128, 8, 3), 192: FwdConfig(128, 32, 8, 2),
             256: FwdConfig(128, 32, 8, 2)}
 _GPU_BWD = {32: BwdConfig(64, 128, 128, 64, 8, 3, 8, 3), 64: BwdConfig(32, 64, 128, 64, 4, 3, 8, 3), 80: _BWD_128,
