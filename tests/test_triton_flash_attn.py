@@ -11,7 +11,8 @@ import torch
 from megatron_sp.attention import LocalAttention, attention_forward
 from megatron_sp.kernels import flash_attn
 from megatron_sp.kernels.flash_attn import HEAD_DIMS, default_configs, flash_attn_backward, flash_attn_forward
-from megatron_sp.kernels.flash_attn_fwd import head_dim_chunks, tma_qualifies
+from megatron_sp.kernels.flash_attn_fwd import tma_qualifies
+from megatron_sp.kernels.flash_attn_tiles import head_dim_chunks
 from tests.triton_interpreter import teach_descriptor_reduce_add
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"

@@ -274,7 +274,7 @@ def kernel_resources(d, dtype, causal, docs, fcfg, bcfg):
     from triton.compiler import ASTSource
 
     from megatron_sp.kernels import flash_attn_bwd, flash_attn_fwd
-    from megatron_sp.kernels.flash_attn_fwd import head_dim_chunks
+    from megatron_sp.kernels.flash_attn_tiles import head_dim_chunks
     elem = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     shape = dict(HEAD_DIM=d, D0=head_dim_chunks(d)[0], CAUSAL=causal, HAS_DOCS=docs, PREC="ieee" if elem == "fp32" else
                  "tf32", DQ_ATOMIC=bcfg.dq_atomic)

@@ -17,7 +17,7 @@ from megatron_sp.kernels.flash_attn_bwd import launch_backward
 from megatron_sp.kernels.flash_attn_docs import check_docs, key_block_ranges, query_block_ranges
 from megatron_sp.kernels.flash_attn_fwd import launch_forward
 
-HEAD_DIMS = (32, 64, 80, 96, 128, 192, 256)  # each a power of two or the sum of two (flash_attn_fwd.head_dim_chunks)
+HEAD_DIMS = (32, 64, 80, 96, 128, 192, 256)  # each a power of two or the sum of two (flash_attn_tiles.head_dim_chunks)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -54,7 +54,7 @@ class BwdConfig:
 def block_d(head_dim: int) -> int:
     """The head dim's width class, the next power of two (80, 96 -> 128; 192 -> 256): the fp32 tilings and the bench
     tool's sweep candidates are keyed by it. The kernels themselves run d as two power-of-two chunks
-    (flash_attn_fwd.head_dim_chunks), so no padded lanes are computed."""
+    (flash_attn_tiles.head_dim_chunks), so no padded lanes are computed."""
     return triton.next_power_of_2(head_dim)
 
 

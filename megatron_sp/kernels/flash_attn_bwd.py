@@ -3,9 +3,10 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_sp.kernels.flash_attn_fwd import (LOG2E, LOG2E_F, advance, chunk_offsets, dot_into_d, dot_over_d,
-                                                head_dim_chunks, load_rows, query_block_keys, scale_chunks,
-                                                store_rows, tile_sources, use_tma, zero_chunks)
+from megatron_sp.kernels.flash_attn_fwd import LOG2E, LOG2E_F, query_block_keys, use_tma
+from megatron_sp.kernels.flash_attn_tiles import (advance, chunk_offsets, dot_into_d, dot_over_d, head_dim_chunks,
+                                                  load_rows, scale_chunks, store_rows, tile_sources, trans_chunks,
+                                                  zero_chunks)
 
 
 @triton.jit
@@ -30,17 +31,6 @@ def _bwd_delta_kernel(O, DO, DELTA, sq,
 
 
 @triton.jit
-def trans_chunks(x, HEAD_DIM: tl.constexpr, D0: tl.constexpr):
-    """Each chunk of a pair transposed."""
-    x0 = tl.trans(x[0])
-    if HEAD_DIM > D0:
-        x1 = tl.trans(x[1])
-    else:
-        x1 = x0
-    return x0, x1
-
-
-@triton.jit
 def _add_dq_chunk(dst, row, lane, offs, x, ok, MASKED: tl.constexpr, TMA: tl.constexpr):
     """Add one chunk of a dq tile into the fp32 dq sum: with TMA one bulk reduce-add through the descriptor (which
     drops rows >= sq), else element-wise atomics (ok bounds the rows when MASKED)."""
@@ -58,7 +48,7 @@ def _dkdv_inner(dk, dv, k, v, kd, q_src, do_src, l_ptrs, d_ptrs, qd_ptrs, dq_dst
                 D0: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                 HAS_DOCS: tl.constexpr, DQ_ATOMIC: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr):
     """Accumulate dk, dv [N, d] of one key block over query blocks [lo, hi); transposed form (rows = keys). Every
-    [rows, d] operand is a pair of head-dim chunks (flash_attn_fwd.head_dim_chunks).
+    [rows, d] operand is a pair of head-dim chunks (flash_attn_tiles.head_dim_chunks).
 
     With DQ_ATOMIC, also add this key block's share of dq, unscaled, into the fp32 dq buffer: element-wise atomics
     (FA2's original scheme), or with TMA one bulk reduce-add per tile through the descriptors dq_dst (FA3's).
