@@ -17,14 +17,21 @@ def test_measured_table_lookup(monkeypatch):
     assert measured_choice(192, BF16, 65536, True) == "cudnn"
     assert measured_choice(192, BF16, 65536, False) is None  # not measured
     assert measured_choice(192, torch.float16, 65536, True) is None
-    # a measurement admits cuDNN where the static rule would not (d=192 > 128)
+    # a measurement admits cuDNN where the static rule would not (d=192 > 128), on the cuDNN it was measured with
+    monkeypatch.setattr(choice, "cudnn_version", lambda: choice.MEASURED_CUDNN)
     assert auto_candidates("cuda", BF16, 192, 131072, True) == ("cudnn", "triton", "sdpa_flash")
     assert auto_candidates("cuda", BF16, 192, 8192, True) == ("triton", "sdpa_flash")
+    # an older cuDNN may not run d=192, and none at all does not: ours
+    for older in (choice.MEASURED_CUDNN - 100, None):
+        monkeypatch.setattr(choice, "cudnn_version", lambda: older)
+        assert auto_candidates("cuda", BF16, 192, 131072, True) == ("triton", "sdpa_flash")
 
 
-def test_checked_in_table_prefers_cudnn_at_d128():
+def test_checked_in_table_prefers_cudnn_at_d128_and_above(monkeypatch):
+    monkeypatch.setattr(choice, "cudnn_version", lambda: choice.MEASURED_CUDNN)
     for causal in (True, False):
-        assert auto_candidates("cuda", BF16, 128, 16384, causal)[0] == "cudnn"
+        for d in (128, 192, 256):
+            assert auto_candidates("cuda", BF16, d, 16384, causal)[0] == "cudnn"
     for (d, dtype, causal), entries in choice.MEASURED.items():  # well-formed: ascending lengths, known kernels
         assert [length for length, _ in entries] == sorted(length for length, _ in entries)
         assert {kernel for _, kernel in entries} <= {"cudnn", "triton"}
@@ -37,11 +44,12 @@ def test_checked_in_table_prefers_cudnn_at_d128():
     ("cuda", torch.float32, None, None, ()),
     ("cuda", torch.float32, 96, 4096, ("triton",)),  # cuDNN and SDPA flash take 16-bit only
     ("cuda", BF16, 96, 4096, ("cudnn", "triton", "sdpa_flash")),  # not measured, cuDNN runs it
-    ("cuda", BF16, 256, 4096, ("triton", "sdpa_flash")),  # not measured, cuDNN may not run it
+    ("cuda", torch.float16, 256, 4096, ("triton", "sdpa_flash")),  # not measured, cuDNN may not run it
     ("cuda", torch.float16, 192, 4096, ("triton", "sdpa_flash")),
     ("cuda", BF16, 48, 4096, ("cudnn", "sdpa_flash")),  # our kernel does not take d=48
 ])
-def test_auto_candidates(device, dtype, d, seq, want):
+def test_auto_candidates(device, dtype, d, seq, want, monkeypatch):
+    monkeypatch.setattr(choice, "cudnn_version", lambda: choice.MEASURED_CUDNN)
     assert auto_candidates(device, dtype, d, seq, True) == want
 
 
@@ -55,7 +63,10 @@ def test_auto_candidates_with_documents():
 
 def test_resolve_backend_takes_the_first_available(monkeypatch):
     monkeypatch.setattr(backends, "_unavailable_reason", lambda name, device: None)  # as on a GPU
+    monkeypatch.setattr(choice, "cudnn_version", lambda: None)
     assert backends.resolve_backend("auto", "cuda", BF16, head_dim=256, seq_len=4096) == "triton"
+    monkeypatch.setattr(choice, "cudnn_version", lambda: choice.MEASURED_CUDNN)
+    assert backends.resolve_backend("auto", "cuda", BF16, head_dim=256, seq_len=4096) == "cudnn"
     assert backends.resolve_backend("auto", "cuda", BF16, head_dim=128, seq_len=4096) == "cudnn"
     assert backends.resolve_backend("auto", "cuda", torch.float32, head_dim=64, seq_len=4096) == "triton"
     monkeypatch.setattr(backends, "_unavailable_reason", lambda name, device: "no" if name == "cudnn" else None)

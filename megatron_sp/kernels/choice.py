@@ -8,6 +8,7 @@ import torch
 # last entry whose from_length <= the length applies, and lengths below the first entry take the first. Printed by
 #   python tools/bench_flash_attn.py --auto-table --head-dims 32,64,80,96,128 --seqlens 4096,16384,65536 \
 #       --warmup 2 --reps 5
+# and for d = 192 and 256 (cuDNN 2.3-2.7x ours there) the same with --head-dims 192,256 --warmup 1 --reps 3.
 MEASURED = {
     (32, "bfloat16", False): ((4096, "triton"),),
     (32, "bfloat16", True): ((4096, "triton"), (16384, "cudnn"), (65536, "triton")),
@@ -19,15 +20,28 @@ MEASURED = {
     (96, "bfloat16", True): ((4096, "cudnn"),),
     (128, "bfloat16", False): ((4096, "cudnn"),),
     (128, "bfloat16", True): ((4096, "cudnn"),),
+    (192, "bfloat16", False): ((4096, "cudnn"),),
+    (192, "bfloat16", True): ((4096, "cudnn"),),
+    (256, "bfloat16", False): ((4096, "cudnn"),),
+    (256, "bfloat16", True): ((4096, "cudnn"),),
 }
+# The cuDNN release MEASURED was taken with (torch 2.11's 9.19). A head dim above 128 counts as cuDNN's only with
+# that release or a newer one: older cuDNN 9 releases may not run it, and choosing a backend does not probe.
+MEASURED_CUDNN = 91900
 
 HALF = (torch.bfloat16, torch.float16)
 
 
 def cudnn_runs(head_dim: int, dtype: torch.dtype) -> bool:
     """Whether cuDNN's fused attention surely runs the shape: 16-bit, d % 8 == 0 and d <= 128 (every cuDNN 9
-    PyTorch ships with; larger head dims need newer releases, so there only a measurement in MEASURED counts)."""
+    PyTorch ships with; larger head dims need newer releases, so there only a measurement in MEASURED counts, and
+    only on a cuDNN at least as new as MEASURED_CUDNN)."""
     return dtype in HALF and head_dim % 8 == 0 and head_dim <= 128
+
+
+def cudnn_version() -> int | None:
+    """The cuDNN release this torch runs (e.g. 91900), None without cuDNN."""
+    return torch.backends.cudnn.version()
 
 
 def measured_choice(head_dim: int, dtype: torch.dtype, seq_len: int, causal: bool) -> str | None:
@@ -72,7 +86,10 @@ def auto_candidates(device_type: str, dtype: torch.dtype, head_dim: int | None =
         order = ("triton", "sdpa_flash")
     else:
         measured = measured_choice(head_dim, dtype, seq_len, causal)
-        cudnn_ok = cudnn_runs(head_dim, dtype) or measured == "cudnn"
+        measured_on_this_cudnn = (cudnn_version() or 0) >= MEASURED_CUDNN
+        cudnn_ok = cudnn_runs(head_dim, dtype) or (measured == "cudnn" and measured_on_this_cudnn)
+        if measured == "cudnn" and not cudnn_ok:
+            measured = None  # cuDNN won on a newer release than this one, which may not run the shape
         first = measured or ("cudnn" if cudnn_ok else "triton")
         order = tuple(kernel for kernel in (first, "triton" if first == "cudnn" else "cudnn", "sdpa_flash")
                       if kernel != "cudnn" or cudnn_ok)
