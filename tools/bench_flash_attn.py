@@ -361,7 +361,8 @@ def main():
             sys.exit("--resources compiles for a GPU: unset TRITON_INTERPRET")
         rows = resources(args)
         with open(args.out, "w") as fh:
-            json.dump({"meta": {"target": "sm_90", "argv": sys.argv}, "rows": rows}, fh, indent=1)
+            meta = {"target": "sm_90", "triton": __import__("triton").__version__, "argv": sys.argv}  # spills differ by release
+            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_flash_attn needs a CUDA GPU (or --device cpu with TRITON_INTERPRET=1)")
