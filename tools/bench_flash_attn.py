@@ -361,7 +361,8 @@ def main():
             sys.exit("--resources compiles for a GPU: unset TRITON_INTERPRET")
         rows = resources(args)
         with open(args.out, "w") as fh:
-            meta = {"target": "sm_90", "triton": __import__("triton").__version__, "argv": sys.argv}  # spills differ by release
+            # spills differ by Triton release, so the JSON names the one that compiled
+            meta = {"target": "sm_90", "triton": __import__("triton").__version__, "argv": sys.argv}
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
         return
     if args.device == "cuda" and not torch.cuda.is_available():

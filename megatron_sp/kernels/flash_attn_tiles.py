@@ -1,6 +1,10 @@
 """Tiles of [rows, d] matrices for the FlashAttention kernels: the head dim as two power-of-two chunks, each tile a
 pair (one per chunk), loaded and stored through pointers or TMA tensor descriptors, and the matmuls over d that
-take such pairs. Shared by the forward (flash_attn_fwd) and backward (flash_attn_bwd) kernels."""
+take such pairs. Shared by the forward (flash_attn_fwd) and backward (flash_attn_bwd) kernels.
+
+The head dim runs as the two chunks of head_dim_chunks: lanes [0, D0) and, when HEAD_DIM is not a power of two,
+[D0, HEAD_DIM). Every [rows, d] operand is a pair (chunk 0, chunk 1); without a second chunk, element 1 repeats
+element 0 and is never read (each use of it sits under `if HEAD_DIM > D0`, decided at compile time)."""
 import triton
 import triton.language as tl
 
@@ -25,11 +29,6 @@ def lane_offsets(rows, stride_s, stride_d, FIRST: tl.constexpr, WIDTH: tl.conste
     else:
         offs = rows[:, None] * stride_s + lanes[None, :] * stride_d
     return offs
-
-
-# The head dim runs as the two chunks of head_dim_chunks: lanes [0, D0) and, when HEAD_DIM is not a power of two,
-# [D0, HEAD_DIM). Every [rows, d] operand is a pair (chunk 0, chunk 1); without a second chunk, element 1 repeats
-# element 0 and is never read (each use of it sits under `if HEAD_DIM > D0`, decided at compile time).
 
 
 @triton.jit
@@ -113,10 +112,11 @@ def dot_over_d(a, b, HEAD_DIM: tl.constexpr, D0: tl.constexpr, PREC: tl.constexp
 
 @triton.jit
 def dot_into_d(p, b, acc, HEAD_DIM: tl.constexpr, D0: tl.constexpr, PREC: tl.constexpr):
-    """acc + p [M, N] @ b [N, d], with b and acc [M, d] (fp32) as pairs of chunks; p is cast to b's dtype."""
-    acc0 = tl.dot(p.to(b[0].dtype), b[0], acc[0], input_precision=PREC)
+    """acc + p [M, N] @ b [N, d], with b and acc [M, d] (fp32) as pairs of chunks; p is cast to b's dtype once."""
+    p = p.to(b[0].dtype)
+    acc0 = tl.dot(p, b[0], acc[0], input_precision=PREC)
     if HEAD_DIM > D0:
-        acc1 = tl.dot(p.to(b[1].dtype), b[1], acc[1], input_precision=PREC)
+        acc1 = tl.dot(p, b[1], acc[1], input_precision=PREC)
     else:
         acc1 = acc0
     return acc0, acc1
