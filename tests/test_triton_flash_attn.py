@@ -144,13 +144,16 @@ def test_head_dims_run_as_two_power_of_two_chunks():
             head_dim_chunks(d)
 
 
-@pytest.mark.parametrize("shared_kb,block_n", [(227, 128), (163, 64)])
-def test_a_gpu_with_less_shared_memory_gets_a_forward_that_fits(monkeypatch, shared_kb, block_n):
-    """The d=128 forward's 128x128 tile needs 225 KB: Hopper's 227 KB per block; an A100's 163 KB gets 128x64."""
+@pytest.mark.parametrize("shared_kb,block_n,wide_tiles", [(227, 128, ((128, 64), 64)), (163, 64, ((128, 32), 32))])
+def test_a_gpu_with_less_shared_memory_gets_tilings_that_fit(monkeypatch, shared_kb, block_n, wide_tiles):
+    """The d=128 forward's 128x128 tile needs 225 KB and d=256's kernels ~193 KB: Hopper's 227 KB per block; an
+    A100's 163 KB gets a 128x64 forward at d=128, and 128x32 forward and 32-row dk/dv tiles at d=256."""
     monkeypatch.setattr(flash_attn, "_max_shared_memory", lambda index: shared_kb * 1024)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     fwd, bwd = default_configs(128, torch.bfloat16, torch.device("cuda", 0))
     assert (fwd.block_m, fwd.block_n) == (128, block_n) and fwd.tma and bwd.tma
+    fwd, bwd = default_configs(256, torch.bfloat16, torch.device("cuda", 0))
+    assert ((fwd.block_m, fwd.block_n), bwd.block_m1) == wide_tiles and fwd.tma and bwd.tma
     for d, fits_either_way in ((64, (64, 64)), (80, (128, 64)), (96, (128, 64))):
         fwd = default_configs(d, torch.bfloat16, torch.device("cuda", 0))[0]
         assert (fwd.block_m, fwd.block_n) == fits_either_way

@@ -58,20 +58,22 @@ def block_d(head_dim: int) -> int:
     return triton.next_power_of_2(head_dim)
 
 
-# Hopper (H200), per head dim. d = 64, 96 and 128 bf16 are swept (tools/bench_flash_attn.py --sweep), d = 80 its
-# forward; the rest are picked by compiling for sm_90 offline (shared memory within the 227 KB a block may use,
-# fewest register spills) and wait for a sweep. docs/kernels.md has the table and the reasons.
+# Hopper (H200), per head dim. d = 64, 96, 128, 192 and 256 bf16 are swept (tools/bench_flash_attn.py --sweep),
+# d = 80 its forward; d = 32 is picked by compiling for sm_90 offline (shared memory within the 227 KB a block may
+# use, fewest register spills) and waits for a sweep. docs/kernels.md has the table and the reasons.
 _BWD_128 = BwdConfig(64, 128, 128, 64, 8, 3, 8, 3)
-_BWD_256 = BwdConfig(32, 64, 64, 32, 8, 2, 8, 2)
+_BWD_256 = BwdConfig(64, 64, 128, 32, 8, 2, 8, 2)
 _GPU_FWD = {32: FwdConfig(128, 64, 4, 3), 64: FwdConfig(64, 64, 4, 3), 80: FwdConfig(128, 64, 8, 4),
-            96: FwdConfig(128, 64, 8, 3), 128: FwdConfig(128, 128, 8, 3), 192: FwdConfig(128, 32, 8, 2),
-            256: FwdConfig(128, 32, 8, 2)}
+            96: FwdConfig(128, 64, 8, 3), 128: FwdConfig(128, 128, 8, 3), 192: FwdConfig(64, 32, 4, 3),
+            256: FwdConfig(128, 64, 8, 2)}
 _GPU_BWD = {32: BwdConfig(64, 128, 128, 64, 8, 3, 8, 3), 64: BwdConfig(32, 64, 128, 64, 4, 3, 8, 3), 80: _BWD_128,
             96: _BWD_128, 128: _BWD_128, 192: _BWD_256, 256: _BWD_256}
-# The d=128 forward's 128x128 tile needs 225 KB of shared memory, which only Hopper-class GPUs give a block (227 KB);
-# one with less (A100: 163 KB) gets the 128x64 forward, which fits there. The other defaults fit 163 KB.
+# The d=128 forward's 128x128 tile needs 225 KB of shared memory and d=256's kernels ~193 KB, which only
+# Hopper-class GPUs give a block (227 KB); one with less (A100: 163 KB) gets tilings that fit there. The other
+# defaults fit 163 KB.
 _HOPPER_SHARED_MEMORY = 227 * 1024
-_GPU_FWD_LESS_SHARED_MEMORY = {128: FwdConfig(128, 64, 8, 3)}
+_GPU_LESS_SHARED_MEMORY = {128: (FwdConfig(128, 64, 8, 3), _BWD_128),
+                           256: (FwdConfig(128, 32, 8, 2), BwdConfig(32, 64, 64, 32, 8, 2, 8, 2))}
 # fp32 (exact "ieee" dots on the FMA units, no tensor cores): operands twice as wide and held in registers, so
 # small tiles, the ones that spill least
 _F32_NARROW = (FwdConfig(16, 32, 4, 2), BwdConfig(16, 32, 32, 16, 4, 2, 4, 2))
@@ -91,10 +93,10 @@ def default_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> 
         return _CPU_FWD, _CPU_BWD
     if dtype == torch.float32:
         return _GPU_F32[block_d(head_dim)]
-    fwd = _GPU_FWD[head_dim]
-    if head_dim in _GPU_FWD_LESS_SHARED_MEMORY and max_shared_memory(device) < _HOPPER_SHARED_MEMORY:
-        fwd = _GPU_FWD_LESS_SHARED_MEMORY[head_dim]
-    return replace(fwd, tma=_GPU_TMA), replace(_GPU_BWD[head_dim], tma=_GPU_TMA)
+    fwd, bwd = _GPU_FWD[head_dim], _GPU_BWD[head_dim]
+    if head_dim in _GPU_LESS_SHARED_MEMORY and max_shared_memory(device) < _HOPPER_SHARED_MEMORY:
+        fwd, bwd = _GPU_LESS_SHARED_MEMORY[head_dim]
+    return replace(fwd, tma=_GPU_TMA), replace(bwd, tma=_GPU_TMA)
 
 
 def max_shared_memory(device: torch.device) -> int:
