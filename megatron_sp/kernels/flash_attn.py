@@ -58,15 +58,15 @@ def block_d(head_dim: int) -> int:
     return triton.next_power_of_2(head_dim)
 
 
-# Hopper (H200), per head dim. d = 64, 96, 128, 192 and 256 bf16 are swept (tools/bench_flash_attn.py --sweep),
-# d = 80 its forward; d = 32 is picked by compiling for sm_90 offline (shared memory within the 227 KB a block may
-# use, fewest register spills) and waits for a sweep. docs/kernels.md has the table and the reasons.
+# Hopper (H200), per head dim, each swept in bf16 (tools/bench_flash_attn.py --sweep; d = 80's backward and d = 32
+# 2026-12-03) within the 227 KB of shared memory a block may use. docs/kernels.md has the table and the reasons.
 _BWD_128 = BwdConfig(64, 128, 128, 64, 8, 3, 8, 3)
 _BWD_256 = BwdConfig(64, 64, 128, 32, 8, 2, 8, 2)
-_GPU_FWD = {32: FwdConfig(128, 64, 4, 3), 64: FwdConfig(64, 64, 4, 3), 80: FwdConfig(128, 64, 8, 4),
+_GPU_FWD = {32: FwdConfig(64, 64, 4, 3), 64: FwdConfig(64, 64, 4, 3), 80: FwdConfig(128, 64, 8, 4),
             96: FwdConfig(128, 64, 8, 3), 128: FwdConfig(128, 128, 8, 3), 192: FwdConfig(64, 32, 4, 3),
             256: FwdConfig(128, 64, 8, 2)}
-_GPU_BWD = {32: BwdConfig(64, 128, 128, 64, 8, 3, 8, 3), 64: BwdConfig(32, 64, 128, 64, 4, 3, 8, 3), 80: _BWD_128,
+_GPU_BWD = {32: BwdConfig(64, 64, 64, 64, 4, 3, 4, 3), 64: BwdConfig(32, 64, 128, 64, 4, 3, 8, 3),
+            80: BwdConfig(32, 64, 64, 64, 4, 4, 4, 4),
             96: _BWD_128, 128: _BWD_128, 192: _BWD_256, 256: _BWD_256}
 # The d=128 forward's 128x128 tile needs 225 KB of shared memory and d=256's kernels ~193 KB, which only
 # Hopper-class GPUs give a block (227 KB); one with less (A100: 163 KB) gets tilings that fit there. The other
