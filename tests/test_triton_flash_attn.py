@@ -161,7 +161,7 @@ def test_a_gpu_with_less_shared_memory_gets_tilings_that_fit(monkeypatch, shared
 
 @pytest.mark.skipif(ON_GPU, reason="the GPU tests run these tilings on the GPU")
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("d", [32, 64, 80, 96, 128, 192])
+@pytest.mark.parametrize("d", [32, 64, 80, 96, 128, 192, 256])
 def test_the_gpu_tilings_under_the_interpreter(monkeypatch, d, causal):
     """The 16-bit defaults a Hopper GPU gets (tiles, warps, TMA), run by the interpreter in fp16: their block
     phases, causal diagonals and ragged ends at 333 tokens (200 queries against them when not causal)."""

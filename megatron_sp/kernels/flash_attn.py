@@ -58,8 +58,8 @@ def block_d(head_dim: int) -> int:
     return triton.next_power_of_2(head_dim)
 
 
-# Hopper (H200), per head dim, each swept in bf16 (tools/bench_flash_attn.py --sweep; d = 80's backward and d = 32
-# 2026-12-03) within the 227 KB of shared memory a block may use. docs/kernels.md has the table and the reasons.
+# Hopper (H200), per head dim, each swept in bf16 (tools/bench_flash_attn.py --sweep) within the 227 KB of shared
+# memory a block may use. docs/kernels.md has the table and the reasons.
 _BWD_128 = BwdConfig(64, 128, 128, 64, 8, 3, 8, 3)
 _BWD_256 = BwdConfig(64, 64, 128, 32, 8, 2, 8, 2)
 _GPU_FWD = {32: FwdConfig(64, 64, 4, 3), 64: FwdConfig(64, 64, 4, 3), 80: FwdConfig(128, 64, 8, 4),
