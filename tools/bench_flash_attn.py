@@ -29,6 +29,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from megatron_sp.kernels.flash_attn import (  # noqa: E402
@@ -269,7 +270,6 @@ def kernel_resources(d, dtype, causal, docs, fcfg, bcfg):
     import subprocess
     import tempfile
 
-    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -362,7 +362,7 @@ def main():
         rows = resources(args)
         with open(args.out, "w") as fh:
             # spills differ by Triton release, so the JSON names the one that compiled
-            meta = {"target": "sm_90", "triton": __import__("triton").__version__, "argv": sys.argv}
+            meta = {"target": "sm_90", "triton": triton.__version__, "argv": sys.argv}
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
         return
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -372,7 +372,7 @@ def main():
     run = sweep if args.sweep else auto_table if args.auto_table else doc_bench if args.doc_len else bench
     rows = run(args)
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter)",
-            "torch": torch.__version__, "triton": __import__("triton").__version__,
+            "torch": torch.__version__, "triton": triton.__version__,
             "date": datetime.date.today().isoformat(), "argv": sys.argv, "batch": args.batch, "heads": args.heads,
             "dtype": "bf16" if args.device == "cuda" else "fp32",
             "flops": "fwd = 4*b*h*s^2*d (halved when causal), bwd = 2.5x, fwd+bwd = 3.5x"}

@@ -87,10 +87,9 @@ def auto_candidates(device_type: str, dtype: torch.dtype, head_dim: int | None =
         order = ("triton", "sdpa_flash")
     else:
         measured = measured_choice(head_dim, dtype, seq_len, causal)
-        measured_on_this_cudnn = (cudnn_version() or 0) >= MEASURED_CUDNN
-        cudnn_ok = cudnn_runs(head_dim, dtype) or (measured == "cudnn" and measured_on_this_cudnn)
-        if measured == "cudnn" and not cudnn_ok:
+        if measured == "cudnn" and not cudnn_runs(head_dim, dtype) and (cudnn_version() or 0) < MEASURED_CUDNN:
             measured = None  # cuDNN won on a newer release than this one, which may not run the shape
+        cudnn_ok = cudnn_runs(head_dim, dtype) or measured == "cudnn"
         first = measured or ("cudnn" if cudnn_ok else "triton")
         order = tuple(kernel for kernel in (first, "triton" if first == "cudnn" else "cudnn", "sdpa_flash")
                       if kernel != "cudnn" or cudnn_ok)
