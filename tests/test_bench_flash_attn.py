@@ -13,6 +13,12 @@ def test_table_rows_per_head_dim_and_provider():
     assert {r["provider"] for r in rows} == {"triton", "sdpa_cudnn", "sdpa_flash"}  # cuDNN: an error row on CPU
 
 
+def test_back_to_back_timing_fills_the_same_rows():
+    rows = bench(parse_args([*TINY, "--head-dims", "32", "--seqlens", "32", "--modes", "fwd_bwd", "--back-to-back"]))
+    ours = [r for r in rows if r["provider"] == "triton"]
+    assert len(ours) == 1 and ours[0]["fwd_bwd_tflops"] > 0 and ours[0]["fwd_bwd_ms"] > 0
+
+
 def test_doc_len_counts_document_flops():
     rows = doc_bench(parse_args([*TINY, "--head-dims", "32", "--seqlens", "64", "--doc-len", "16", "--modes", "fwd"]))
     dense, docs, one_doc = rows

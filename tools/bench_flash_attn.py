@@ -15,8 +15,9 @@ Shapes: b=1, 16 heads (--batch, --heads), bf16, q/k/v [b, s, h, d]; SDPA gets it
 FLOPs (model FLOPs, as the FlashAttention papers count them): fwd = 4*b*h*s^2*d, halved when causal;
 bwd = 2.5 * fwd; fwd+bwd = 3.5 * fwd. With --doc-len N a sample of s tokens holds s/N documents and its FLOPs
 are the sum over documents of these per-document FLOPs (the work a document mask leaves). Timing: CUDA events,
-median of --reps after --warmup calls (tools/timing.py). A provider that fails (a head dim cuDNN lacks, out of
-memory) is a row with an error, not a crash.
+median of --reps after --warmup calls, each call on an idle GPU; --back-to-back: the mean of --reps calls queued
+back to back, so launch time hidden behind earlier calls does not count (tools/timing.py). A provider that fails
+(a head dim cuDNN lacks, out of memory) is a row with an error, not a crash.
 """
 import argparse
 import dataclasses
@@ -36,7 +37,7 @@ from megatron_sp.kernels.flash_attn import (  # noqa: E402
     BwdConfig, FwdConfig, block_d, default_configs, flash_attn_backward, flash_attn_forward)
 from megatron_sp.flops import ATTENTION_MODE_FACTORS as MODE_FLOPS, attention_fwd_flops  # noqa: E402
 from tools.doc_lengths import document_ids_of  # noqa: E402
-from tools.timing import time_ms  # noqa: E402
+from tools.timing import back_to_back_ms, time_ms  # noqa: E402
 
 
 def inputs(b, s, h, d, device):
@@ -101,7 +102,8 @@ def measure(row, make, flops, modes, args):
         fns = make()
         for mode in modes:
             if mode in fns:
-                ms = time_ms(fns[mode], args.warmup, args.reps, cuda=args.device == "cuda")
+                timer = back_to_back_ms if args.back_to_back else time_ms
+                ms = timer(fns[mode], args.warmup, args.reps, cuda=args.device == "cuda")
                 row[mode + "_ms"], row[mode + "_tflops"] = ms, MODE_FLOPS[mode] * flops / ms / 1e9
     except Exception as exc:  # noqa: BLE001 - a backend that cannot run the shape is a row, not a crash
         row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -340,6 +342,9 @@ def parse_args(argv=None):
     p.add_argument("--tma", action=argparse.BooleanOptionalAction, default=None,
                    help="ours with TMA tensor descriptors (Hopper) on / off in the default tilings (default: as the "
                         "defaults have it); --resources compiles them so")
+    p.add_argument("--back-to-back", action="store_true",
+                   help="time --reps calls queued back to back (the mean; launches overlap the GPU's work, as in "
+                        "training) instead of each call on an idle GPU (the median)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: Triton's interpreter (TRITON_INTERPRET=1), fp32, for checking this tool at tiny sizes")
     p.add_argument("--out", default="bench_flash_attn.json")
@@ -373,7 +378,9 @@ def main():
     rows = run(args)
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter)",
             "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.date.today().isoformat(), "argv": sys.argv, "batch": args.batch, "heads": args.heads,
+            "date": datetime.date.today().isoformat(), "argv": sys.argv,
+            "timing": "back to back, mean" if args.back_to_back else "idle GPU per call, median",
+            "batch": args.batch, "heads": args.heads,
             "dtype": "bf16" if args.device == "cuda" else "fp32",
             "flops": "fwd = 4*b*h*s^2*d (halved when causal), bwd = 2.5x, fwd+bwd = 3.5x"}
     with open(args.out, "w") as fh:
