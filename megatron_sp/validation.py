@@ -232,5 +232,6 @@ def _data_prefixes(d) -> list[str]:
 
 
 def _has_cuda() -> bool:
+    """Whether the run gets GPUs: torch sees one and DeepSpeed's accelerator is not set to the CPU."""
     import torch
-    return torch.cuda.is_available()
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"

@@ -103,3 +103,28 @@ def test_the_end_of_training_evaluates_validation_and_test_data(corpus, tmp_path
     events = EventAccumulator(str(tmp_path / "stopped")).Reload()
     assert [e.step for e in events.Scalars("validation/lm-loss")] == [2]
     assert "test/lm-loss" not in events.Tags()["scalars"]
+
+
+def test_the_training_device_follows_deepspeeds_accelerator():
+    """DS_ACCELERATOR=cpu (the quickstart's choice with fewer GPUs than ranks) trains on the CPU even where torch
+    sees GPUs; a GPU run puts local rank r on GPU r, and a rank past the node's last GPU is one error line."""
+    import torch
+    from megatron_sp.errors import RankError
+    from megatron_sp.training.trainer import training_device
+    assert training_device("cpu", 1, 1) == torch.device("cpu")
+    assert training_device("cuda", 0, 0) == torch.device("cpu")
+    assert training_device("cuda", 3, 4) == torch.device("cuda", 3)
+    with pytest.raises(RankError, match=r"^local rank 1 has no GPU: this node has 1; launch at most 1 rank\(s\) per"):
+        training_device("cuda", 1, 1)
+
+
+def test_the_layout_line_counts_the_deepspeed_launchers_ranks_per_node(corpus, monkeypatch):
+    """The deepspeed launcher says LOCAL_SIZE (torchrun LOCAL_WORLD_SIZE): 2 ranks launched one per node are 2
+    nodes whatever this machine's GPU count, and a CPU run says what its ranks run on."""
+    from megatron_sp.configure import configure
+    from megatron_sp.parallel.layout import gpus_per_node_from_env, layout_lines
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_SIZE", "1")
+    assert gpus_per_node_from_env(2) == 1
+    cfg, _ = configure(flags(corpus, "--sequence-parallel-size", "2"), 2)
+    assert "2 node(s) of 1 CPU ranks, each SP group spans 2 nodes" in layout_lines(cfg, 2, 1, "CPU ranks")[0]

@@ -10,10 +10,11 @@ from megatron_sp.parallel.state import rank_grid
 
 
 def gpus_per_node_from_env(world: int) -> int:
-    """GPUs per node of this launch: LOCAL_WORLD_SIZE (deepspeed launcher, torchrun), else the visible
-    GPUs, else 8 (capped at the world size)."""
-    if os.environ.get("LOCAL_WORLD_SIZE"):
-        return int(os.environ["LOCAL_WORLD_SIZE"])
+    """Ranks (GPUs) per node of this launch: LOCAL_WORLD_SIZE (torchrun) or LOCAL_SIZE (the deepspeed
+    launcher), else the visible GPUs, else 8 (capped at the world size)."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(name):
+            return int(os.environ[name])
     try:
         import torch
         visible = torch.cuda.device_count()
@@ -42,9 +43,9 @@ def _groups(groups: list[list[int]], compact: bool) -> str:
     return f"{len(groups)} x {len(groups[0])} ranks: " + " ".join("..." if g is None else _group(g) for g in shown)
 
 
-def layout_lines(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
+def layout_lines(cfg: RunConfig, world: int, gpus_per_node: int, unit: str = "GPUs") -> list[str]:
     """Which ranks form each SP and DP group (and hybrid's Ulysses and ring groups); with a pipeline also
-    the stages, the pipeline groups and each rank's (stage, DP, SP) coordinates."""
+    the stages, the pipeline groups and each rank's (stage, DP, SP) coordinates. unit: what a rank runs on."""
     p = cfg.parallel
     sp, pp = p.sequence_parallel_size, p.pipeline_model_parallel_size
     strategy = effective_strategy(p.sequence_parallel_strategy, sp)
@@ -54,7 +55,7 @@ def layout_lines(cfg: RunConfig, world: int, gpus_per_node: int) -> list[str]:
     nodes, span = -(-world // gpus_per_node), -(-sp // gpus_per_node)
     lines = [f"layout: world {world} = {f'PP {pp} x ' if pp > 1 else ''}DP {world // (pp * sp)} x SP {sp} "
              f"({strategy}, attention backend {p.attention_backend}); {nodes} node(s) of "
-             f"{min(world, gpus_per_node)} GPUs, each SP group "
+             f"{min(world, gpus_per_node)} {unit}, each SP group "
              + ("inside one node" if span == 1 else f"spans {span} nodes (its communication crosses nodes)")]
     if pp > 1:
         lines += pipeline_lines(cfg, grid, compact)

@@ -237,7 +237,7 @@ def rng_state() -> dict:
     state = {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():  # a GPU run (a CPU run on a machine with GPUs leaves CUDA alone)
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -248,7 +248,7 @@ def set_rng_state(state: dict) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(state["cuda"])
 
 

@@ -9,8 +9,9 @@ from megatron_sp.flops import flops_per_token
 
 
 def max_memory_gib() -> tuple[str, float]:
-    """('max memory allocated', GiB) on GPU; ('max RSS', GiB) of this process on CPU."""
-    if torch.cuda.is_available():
+    """('max memory allocated', GiB) on GPU; ('max RSS', GiB) of this process on CPU (also where a machine's
+    GPUs are left unused: CUDA is then never initialised)."""
+    if torch.cuda.is_initialized():
         return "max memory allocated", torch.cuda.max_memory_allocated() / 2 ** 30
     return "max RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kB on Linux
 

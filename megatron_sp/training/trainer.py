@@ -15,7 +15,7 @@ from megatron_sp.attention.backends import resolve_backend
 from megatron_sp.config import RunConfig
 from megatron_sp.data.gpt_dataset import build_gpt_datasets
 from megatron_sp.data.loader import build_data_iterator
-from megatron_sp.errors import ConfigError
+from megatron_sp.errors import ConfigError, RankError
 from megatron_sp.kernels.compiled import compile_layers
 from megatron_sp.model.gpt import GPTModel
 from megatron_sp.model.stage import GPTStage
@@ -33,9 +33,22 @@ from megatron_sp.training.loop import PipelinePlace, StepContext, evaluate, trai
 from megatron_sp.training.run_lock import lock_save_dir
 
 
+def training_device(accelerator: str, local_rank: int, gpus: int) -> torch.device:
+    """The device a rank trains on: the CPU when DeepSpeed's accelerator is the CPU (DS_ACCELERATOR=cpu, as the
+    quickstart sets on a machine with fewer GPUs than ranks, or no GPU at all), else GPU `local_rank` of the
+    node's `gpus`; a rank past the node's last GPU is one error line."""
+    if accelerator == "cpu" or gpus == 0:
+        return torch.device("cpu")
+    if local_rank >= gpus:
+        raise RankError(f"local rank {local_rank} has no GPU: this node has {gpus}; launch at most {gpus} "
+                        "rank(s) per node, or set DS_ACCELERATOR=cpu for CPU ranks")
+    return torch.device("cuda", local_rank)
+
+
 def init_distributed(cfg: RunConfig) -> torch.device:
     """torch.distributed through DeepSpeed (nccl on GPUs, gloo on CPU); env defaults for one process."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
@@ -44,17 +57,19 @@ def init_distributed(cfg: RunConfig) -> torch.device:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # inference-only op; skips a 35 s build
+    accelerator = get_accelerator().device_name()
+    # GPUs counted only for a GPU run: a CPU rank forked from a process that uses CUDA must not touch it
+    device = training_device(accelerator, int(os.environ["LOCAL_RANK"]),
+                             0 if accelerator == "cpu" else torch.cuda.device_count())
     backend = cfg.parallel.distributed_backend
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if device.type == "cuda" else "gloo"
     minutes = cfg.parallel.distributed_timeout_minutes
     deepspeed.init_distributed(dist_backend=backend,
                                **({"timeout": timedelta(minutes=minutes)} if minutes is not None else {}))
-    if torch.cuda.is_available():
-        local_rank = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -201,7 +216,8 @@ class Run:
         m, t, world = cfg.model, cfg.training, s.ps.world_size
         for line in [f"model: {s.n_params / 1e6:.2f}M parameters, {m.num_layers} layers, hidden {m.hidden_size}, "
                      f"heads {m.num_attention_heads}/{m.num_key_value_heads} (q/kv), vocab {cfg.padded_vocab_size}",
-                     *layout_lines(cfg, world, gpus_per_node_from_env(world)),
+                     *layout_lines(cfg, world, gpus_per_node_from_env(world),
+                                   "GPUs" if s.device.type == "cuda" else "CPU ranks"),
                      f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x grad-accumulation "
                      f"{s.ds_config['gradient_accumulation_steps']} x DP {s.ps.dp_size}; {m.seq_length} tokens/sample, "
                      f"{m.seq_length // s.ps.sp_size} per rank; ZeRO stage {s.ds_config['zero_optimization']['stage']}; "
