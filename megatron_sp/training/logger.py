@@ -8,10 +8,10 @@ from megatron_sp.config import RunConfig
 from megatron_sp.flops import flops_per_token
 
 
-def max_memory_gib() -> tuple[str, float]:
-    """('max memory allocated', GiB) on GPU; ('max RSS', GiB) of this process on CPU (also where a machine's
-    GPUs are left unused: CUDA is then never initialised)."""
-    if torch.cuda.is_initialized():
+def max_memory_gib(device: torch.device) -> tuple[str, float]:
+    """('max memory allocated', GiB) for a run on a GPU; ('max RSS', GiB) of this process for a CPU run (also one
+    on a machine whose GPUs it leaves alone)."""
+    if device.type == "cuda":
         return "max memory allocated", torch.cuda.max_memory_allocated() / 2 ** 30
     return "max RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kB on Linux
 
@@ -85,7 +85,7 @@ class LogWindow:
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - self.start) / self.steps
-        mem_name, mem = max_memory_gib()
+        mem_name, mem = max_memory_gib(device)
         per_gpu = self.tokens_per_step / seconds / self.world / 1e12
         stats = dict(consumed_samples=consumed, consumed_tokens=consumed * self.cfg.model.seq_length,
                      ms_per_iter=seconds * 1e3, lr=lr, global_batch_size=self.cfg.training.global_batch_size,
